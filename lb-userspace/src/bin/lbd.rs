@@ -1,0 +1,65 @@
+//! lbd: the lb daemon. See `lbd --help`.
+//!
+//! Exit status: 0 after a clean stop, 2 when the registry is invalid (the message names file,
+//! line, column and field), 1 for any other failure.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use lb_userspace::{
+    daemon::{self, DaemonError},
+    loader::AttachMode,
+    logging::{self, LogFormat},
+};
+
+#[derive(Parser)]
+#[command(version, about = "lb daemon: balances the registry's VIPs in XDP")]
+struct Args {
+    /// Service registry (YAML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Interface that receives VIP traffic; the XDP program is attached here.
+    #[arg(long, value_name = "IFACE")]
+    iface: String,
+    /// XDP attach mode: native (driver) hook, generic (skb) hook, or native with fallback.
+    #[arg(long, value_enum, default_value_t)]
+    xdp_mode: AttachMode,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
+    /// Bound on DNS and on ARP/NDP resolution of backends at startup, e.g. `3s`, `500ms`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    resolve_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let opts = daemon::Options {
+        config: args.config,
+        iface: args.iface,
+        xdp_mode: args.xdp_mode,
+        resolve_timeout: args.resolve_timeout,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lbd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(DaemonError::Config(e)) => {
+            eprintln!("lbd: invalid registry, nothing was changed:\n{e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("lbd: {}", lb_userspace::loader::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

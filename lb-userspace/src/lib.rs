@@ -1,0 +1,22 @@
+//! lbd, the lb daemon, and lb-ctl, its operator CLI.
+//!
+//! Layout (data flows one way: registry -> plan -> maps):
+//! - [`config`]: the service registry: schema, parsing, validation, located errors.
+//! - [`plan`]: registry + resolved backends -> desired data plane contents (pure).
+//! - [`maps`]: typed BPF map access; the only writer of maps.
+//! - [`loader`]: loading the XDP object, attaching and detaching it.
+//! - [`netlink`]: interfaces and the neighbour table over rtnetlink.
+//! - [`resolve`]: backend host -> address -> MAC.
+//! - [`daemon`]: lbd's lifecycle.
+//! - [`notify`]: readiness (`sd_notify`) for supervisors, tests and the demo.
+//! - [`logging`]: human or JSON log lines.
+
+pub mod config;
+pub mod daemon;
+pub mod loader;
+pub mod logging;
+pub mod maps;
+pub mod netlink;
+pub mod notify;
+pub mod plan;
+pub mod resolve;

@@ -1,0 +1,332 @@
+//! Links and neighbours over rtnetlink (netlink-packet-route on a netlink-sys socket).
+//!
+//! Blocking and used at startup: callers in async code wrap it in `spawn_blocking`.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// The rtnetlink multicast group of neighbour table changes (`RTNLGRP_NEIGH`).
+const RTNLGRP_NEIGH: u32 = 3;
+
+pub type Mac = [u8; 6];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The netlink socket failed.
+    #[error("netlink socket: {0}")]
+    Io(#[from] io::Error),
+    /// The kernel's reply could not be decoded.
+    #[error("cannot decode a netlink reply: {0}")]
+    Decode(String),
+    /// The kernel refused a request.
+    #[error("kernel refused {request}: {source}")]
+    Kernel {
+        request: &'static str,
+        source: io::Error,
+    },
+    /// No interface has this name in this network namespace.
+    #[error("no interface named `{0}` in this network namespace (see `ip link`)")]
+    NoSuchInterface(String),
+    /// The interface has no 6-byte link-layer address.
+    #[error("interface `{0}` has no Ethernet address; lb needs an Ethernet interface")]
+    NoMac(String),
+    /// A neighbour did not answer address resolution in time.
+    #[error(
+        "no ARP/NDP answer from {addr} on `{iface}` within {waited:?}; dsr-l2 needs backends on the same L2 segment as `{iface}`"
+    )]
+    Unresolved {
+        addr: IpAddr,
+        iface: String,
+        waited: Duration,
+    },
+}
+
+/// An interface as lb needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub mac: Mac,
+}
+
+/// A neighbour table entry with a usable link-layer address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub addr: IpAddr,
+    pub mac: Mac,
+}
+
+/// A request/response rtnetlink socket.
+pub struct Rtnl {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    /// Sends `msg` and collects the kernel's answers up to the final ACK or end of dump.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        what: &'static str,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        req.finalize();
+        let mut buf = vec![0; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.sock.recv_from_full()?;
+            let mut off = 0;
+            while off + 4 <= data.len() {
+                let len =
+                    u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
+                        as usize;
+                if len < 16 || off + len > data.len() {
+                    return Err(NetlinkError::Decode(format!("bad message length {len}")));
+                }
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..off + len])
+                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                off += (len + 3) & !3;
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => return Ok(out),
+                        Some(code) => {
+                            return Err(NetlinkError::Kernel {
+                                request: what,
+                                source: io::Error::from_raw_os_error(-code.get()),
+                            });
+                        }
+                    },
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Index and MAC address of the interface called `name`.
+    pub fn link(&mut self, name: &str) -> Result<Link, NetlinkError> {
+        let index = if_index(name).ok_or_else(|| NetlinkError::NoSuchInterface(name.to_owned()))?;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        let replies = self.request(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK, "RTM_GETLINK")?;
+        let mac = replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .flat_map(|l| &l.attributes)
+            .find_map(|a| match a {
+                LinkAttribute::Address(bytes) => Mac::try_from(bytes.as_slice()).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| NetlinkError::NoMac(name.to_owned()))?;
+        Ok(Link { index, mac })
+    }
+
+    /// Neighbours on `ifindex` whose link-layer address is usable for forwarding.
+    pub fn neighbours(&mut self, ifindex: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        let replies = self.request(
+            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+            NLM_F_DUMP,
+            "RTM_GETNEIGH",
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == ifindex => usable(&n),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Asks the kernel to resolve `addr` on `ifindex` (an `NTF_USE` touch: it sends ARP or
+    /// NDP solicitations with its own retry policy and creates the entry if missing).
+    pub fn solicit(&mut self, ifindex: u32, addr: IpAddr) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.ifindex = ifindex;
+        msg.header.state = NeighbourState::None;
+        msg.header.flags = NeighbourFlags::Use;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(match addr {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            }));
+        self.request(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_ACK | NLM_F_CREATE,
+            "RTM_NEWNEIGH",
+        )?;
+        Ok(())
+    }
+
+    /// Resolves the MAC address of every address in `addrs` on interface `iface`, soliciting
+    /// the ones the neighbour table lacks and waiting for the kernel's table-change events,
+    /// at most `timeout` in all.
+    pub fn resolve(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        addrs: &[IpAddr],
+        timeout: Duration,
+    ) -> Result<HashMap<IpAddr, Result<Mac, NetlinkError>>, NetlinkError> {
+        let start = Instant::now();
+        // Subscribe first so no answer can arrive unseen between the dump and the wait.
+        let events = neighbour_events()?;
+        let mut found = self.lookup(ifindex, addrs)?;
+        for addr in addrs.iter().filter(|a| !found.contains_key(a)) {
+            self.solicit(ifindex, *addr)?;
+        }
+        while found.len() < addrs.len() {
+            let Some(left) = timeout.checked_sub(start.elapsed()) else {
+                break;
+            };
+            if !wait_readable(&events, left)? {
+                break;
+            }
+            drain(&events);
+            found = self.lookup(ifindex, addrs)?;
+        }
+        Ok(addrs
+            .iter()
+            .map(|a| {
+                let r = found
+                    .get(a)
+                    .copied()
+                    .ok_or_else(|| NetlinkError::Unresolved {
+                        addr: *a,
+                        iface: iface.to_owned(),
+                        waited: timeout,
+                    });
+                (*a, r)
+            })
+            .collect())
+    }
+
+    fn lookup(
+        &mut self,
+        ifindex: u32,
+        addrs: &[IpAddr],
+    ) -> Result<HashMap<IpAddr, Mac>, NetlinkError> {
+        Ok(self
+            .neighbours(ifindex)?
+            .into_iter()
+            .filter(|n| addrs.contains(&n.addr))
+            .map(|n| (n.addr, n.mac))
+            .collect())
+    }
+}
+
+fn usable(n: &NeighbourMessage) -> Option<Neighbour> {
+    let state_ok = matches!(
+        n.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    if !state_ok {
+        return None;
+    }
+    let mut addr = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                addr = Some(IpAddr::V4(*v4));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                addr = Some(IpAddr::V6(*v6));
+            }
+            NeighbourAttribute::LinkLayerAddress(b) => mac = Mac::try_from(b.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        addr: addr?,
+        mac: mac?,
+    })
+}
+
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+fn neighbour_events() -> Result<Socket, NetlinkError> {
+    let mut s = Socket::new(NETLINK_ROUTE)?;
+    s.bind_auto()?;
+    s.add_membership(RTNLGRP_NEIGH)?;
+    s.set_non_blocking(true)?;
+    Ok(s)
+}
+
+/// Waits until `s` has data or `timeout` passes; true when readable.
+fn wait_readable(s: &Socket, timeout: Duration) -> Result<bool, NetlinkError> {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(true);
+        }
+        return Err(e.into());
+    }
+    Ok(n > 0)
+}
+
+fn drain(s: &Socket) {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: `buf` is valid for writes of its length; the socket is non-blocking.
+    while unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+}

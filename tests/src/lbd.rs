@@ -1,0 +1,227 @@
+//! Running the real `lbd` binary inside a namespace and waiting on its readiness signal.
+
+use std::{
+    fs,
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::netns::NetNs;
+
+/// How long lbd may take from start to `READY=1` (loading, ARP, attaching).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long lbd may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// # Panics
+    /// When the directory cannot be created.
+    #[must_use]
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        Self(p)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` to `name` in this directory and returns its path.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    #[must_use]
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Crates whose sources go into the lbd and lb-ctl binaries.
+const BINARY_SOURCES: [&str; 3] = ["lb-userspace", "lb-common", "lb-ebpf"];
+
+/// Path of a binary of this workspace built next to the running executable
+/// (`target/<profile>/NAME`; test executables live one level deeper, in `deps/`).
+///
+/// `cargo test -p lb-tests` does not rebuild another package's binaries, so a binary older
+/// than its sources is refused rather than silently tested.
+///
+/// # Panics
+/// When the binary is missing or older than its sources.
+#[must_use]
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe dir");
+    let Some(bin) = [dir, dir.parent().unwrap_or(dir)]
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+    else {
+        panic!(
+            "{name} not found next to {}; run `cargo build --bins` (`cargo xtask test` does)",
+            exe.display()
+        )
+    };
+    let built = modified(&bin);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for krate in BINARY_SOURCES {
+        if let Some((_, newer)) = newest_file(&root.join(krate)).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}; run `cargo build --bins` (`cargo xtask test` does)",
+                bin.display(),
+                newer.display()
+            );
+        }
+    }
+    bin
+}
+
+fn modified(p: &Path) -> SystemTime {
+    fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The most recently modified file under `dir`.
+fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        let candidate = if p.is_dir() {
+            newest_file(&p)
+        } else {
+            Some((modified(&p), p))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
+}
+
+/// A running lbd.
+pub struct Lbd {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// How an lbd run ended.
+pub struct Stopped {
+    pub status: ExitStatus,
+    pub log: String,
+}
+
+impl Lbd {
+    /// Starts `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns` and waits for `READY=1`.
+    ///
+    /// # Panics
+    /// When lbd exits or stays unready for [`READY_TIMEOUT`]; the panic carries its log.
+    #[must_use]
+    pub fn start(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Self {
+        let notify_path = dir.path().join("notify.sock");
+        let _ = fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let log = dir.path().join("lbd.log");
+        let log_file = fs::File::create(&log).expect("create lbd log");
+        let child = ns
+            .command(sibling_binary("lbd"))
+            .arg("--config")
+            .arg(registry)
+            .args(["--iface", iface])
+            .args(extra)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start lbd");
+        let mut lbd = Self {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut buf = [0u8; 256];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf)
+                && buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1")
+            {
+                return lbd;
+            }
+            if let Some(status) = lbd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("lbd exited before it was ready ({status}):\n{}", lbd.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lbd not ready after {READY_TIMEOUT:?}:\n{}",
+                lbd.log()
+            );
+        }
+    }
+
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for lbd to exit.
+    ///
+    /// # Panics
+    /// When lbd does not exit within [`STOP_TIMEOUT`].
+    #[must_use]
+    pub fn stop(mut self) -> Stopped {
+        let mut child = self.child.take().expect("running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: plain kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = match rx.recv_timeout(STOP_TIMEOUT) {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("waiting for lbd: {e}"),
+            Err(_) => {
+                // SAFETY: as above; the waiting thread reaps it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!(
+                    "lbd did not exit within {STOP_TIMEOUT:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+        };
+        Stopped {
+            status,
+            log: self.log(),
+        }
+    }
+}
+
+impl Drop for Lbd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

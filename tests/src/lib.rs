@@ -1,0 +1,58 @@
+//! The testbed shared by the privileged integration tests, the benchmarks and the demo.
+//!
+//! Layout:
+//! - [`netns`]: network namespaces: create, configure, run threads and processes inside.
+//! - [`topology`]: the client / lb / backends L2 segment, set up for direct server return.
+//! - [`servers`]: backend servers (HTTP, TCP and UDP echo) that record what they receive.
+//! - [`lbd`]: the real lbd binary in a namespace, started and stopped on its readiness signal.
+//! - [`capture`]: an `AF_PACKET` capture, to see which host sent a frame.
+
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "test helpers panic with a message by design"
+)]
+
+pub mod capture;
+pub mod lbd;
+pub mod netns;
+pub mod servers;
+pub mod topology;
+
+/// True when this process may create network namespaces and load XDP programs.
+///
+/// Elsewhere a test without the privilege is skipped with a printed reason; under `CI=true`
+/// the missing privilege fails the test instead.
+///
+/// # Panics
+/// Under `CI=true` when the privileges are missing.
+#[must_use]
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root")
+    } else if !std::path::Path::new("/sys/fs/bpf").exists() {
+        Some("no /sys/fs/bpf")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!(
+                "{test}: needs root, network namespaces and XDP, and CI=true forbids skipping: {r}"
+            )
+        }
+        Some(r) => {
+            eprintln!("SKIPPED {test}: {r} (run `cargo xtask test` as root)");
+            false
+        }
+    }
+}
+
+/// A name prefix unique to this test process: `{tag}-{pid}`, after removing namespaces
+/// that dead processes left behind under the same tag.
+#[must_use]
+pub fn unique_prefix(tag: &str) -> String {
+    netns::remove_stale(tag);
+    format!("{tag}-{}", std::process::id())
+}

@@ -1,0 +1,223 @@
+//! Backend servers for tests and the demo: HTTP (answers with the backend's name), TCP echo
+//! and UDP echo, on one thread per host inside its namespace. They record what they receive,
+//! so a test can tell which backend got which bytes.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::oneshot,
+};
+
+use crate::netns::NetNs;
+
+/// Largest request head the HTTP responder reads.
+const MAX_HTTP_HEAD: usize = 16 * 1024;
+
+/// What one host's servers received.
+#[derive(Default)]
+pub struct Served {
+    /// One entry per TCP echo connection: everything the client sent.
+    pub tcp: Mutex<Vec<Vec<u8>>>,
+    /// One entry per UDP echo datagram.
+    pub udp: Mutex<Vec<Vec<u8>>>,
+    pub http_requests: AtomicU64,
+}
+
+impl Served {
+    #[must_use]
+    pub fn tcp_payloads(&self) -> Vec<Vec<u8>> {
+        self.tcp.lock().expect("lock").clone()
+    }
+
+    #[must_use]
+    pub fn udp_payloads(&self) -> Vec<Vec<u8>> {
+        self.udp.lock().expect("lock").clone()
+    }
+
+    #[must_use]
+    pub fn http_count(&self) -> u64 {
+        self.http_requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Ports the servers listen on. TCP listens on every address of the namespace; UDP binds
+/// each address given to [`Servers::start`] on its own, because a UDP server behind direct
+/// server return must answer from the address it was reached at (the VIP), which a wildcard
+/// socket does not do.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub http: u16,
+    pub echo: u16,
+}
+
+/// Running servers; stopped and joined on drop.
+pub struct Servers {
+    pub served: Arc<Served>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Servers {
+    /// Starts the servers in `ns` and returns once they listen. HTTP answers `{name}\n`; UDP
+    /// echo listens on each of `udp_addrs`.
+    ///
+    /// # Panics
+    /// When a port cannot be bound.
+    #[must_use]
+    pub fn start(ns: &NetNs, name: &str, ports: Ports, udp_addrs: &[Ipv4Addr]) -> Self {
+        let served = Arc::new(Served::default());
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let body = format!("{name}\n");
+        let rec = served.clone();
+        let udp_addrs = udp_addrs.to_vec();
+        let thread = ns.spawn("servers", move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                let bound = async {
+                    let mut udp = Vec::new();
+                    for a in udp_addrs {
+                        udp.push(UdpSocket::bind((a, ports.echo)).await?);
+                    }
+                    Ok::<_, std::io::Error>((
+                        TcpListener::bind(any(ports.http)).await?,
+                        TcpListener::bind(any(ports.echo)).await?,
+                        udp,
+                    ))
+                }
+                .await;
+                let (http, echo, udp) = match bound {
+                    Ok(b) => {
+                        let _ = ready_tx.send(Ok(()));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = stop_rx => {}
+                    () = serve_http(http, body, rec.clone()) => {}
+                    () = serve_tcp_echo(echo, rec.clone()) => {}
+                    () = serve_udp_echo(udp, rec) => {}
+                }
+            });
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{name}: cannot bind servers in {}: {e}", ns.name()),
+            Err(mpsc::RecvError) => panic!("{name}: server thread died in {}", ns.name()),
+        }
+        Self {
+            served,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve_http(listener: TcpListener, body: String, served: Arc<Served>) {
+    let body: Arc<str> = body.into();
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = body.clone();
+        let served = served.clone();
+        tokio::spawn(async move {
+            let _ = answer_http(conn, &body, &served).await;
+        });
+    }
+}
+
+/// Reads one request head, counts it, answers it; the connection then closes. Counting comes
+/// first so a client that has its answer can rely on the count.
+async fn answer_http(mut conn: TcpStream, body: &str, served: &Served) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_HTTP_HEAD {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    served.http_requests.fetch_add(1, Ordering::Relaxed);
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(resp.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+async fn serve_tcp_echo(listener: TcpListener, served: Arc<Served>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let served = served.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        if conn.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Recorded before the close: a client that saw the echo end can rely on the record.
+            served.tcp.lock().expect("lock").push(got);
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+async fn serve_udp_echo(socks: Vec<UdpSocket>, served: Arc<Served>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for sock in socks {
+        let served = served.clone();
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    continue;
+                };
+                served.udp.lock().expect("lock").push(buf[..n].to_vec());
+                let _ = sock.send_to(&buf[..n], from).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}

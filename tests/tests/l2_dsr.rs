@@ -1,0 +1,235 @@
+//! lbd in an lb namespace balances TCP and UDP for a VIP over three backends by L2 direct
+//! server return; real clients, real servers, the real XDP program attached in native mode.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use lb_tests::{
+    capture::{Capture, ipv4_source},
+    lbd::{Lbd, TempDir},
+    privileged,
+    servers::{Ports, Servers},
+    topology::{DsrTopology, LB_IP, VIP, dsr_registry},
+    unique_prefix,
+};
+
+const BACKENDS: usize = 3;
+const TCP_CONNECTIONS: usize = 150;
+const UDP_EXCHANGES: usize = 150;
+const HTTP_REQUESTS: usize = 30;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const PORTS: Ports = Ports { http: 80, echo: 7 };
+
+/// A payload unique to exchange `i`, long enough to span several TCP segments.
+fn payload(kind: &str, i: usize, len: usize) -> Vec<u8> {
+    let mut p = format!("{kind}-{i}:").into_bytes();
+    p.extend((0..len).map(|j| b'a' + u8::try_from((i * 7 + j) % 26).expect("small")));
+    p
+}
+
+/// Connects, sends `data` (then half-closes if `half_close`) and reads until the server closes.
+fn tcp_exchange(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(data).unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)
+        .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+    back
+}
+
+fn udp_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    // A fresh socket per exchange: a new source port, so a new flow.
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.send_to(data, addr).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("UDP echo from {addr}: {e}"));
+    assert_eq!(
+        from, addr,
+        "the reply must come from the address the client talked to"
+    );
+    buf[..n].to_vec()
+}
+
+/// The body of `GET /` at `addr`.
+fn http_get(addr: SocketAddr) -> String {
+    let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let resp = String::from_utf8(tcp_exchange(addr, req.as_bytes(), false)).expect("utf-8");
+    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+    resp.split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// What the client sent and saw.
+struct ClientRun {
+    tcp_sent: BTreeSet<Vec<u8>>,
+    udp_sent: BTreeSet<Vec<u8>>,
+    http_bodies: Vec<String>,
+}
+
+/// Runs every exchange through the VIP from the client namespace, checking each echo.
+fn exercise_vip() -> ClientRun {
+    let echo = SocketAddr::from((VIP, PORTS.echo));
+    let web = SocketAddr::from((VIP, PORTS.http));
+    let mut run = ClientRun {
+        tcp_sent: BTreeSet::new(),
+        udp_sent: BTreeSet::new(),
+        http_bodies: Vec::new(),
+    };
+    for i in 0..TCP_CONNECTIONS {
+        let data = payload("tcp", i, 3000);
+        assert_eq!(
+            tcp_exchange(echo, &data, true),
+            data,
+            "TCP echo {i} must come back intact"
+        );
+        run.tcp_sent.insert(data);
+    }
+    for i in 0..UDP_EXCHANGES {
+        let data = payload("udp", i, 500);
+        assert_eq!(
+            udp_exchange(echo, &data),
+            data,
+            "UDP echo {i} must come back intact"
+        );
+        run.udp_sent.insert(data);
+    }
+    run.http_bodies = (0..HTTP_REQUESTS).map(|_| http_get(web)).collect();
+    run
+}
+
+/// Every payload reached exactly one backend, intact, and every backend got a share.
+fn assert_balanced(servers: &[Servers], run: &ClientRun) {
+    let mut tcp_got = BTreeSet::new();
+    let mut udp_got = BTreeSet::new();
+    for (i, s) in servers.iter().enumerate() {
+        let (tcp, udp) = (s.served.tcp_payloads(), s.served.udp_payloads());
+        let b = i + 1;
+        assert!(
+            tcp.len() >= TCP_CONNECTIONS / 10,
+            "backend {b} got {} TCP flows",
+            tcp.len()
+        );
+        assert!(
+            udp.len() >= UDP_EXCHANGES / 10,
+            "backend {b} got {} UDP flows",
+            udp.len()
+        );
+        for p in tcp {
+            assert!(tcp_got.insert(p), "a TCP payload reached two backends");
+        }
+        for p in udp {
+            assert!(udp_got.insert(p), "a UDP payload reached two backends");
+        }
+    }
+    assert_eq!(
+        tcp_got, run.tcp_sent,
+        "backends must receive exactly the TCP payloads sent"
+    );
+    assert_eq!(
+        udp_got, run.udp_sent,
+        "backends must receive exactly the UDP payloads sent"
+    );
+    let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for b in &run.http_bodies {
+        *by_backend.entry(b.as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        by_backend.len(),
+        BACKENDS,
+        "HTTP answers by backend: {by_backend:?}"
+    );
+}
+
+/// Every reply from the VIP that reached the client was sent by a backend, none by the lb.
+fn assert_direct_server_return(topo: &DsrTopology, capture: &Capture) {
+    let backend_macs: BTreeSet<[u8; 6]> = topo.backends.iter().map(|b| b.mac).collect();
+    let reply_sources: Vec<[u8; 6]> = capture
+        .frames()
+        .iter()
+        .filter_map(|f| ipv4_source(f))
+        .filter(|(_, ip)| *ip == VIP)
+        .map(|(mac, _)| mac)
+        .collect();
+    assert!(
+        reply_sources.len() > TCP_CONNECTIONS,
+        "captured {} VIP replies",
+        reply_sources.len()
+    );
+    let stray = reply_sources.iter().find(|m| !backend_macs.contains(*m));
+    assert!(
+        stray.is_none(),
+        "a reply from the VIP came from {stray:02x?}, not a backend"
+    );
+}
+
+#[test]
+fn tcp_and_udp_to_a_vip_are_balanced_by_direct_server_return() {
+    if !privileged("tcp_and_udp_to_a_vip_are_balanced_by_direct_server_return") {
+        return;
+    }
+    let topo = DsrTopology::new(&unique_prefix("lbt-dsr"), BACKENDS);
+    let servers: Vec<Servers> = (topo.backends.iter().enumerate())
+        .map(|(i, b)| Servers::start(&b.ns, &format!("backend-{}", i + 1), PORTS, &[b.ip, VIP]))
+        .collect();
+    // The lb node's own services, on the same ports as the VIP's.
+    let own = Servers::start(&topo.lb.ns, "lb-self", PORTS, &[LB_IP]);
+    let dir = TempDir::new("dsr-test");
+    let reg = dir.write(
+        "services.yaml",
+        &dsr_registry(BACKENDS, PORTS.http, PORTS.echo),
+    );
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &["--xdp-mode", "native"]);
+    let link = topo.lb.ns.ip_output(&["link", "show", "dev", "eth0"]);
+    assert!(
+        link.contains(" xdp "),
+        "lbd must attach in native mode:\n{link}"
+    );
+
+    let capture = topo.client.ns.run(|| Capture::open("eth0"));
+    let run = topo.client.ns.run(exercise_vip);
+    assert_balanced(&servers, &run);
+    assert_direct_server_return(&topo, &capture);
+
+    // The node's own services stay reachable on its own address.
+    let (own_http, own_udp) = topo.client.ns.run(|| {
+        let http = http_get(SocketAddr::from((LB_IP, PORTS.http)));
+        (
+            http,
+            udp_exchange(SocketAddr::from((LB_IP, PORTS.echo)), b"to the lb itself"),
+        )
+    });
+    assert_eq!(own_http, "lb-self");
+    assert_eq!(own_udp, b"to the lb itself");
+    assert_eq!(
+        own.served.http_count(),
+        1,
+        "VIP traffic must never reach the lb's own server"
+    );
+
+    let stopped = lbd.stop();
+    assert!(
+        stopped.status.success(),
+        "lbd must exit 0 on SIGTERM:\n{}",
+        stopped.log
+    );
+    let link = topo.lb.ns.ip_output(&["link", "show", "dev", "eth0"]);
+    assert!(
+        !link.contains("xdp"),
+        "SIGTERM must detach the program:\n{link}"
+    );
+}

@@ -1,0 +1,102 @@
+//! `cargo xtask test`: unit tests, the eBPF build and the privileged integration tests.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, setup};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Extra arguments for `cargo test`, e.g. `-- --test l2_dsr`.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    setup::run(&setup::Needs::all())?;
+    // The integration tests run the real lbd and lb-ctl binaries, so build them first.
+    cmd::run(cmd::cargo()?.args(["build", "--bins"]))?;
+    let mut cargo = cmd::cargo()?;
+    cargo
+        .args(["test", "--no-fail-fast"])
+        .args(&opts.args)
+        .stdout(Stdio::piped());
+    eprintln!("xtask: $ {}", cmd::describe(&cargo));
+    let mut child = cargo.spawn().context("cannot start cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut summary = Summary::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        summary.add(&line);
+    }
+    let status = child.wait()?;
+    println!(
+        "\nxtask test summary: {} suites, {} passed, {} failed, {} ignored",
+        summary.suites, summary.passed, summary.failed, summary.ignored
+    );
+    if !status.success() || summary.failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if summary.suites == 0 {
+        bail!("no test suite ran");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Summary {
+    suites: u32,
+    passed: u32,
+    failed: u32,
+    ignored: u32,
+}
+
+impl Summary {
+    /// Adds one `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        self.suites += 1;
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u32>() else { continue };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Summary;
+
+    #[test]
+    fn summary_adds_result_lines() {
+        let mut s = Summary::default();
+        s.add("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        s.add("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        s.add("running 3 tests");
+        assert_eq!((s.suites, s.passed, s.failed, s.ignored), (2, 4, 2, 1));
+    }
+}
