@@ -37,13 +37,7 @@ pub const fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
 /// Hash of an IPv4 flow's 5-tuple (addresses and ports as on the wire).
 #[inline(always)]
 #[must_use]
-pub const fn flow_hash_v4(
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: [u8; 2],
-    dport: [u8; 2],
-    proto: u8,
-) -> u32 {
+pub const fn flow_hash_v4(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> u32 {
     let ports = u32::from_be_bytes([sport[0], sport[1], dport[0], dport[1]]);
     jhash_3words(
         u32::from_be_bytes(src),
@@ -67,26 +61,11 @@ mod tests {
     #[test]
     fn every_tuple_field_changes_the_hash() {
         let base = flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 1], [0, 80], 6);
-        assert_ne!(
-            base,
-            flow_hash_v4([10, 0, 0, 3], [10, 0, 0, 2], [0, 1], [0, 80], 6)
-        );
-        assert_ne!(
-            base,
-            flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 3], [0, 1], [0, 80], 6)
-        );
-        assert_ne!(
-            base,
-            flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 2], [0, 80], 6)
-        );
-        assert_ne!(
-            base,
-            flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 1], [0, 81], 6)
-        );
-        assert_ne!(
-            base,
-            flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 1], [0, 80], 17)
-        );
+        assert_ne!(base, flow_hash_v4([10, 0, 0, 3], [10, 0, 0, 2], [0, 1], [0, 80], 6));
+        assert_ne!(base, flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 3], [0, 1], [0, 80], 6));
+        assert_ne!(base, flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 2], [0, 80], 6));
+        assert_ne!(base, flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 1], [0, 81], 6));
+        assert_ne!(base, flow_hash_v4([10, 0, 0, 1], [10, 0, 0, 2], [0, 1], [0, 80], 17));
     }
 
     /// Consecutive client ports (what one client's connections look like) spread evenly.
@@ -101,10 +80,7 @@ mod tests {
         }
         let ideal = u32::from(FLOWS) / u32::try_from(BUCKETS).unwrap();
         for h in hits {
-            assert!(
-                h.abs_diff(ideal) < ideal / 10,
-                "bucket counts {hits:?} vs ideal {ideal}"
-            );
+            assert!(h.abs_diff(ideal) < ideal / 10, "bucket counts {hits:?} vs ideal {ideal}");
         }
     }
 }

@@ -3,14 +3,13 @@
 //! Every value is `#[repr(C)]` with explicit padding fields and no `bool`/`Option`/enum, so
 //! its layout is the same in the kernel and in userspace; a size assert next to each type
 //! catches drift.
-#![expect(
-    clippy::pub_underscore_fields,
-    reason = "explicit padding fields that users of these types zero"
-)]
+#![expect(clippy::pub_underscore_fields, reason = "explicit padding fields that users of these types zero")]
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Virtual services: [`VipKey`] -> [`VipInfo`].
 pub const VIPS: &str = "LB_VIPS";
-/// Per-VIP backend lists, flattened: index `vip.id * MAX_BACKENDS_PER_VIP + slot` -> backend id.
+/// Per-VIP backend lists, flattened ([`vip_backend_index`]) -> backend id.
 pub const VIP_BACKENDS: &str = "LB_VIP_BACKENDS";
 /// Backend records: backend id -> [`Backend`].
 pub const BACKENDS: &str = "LB_BACKENDS";
@@ -27,6 +26,14 @@ pub const MAX_VIPS: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Backends one virtual service can balance over.
 pub const MAX_BACKENDS_PER_VIP: u32 = 64;
+
+/// Index of `slot` of VIP `vip_id`'s list in the flattened [`VIP_BACKENDS`] map. Wrapping, so
+/// corrupt ids give a wrong index (which the map bounds-checks) rather than a panic on the host.
+#[inline(always)]
+#[must_use]
+pub const fn vip_backend_index(vip_id: u32, slot: u32) -> u32 {
+    vip_id.wrapping_mul(MAX_BACKENDS_PER_VIP).wrapping_add(slot)
+}
 
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
@@ -58,12 +65,21 @@ impl VipKey {
         a[1] = addr[1];
         a[2] = addr[2];
         a[3] = addr[3];
-        Self {
-            addr: a,
-            port: port.to_be_bytes(),
-            proto,
-            family: FAMILY_IPV4,
-        }
+        Self { addr: a, port: port.to_be_bytes(), proto, family: FAMILY_IPV4 }
+    }
+
+    #[must_use]
+    pub fn ip(&self) -> IpAddr {
+        ip_of(self.family, &self.addr)
+    }
+}
+
+/// The address in `addr`, laid out as in [`VipKey::addr`].
+fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        IpAddr::V6(Ipv6Addr::from(*addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
     }
 }
 
@@ -83,7 +99,7 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
 
 /// A backend as the data plane needs it to forward a packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// Backend address, laid out as in [`VipKey::addr`].
     pub addr: [u8; 16],
@@ -93,6 +109,13 @@ pub struct Backend {
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+impl Backend {
+    #[must_use]
+    pub fn ip(&self) -> IpAddr {
+        ip_of(self.family, &self.addr)
+    }
+}
 
 /// Facts about the node the program runs on.
 #[repr(C)]

@@ -8,17 +8,13 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    bindings::xdp_action,
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     datapath::{self, Action, Counter, Tables},
-    maps::{
-        Backend, MAX_BACKENDS, MAX_BACKENDS_PER_VIP, MAX_VIPS, NodeConfig, VipInfo, VipKey,
-        VipStats,
-    },
+    maps::{Backend, MAX_BACKENDS, MAX_BACKENDS_PER_VIP, MAX_VIPS, NodeConfig, VipInfo, VipKey, VipStats},
     packet::{Header, Packet},
 };
 
@@ -101,16 +97,12 @@ impl Tables for Maps {
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    match datapath::process(&mut XdpPacket(&ctx), &Maps) {
-        Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
-        Action::Tx => xdp_action::XDP_TX,
-    }
+    datapath::process(&mut XdpPacket(&ctx), &Maps).xdp_code()
 }
 
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+    Action::Pass.xdp_code()
 }
 
 #[cfg(target_arch = "bpf")]

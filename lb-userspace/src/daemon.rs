@@ -2,16 +2,16 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
     config::{self, ConfigError},
     loader::{AttachMode, Balancer, LoaderError},
     maps::MapsError,
-    netlink::{NetlinkError, Rtnl},
+    netlink::{self, NetlinkError},
     notify,
-    plan::{self, DataPlan},
+    plan::{self, DataPlan, VipPlan},
     resolve,
 };
 
@@ -21,44 +21,66 @@ pub struct Options {
     pub config: PathBuf,
     pub iface: String,
     pub xdp_mode: AttachMode,
-    /// Bound on each resolution stage (DNS, then ARP/NDP) at startup.
+    /// Bound on each resolution stage (DNS, then ARP) at startup.
     pub resolve_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The registry is invalid; nothing was touched.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("interface `{iface}`: {source}")]
+    /// The interface to attach to is missing or unusable.
+    #[error("interface `{iface}`")]
     Interface {
         iface: String,
         #[source]
         source: NetlinkError,
     },
-    #[error("resolving backends: {0}")]
+    /// The neighbour table could not be read or asked.
+    #[error("resolving backends")]
     Resolve(#[source] NetlinkError),
+    /// Loading or attaching the XDP program failed.
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    /// Writing or reading the data plane maps failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
-    #[error("signal handling: {0}")]
+    /// The stop signals could not be subscribed to.
+    #[error("installing signal handlers")]
     Signal(#[source] std::io::Error),
+}
+
+/// SIGTERM and SIGINT, subscribed before lbd reports ready so a stop request that follows
+/// readiness at once is never lost to the default action.
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => info!("SIGINT: shutting down"),
+        }
+    }
 }
 
 /// Runs lbd until SIGINT or SIGTERM. Nothing is attached if anything before the attach fails.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let mut stop = StopSignals::install().map_err(DaemonError::Signal)?;
     let registry = config::load_file(&opts.config)?;
     info!(file = %opts.config.display(), http = registry.http.len(), tcp = registry.tcp.len(), "registry loaded");
 
     let iface = opts.iface.clone();
-    let link = tokio::task::spawn_blocking(move || Rtnl::open()?.link(&iface))
+    let link = netlink::blocking(move |rtnl| rtnl.link(&iface))
         .await
-        .map_err(|e| NetlinkError::Io(std::io::Error::other(e)))
-        .and_then(|r| r)
-        .map_err(|source| DaemonError::Interface {
-            iface: opts.iface.clone(),
-            source,
-        })?;
+        .map_err(|source| DaemonError::Interface { iface: opts.iface.clone(), source })?;
 
     let hosts = plan::xdp_backend_hosts(&registry);
     let resolved = resolve::backends(&hosts, &opts.iface, link, opts.resolve_timeout)
@@ -86,56 +108,30 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     info!(iface = %opts.iface, vips = plan.vips.len(), backends = plan.backends.len(), "lbd ready");
 
-    wait_for_stop().await.map_err(DaemonError::Signal)?;
+    stop.wait().await;
     let _ = notify::notify("STOPPING=1");
     for vip in &plan.vips {
         let s = maps.vip_stats(vip.info.id)?;
         info!(service = %vip.service, entry = %entry_name(vip), packets = s.packets, bytes = s.bytes, "forwarded");
     }
-    let counters: Vec<String> = maps
-        .counters()?
-        .into_iter()
-        .map(|(c, n)| format!("{}={n}", c.name()))
-        .collect();
+    let counters: Vec<String> =
+        maps.counters()?.into_iter().map(|(c, n)| format!("{}={n}", c.name())).collect();
     info!(counters = %counters.join(" "), "data plane counters");
     balancer.detach()?;
     Ok(())
 }
 
-async fn wait_for_stop() -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
-    }
-    Ok(())
-}
-
-fn entry_name(vip: &plan::VipPlan) -> String {
-    let addr = std::net::Ipv4Addr::new(
-        vip.key.addr[0],
-        vip.key.addr[1],
-        vip.key.addr[2],
-        vip.key.addr[3],
-    );
-    let proto = if vip.key.proto == lb_common::maps::PROTO_UDP {
-        "udp"
-    } else {
-        "tcp"
-    };
-    format!("{addr}:{}/{proto}", u16::from_be_bytes(vip.key.port))
+/// `10.0.0.1:80/tcp`.
+fn entry_name(vip: &VipPlan) -> String {
+    let proto = if vip.key.proto == lb_common::maps::PROTO_UDP { "udp" } else { "tcp" };
+    format!("{}:{}/{proto}", vip.key.ip(), u16::from_be_bytes(vip.key.port))
 }
 
 fn log_plan(plan: &DataPlan) {
     for vip in &plan.vips {
-        let backends: Vec<String> = vip
-            .backend_ids
-            .iter()
+        let backends: Vec<String> = (vip.backend_ids.iter())
             .filter_map(|&id| plan.backends.get(id as usize))
-            .map(|b| {
-                std::net::Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3]).to_string()
-            })
+            .map(|b| b.ip().to_string())
             .collect();
         info!(service = %vip.service, entry = %entry_name(vip), backends = %backends.join(","), "VIP planned");
         if backends.is_empty() {

@@ -3,6 +3,8 @@
 //! Layout (data flows one way: registry -> plan -> maps):
 //! - [`config`]: the service registry: schema, parsing, validation, located errors.
 //! - [`plan`]: registry + resolved backends -> desired data plane contents (pure).
+//! - [`model`]: those contents in memory behind the datapath's `Tables`: the reference the
+//!   kernel program is checked against.
 //! - [`maps`]: typed BPF map access; the only writer of maps.
 //! - [`loader`]: loading the XDP object, attaching and detaching it.
 //! - [`netlink`]: interfaces and the neighbour table over rtnetlink.
@@ -16,6 +18,7 @@ pub mod daemon;
 pub mod loader;
 pub mod logging;
 pub mod maps;
+pub mod model;
 pub mod netlink;
 pub mod notify;
 pub mod plan;

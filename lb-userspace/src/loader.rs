@@ -1,14 +1,20 @@
-//! Loading the XDP object, attaching it to an interface and detaching it.
+//! Loading the XDP object, attaching it to an interface, detaching it, and running it on a
+//! frame in the kernel without attaching (`BPF_PROG_TEST_RUN`).
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use aya::{
     Ebpf, EbpfError,
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    sys::SyscallError,
 };
+use lb_common::datapath::Action;
 use tracing::{debug, info, warn};
 
-use crate::maps::{DataplaneMaps, MapsError};
+use crate::{
+    logging::error_chain,
+    maps::{DataplaneMaps, MapsError},
+};
 
 /// The XDP object built from `lb-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
@@ -17,32 +23,39 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const PROG_BALANCER: &str = "lb_balancer";
 const PROG_PASS: &str = "lb_pass";
 
+/// Room for the frame a test run writes back; XDP frames fit in a page.
+const TEST_RUN_MAX_FRAME: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     /// The kernel refused the object (verifier, map creation).
-    #[error("cannot load the XDP object: {0}")]
-    Load(#[from] EbpfError),
-    /// A program is missing from the object or has the wrong type.
-    #[error("XDP program `{name}`: {source}")]
+    #[error("cannot load the XDP object")]
+    Load(#[source] EbpfError),
+    /// A program is missing from the object, has the wrong type, or failed to load or run.
+    #[error("XDP program `{name}`")]
     Program {
         name: &'static str,
         #[source]
         source: ProgramError,
     },
     /// Attaching to the interface failed.
-    #[error("cannot attach XDP to `{iface}` ({mode}): {source}")]
+    #[error("cannot attach XDP to `{iface}` in {mode} mode")]
     Attach {
         iface: String,
         mode: AttachMode,
         #[source]
         source: ProgramError,
     },
+    /// The program returned a code outside the XDP actions lb uses.
+    #[error("XDP program returned unexpected action {0}")]
+    UnexpectedAction(u32),
+    /// The balancer's maps are missing or have another layout.
     #[error(transparent)]
     Maps(#[from] MapsError),
 }
 
 /// How to attach: the driver's native hook, the generic (skb) hook, or native with a logged
-/// fallback to generic.
+/// fallback to generic where the driver has no native XDP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
     #[default]
@@ -61,32 +74,56 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// One run of the balancer on one frame in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRun {
+    pub action: Action,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Mean time per run as the kernel measured it.
+    pub per_run: Duration,
+}
+
 /// BPF memory is charged to the memory cgroup on kernels >= 5.11; raising `RLIMIT_MEMLOCK` only
 /// matters before that, and needs `CAP_SYS_RESOURCE`, which containers often lack.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: a valid rlimit for the duration of the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
         debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
     }
 }
 
-fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
-    let missing = || LoaderError::Program {
-        name,
-        source: ProgramError::NotLoaded,
-    };
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(missing)?
+fn load_object() -> Result<Ebpf, LoaderError> {
+    raise_memlock_limit();
+    Ebpf::load(EBPF_OBJECT).map_err(LoaderError::Load)
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Program { name, source: ProgramError::NotLoaded })?
         .try_into()
-        .map_err(|source| LoaderError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| LoaderError::Program { name, source })?;
+        .map_err(|source| LoaderError::Program { name, source })
+}
+
+fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
+    let prog = xdp(ebpf, name)?;
+    prog.load().map_err(|source| LoaderError::Program { name, source })?;
     Ok(prog)
+}
+
+/// True when native XDP failed because this interface's driver cannot do it, the only case
+/// in which falling back to generic mode is right. Busy (another program attached) or
+/// permission errors must surface as they are.
+fn native_unsupported(e: &ProgramError) -> bool {
+    let code = match e {
+        ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
+        other => std::error::Error::source(other)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .and_then(std::io::Error::raw_os_error),
+    };
+    // Drivers without ndo_bpf answer EOPNOTSUPP; the netlink path reports EINVAL.
+    !matches!(code, Some(libc::EBUSY | libc::EEXIST | libc::EPERM | libc::EACCES))
 }
 
 /// The balancer program, loaded; attached once [`Balancer::attach`] succeeds.
@@ -98,43 +135,40 @@ pub struct Balancer {
 impl Balancer {
     /// Loads the object and the balancer program and takes its maps out for the caller.
     pub fn load() -> Result<(Self, DataplaneMaps), LoaderError> {
-        raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let mut ebpf = load_object()?;
         load_xdp(&mut ebpf, PROG_BALANCER)?;
         let maps = DataplaneMaps::take(&mut ebpf)?;
         Ok((Self { ebpf, link: None }, maps))
     }
 
+    fn program(&mut self) -> Result<&mut Xdp, LoaderError> {
+        xdp(&mut self.ebpf, PROG_BALANCER)
+    }
+
     /// Attaches to `iface`; returns the mode the kernel accepted.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, LoaderError> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROG_BALANCER)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(LoaderError::Program {
-                name: PROG_BALANCER,
-                source: ProgramError::NotLoaded,
-            })?;
-        let attach = |prog: &mut Xdp, m: AttachMode, xm: XdpMode| {
-            prog.attach(iface, xm)
-                .map_err(|source| LoaderError::Attach {
-                    iface: iface.to_owned(),
-                    mode: m,
-                    source,
-                })
+        let prog = self.program()?;
+        let mut attach = |m: AttachMode| {
+            let xm = if m == AttachMode::Generic { XdpMode::Skb } else { XdpMode::Driver };
+            prog.attach(iface, xm).map(|id| (id, m)).map_err(|source| LoaderError::Attach {
+                iface: iface.to_owned(),
+                mode: m,
+                source,
+            })
         };
         let (id, used) = match mode {
-            AttachMode::Native => (attach(prog, mode, XdpMode::Driver)?, AttachMode::Native),
-            AttachMode::Generic => (attach(prog, mode, XdpMode::Skb)?, AttachMode::Generic),
-            AttachMode::Auto => match attach(prog, AttachMode::Native, XdpMode::Driver) {
-                Ok(id) => (id, AttachMode::Native),
-                Err(e) => {
-                    warn!(%iface, reason = %error_chain(&e), "native XDP unavailable; falling back to generic (skb) mode, which is slower");
-                    (
-                        attach(prog, AttachMode::Generic, XdpMode::Skb)?,
-                        AttachMode::Generic,
-                    )
+            AttachMode::Native | AttachMode::Generic => attach(mode)?,
+            AttachMode::Auto => match attach(AttachMode::Native) {
+                Ok(r) => r,
+                Err(LoaderError::Attach { source, .. }) if native_unsupported(&source) => {
+                    warn!(
+                        %iface,
+                        reason = %error_chain(&source),
+                        "native XDP unavailable on this interface; using generic (skb) mode, which is slower"
+                    );
+                    attach(AttachMode::Generic)?
                 }
+                Err(e) => return Err(e),
             },
         };
         info!(%iface, mode = %used, "XDP balancer attached");
@@ -147,20 +181,29 @@ impl Balancer {
         let Some((iface, id)) = self.link.take() else {
             return Ok(());
         };
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROG_BALANCER)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(LoaderError::Program {
-                name: PROG_BALANCER,
-                source: ProgramError::NotLoaded,
-            })?;
-        prog.detach(id).map_err(|source| LoaderError::Program {
-            name: PROG_BALANCER,
-            source,
-        })?;
+        self.program()?.detach(id).map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
         info!(%iface, "XDP balancer detached");
         Ok(())
+    }
+
+    /// Runs the balancer `repeat` times on `frame` in the kernel, against the maps as they
+    /// are, without attaching it anywhere.
+    pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRun, LoaderError> {
+        let mut out = vec![0u8; TEST_RUN_MAX_FRAME];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let r = self
+            .program()?
+            .test_run(opts)
+            .map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
+        out.truncate(r.data_size_out as usize);
+        let action =
+            Action::from_xdp_code(r.return_value).ok_or(LoaderError::UnexpectedAction(r.return_value))?;
+        Ok(TestRun { action, frame: out, per_run: r.duration })
     }
 }
 
@@ -174,27 +217,10 @@ pub struct PassProgram {
 
 impl PassProgram {
     pub fn attach(iface: &str) -> Result<Self, LoaderError> {
-        raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
-        let prog = load_xdp(&mut ebpf, PROG_PASS)?;
-        prog.attach(iface, XdpMode::Driver)
-            .map_err(|source| LoaderError::Attach {
-                iface: iface.to_owned(),
-                mode: AttachMode::Native,
-                source,
-            })?;
+        let mut ebpf = load_object()?;
+        load_xdp(&mut ebpf, PROG_PASS)?.attach(iface, XdpMode::Driver).map_err(|source| {
+            LoaderError::Attach { iface: iface.to_owned(), mode: AttachMode::Native, source }
+        })?;
         Ok(Self { _ebpf: ebpf })
     }
-}
-
-/// `e` and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -1,14 +1,12 @@
 //! Typed access to the data plane's BPF maps. The only module that writes them.
 
-use std::collections::HashSet;
-
 use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
     datapath::Counter,
-    maps::{self as names, Backend, MAX_BACKENDS_PER_VIP, NodeConfig, VipInfo, VipKey, VipStats},
+    maps::{self as names, Backend, NodeConfig, VipInfo, VipKey, VipStats, vip_backend_index},
 };
 
 use crate::plan::DataPlan;
@@ -19,14 +17,14 @@ pub enum MapsError {
     #[error("the eBPF object has no map `{0}`")]
     Missing(&'static str),
     /// A map exists with a different type or layout.
-    #[error("map `{name}` has an unexpected type or layout: {source}")]
+    #[error("map `{name}` has an unexpected type or layout")]
     Layout {
         name: &'static str,
         #[source]
         source: MapError,
     },
     /// Reading or writing a map failed.
-    #[error("{op} on map `{name}`: {source}")]
+    #[error("{op} on map `{name}`")]
     Access {
         op: &'static str,
         name: &'static str,
@@ -35,10 +33,7 @@ pub enum MapsError {
     },
 }
 
-fn take<T: TryFrom<Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, MapsError> {
+fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError> {
     let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
     T::try_from(map).map_err(|source| MapsError::Layout { name, source })
 }
@@ -69,43 +64,22 @@ impl DataplaneMaps {
         })
     }
 
-    /// Makes the maps hold `plan`. Written in dependency order (node, backends, lists, VIPs),
-    /// so a packet that finds a VIP also finds what the VIP points at.
+    /// Writes `plan` into freshly loaded maps. Written in dependency order (node, backends,
+    /// lists, VIPs), so a packet that finds a VIP also finds what the VIP points at.
     pub fn apply(&mut self, plan: &DataPlan) -> Result<(), MapsError> {
-        self.node
-            .set(0, plan.node, 0)
-            .map_err(access("set", names::NODE))?;
+        self.node.set(0, plan.node, 0).map_err(access("set", names::NODE))?;
         for (id, b) in (0u32..).zip(&plan.backends) {
-            self.backends
-                .set(id, b, 0)
-                .map_err(access("set", names::BACKENDS))?;
+            self.backends.set(id, b, 0).map_err(access("set", names::BACKENDS))?;
         }
         for vip in &plan.vips {
-            let base = vip.info.id * MAX_BACKENDS_PER_VIP;
             for (slot, id) in (0u32..).zip(&vip.backend_ids) {
                 self.vip_backends
-                    .set(base + slot, id, 0)
+                    .set(vip_backend_index(vip.info.id, slot), id, 0)
                     .map_err(access("set", names::VIP_BACKENDS))?;
             }
         }
         for vip in &plan.vips {
-            self.vips
-                .insert(vip.key, vip.info, 0)
-                .map_err(access("insert", names::VIPS))?;
-        }
-        let wanted: HashSet<VipKey> = plan.vips.iter().map(|v| v.key).collect();
-        let stale: Vec<VipKey> = self
-            .vips
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(access("iterate", names::VIPS))?
-            .into_iter()
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for key in &stale {
-            self.vips
-                .remove(key)
-                .map_err(access("remove", names::VIPS))?;
+            self.vips.insert(vip.key, vip.info, 0).map_err(access("insert", names::VIPS))?;
         }
         Ok(())
     }
@@ -115,10 +89,7 @@ impl DataplaneMaps {
         Counter::ALL
             .iter()
             .map(|&c| {
-                let per_cpu = self
-                    .counters
-                    .get(&(c as u32), 0)
-                    .map_err(access("get", names::COUNTERS))?;
+                let per_cpu = self.counters.get(&(c as u32), 0).map_err(access("get", names::COUNTERS))?;
                 Ok((c, per_cpu.iter().sum()))
             })
             .collect()
@@ -126,10 +97,7 @@ impl DataplaneMaps {
 
     /// Traffic forwarded for the VIP entry `id`, summed over CPUs.
     pub fn vip_stats(&self, id: u32) -> Result<VipStats, MapsError> {
-        let per_cpu = self
-            .vip_stats
-            .get(&id, 0)
-            .map_err(access("get", names::VIP_STATS))?;
+        let per_cpu = self.vip_stats.get(&id, 0).map_err(access("get", names::VIP_STATS))?;
         Ok(per_cpu.iter().fold(VipStats::default(), |acc, s| VipStats {
             packets: acc.packets + s.packets,
             bytes: acc.bytes + s.bytes,

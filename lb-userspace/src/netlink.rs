@@ -11,37 +11,37 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
-    neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-    },
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// The rtnetlink multicast group of neighbour table changes (`RTNLGRP_NEIGH`).
 const RTNLGRP_NEIGH: u32 = 3;
+/// Size of `struct nlmsghdr`: the least a netlink message can be.
+const NLMSG_HDRLEN: usize = 16;
+/// Netlink messages are padded to this alignment.
+const NLMSG_ALIGNTO: usize = 4;
+/// Receive buffer for draining change notifications (whose content is not read).
+const DRAIN_BUFFER: usize = 16 * 1024;
 
 pub type Mac = [u8; 6];
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     /// The netlink socket failed.
-    #[error("netlink socket: {0}")]
+    #[error("netlink socket")]
     Io(#[from] io::Error),
     /// The kernel's reply could not be decoded.
     #[error("cannot decode a netlink reply: {0}")]
     Decode(String),
     /// The kernel refused a request.
-    #[error("kernel refused {request}: {source}")]
-    Kernel {
-        request: &'static str,
-        source: io::Error,
-    },
+    #[error("kernel refused {request}")]
+    Kernel { request: &'static str, source: io::Error },
     /// No interface has this name in this network namespace.
     #[error("no interface named `{0}` in this network namespace (see `ip link`)")]
     NoSuchInterface(String),
@@ -52,11 +52,7 @@ pub enum NetlinkError {
     #[error(
         "no ARP/NDP answer from {addr} on `{iface}` within {waited:?}; dsr-l2 needs backends on the same L2 segment as `{iface}`"
     )]
-    Unresolved {
-        addr: IpAddr,
-        iface: String,
-        waited: Duration,
-    },
+    Unresolved { addr: IpAddr, iface: String, waited: Duration },
 }
 
 /// An interface as lb needs it.
@@ -71,6 +67,17 @@ pub struct Link {
 pub struct Neighbour {
     pub addr: IpAddr,
     pub mac: Mac,
+}
+
+/// Runs `f` with a fresh [`Rtnl`] on tokio's blocking pool.
+pub async fn blocking<T, F>(f: F) -> Result<T, NetlinkError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Rtnl) -> Result<T, NetlinkError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || f(&mut Rtnl::open()?))
+        .await
+        .map_err(|e| NetlinkError::Io(io::Error::other(e)))?
 }
 
 /// A request/response rtnetlink socket.
@@ -110,14 +117,13 @@ impl Rtnl {
             let mut off = 0;
             while off + 4 <= data.len() {
                 let len =
-                    u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
-                        as usize;
-                if len < 16 || off + len > data.len() {
+                    u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
+                if len < NLMSG_HDRLEN || off + len > data.len() {
                     return Err(NetlinkError::Decode(format!("bad message length {len}")));
                 }
                 let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..off + len])
                     .map_err(|e| NetlinkError::Decode(e.to_string()))?;
-                off += (len + 3) & !3;
+                off += len.next_multiple_of(NLMSG_ALIGNTO);
                 if msg.header.sequence_number != self.seq {
                     continue;
                 }
@@ -187,16 +193,11 @@ impl Rtnl {
         msg.header.ifindex = ifindex;
         msg.header.state = NeighbourState::None;
         msg.header.flags = NeighbourFlags::Use;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(match addr {
-                IpAddr::V4(a) => NeighbourAddress::Inet(a),
-                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-            }));
-        self.request(
-            RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_ACK | NLM_F_CREATE,
-            "RTM_NEWNEIGH",
-        )?;
+        msg.attributes.push(NeighbourAttribute::Destination(match addr {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+        self.request(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_ACK | NLM_F_CREATE, "RTM_NEWNEIGH")?;
         Ok(())
     }
 
@@ -214,10 +215,13 @@ impl Rtnl {
         // Subscribe first so no answer can arrive unseen between the dump and the wait.
         let events = neighbour_events()?;
         let mut found = self.lookup(ifindex, addrs)?;
+        let mut refused = HashMap::new();
         for addr in addrs.iter().filter(|a| !found.contains_key(a)) {
-            self.solicit(ifindex, *addr)?;
+            if let Err(e) = self.solicit(ifindex, *addr) {
+                refused.insert(*addr, e);
+            }
         }
-        while found.len() < addrs.len() {
+        while found.len() + refused.len() < addrs.len() {
             let Some(left) = timeout.checked_sub(start.elapsed()) else {
                 break;
             };
@@ -227,27 +231,21 @@ impl Rtnl {
             drain(&events);
             found = self.lookup(ifindex, addrs)?;
         }
+        let unresolved = |addr| NetlinkError::Unresolved { addr, iface: iface.to_owned(), waited: timeout };
         Ok(addrs
             .iter()
             .map(|a| {
-                let r = found
-                    .get(a)
-                    .copied()
-                    .ok_or_else(|| NetlinkError::Unresolved {
-                        addr: *a,
-                        iface: iface.to_owned(),
-                        waited: timeout,
-                    });
+                let r = match (found.get(a), refused.remove(a)) {
+                    (Some(mac), _) => Ok(*mac),
+                    (None, Some(e)) => Err(e),
+                    (None, None) => Err(unresolved(*a)),
+                };
                 (*a, r)
             })
             .collect())
     }
 
-    fn lookup(
-        &mut self,
-        ifindex: u32,
-        addrs: &[IpAddr],
-    ) -> Result<HashMap<IpAddr, Mac>, NetlinkError> {
+    fn lookup(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Mac>, NetlinkError> {
         Ok(self
             .neighbours(ifindex)?
             .into_iter()
@@ -284,10 +282,7 @@ fn usable(n: &NeighbourMessage) -> Option<Neighbour> {
             _ => {}
         }
     }
-    Some(Neighbour {
-        addr: addr?,
-        mac: mac?,
-    })
+    Some(Neighbour { addr: addr?, mac: mac? })
 }
 
 fn if_index(name: &str) -> Option<u32> {
@@ -307,11 +302,7 @@ fn neighbour_events() -> Result<Socket, NetlinkError> {
 
 /// Waits until `s` has data or `timeout` passes; true when readable.
 fn wait_readable(s: &Socket, timeout: Duration) -> Result<bool, NetlinkError> {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd for the duration of the call.
     let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
@@ -326,7 +317,7 @@ fn wait_readable(s: &Socket, timeout: Duration) -> Result<bool, NetlinkError> {
 }
 
 fn drain(s: &Socket) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; DRAIN_BUFFER];
     // SAFETY: `buf` is valid for writes of its length; the socket is non-blocking.
     while unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
 }

@@ -124,19 +124,8 @@ pub fn plan(reg: &Registry, node_mac: [u8; 6], resolved: &Resolutions) -> (DataP
             });
         }
     }
-    let node = NodeConfig {
-        mac: node_mac,
-        configured: 1,
-        _pad: 0,
-    };
-    (
-        DataPlan {
-            node,
-            vips,
-            backends,
-        },
-        skipped,
-    )
+    let node = NodeConfig { mac: node_mac, configured: 1, _pad: 0 };
+    (DataPlan { node, vips, backends }, skipped)
 }
 
 fn skip(service: &str, host: &str, port: u16, reason: &str) -> Skipped {
@@ -159,12 +148,7 @@ fn backend_record(r: Resolved) -> Backend {
             FAMILY_IPV6
         }
     };
-    Backend {
-        addr,
-        mac: r.mac,
-        family,
-        _pad: 0,
-    }
+    Backend { addr, mac: r.mac, family, _pad: 0 }
 }
 
 #[cfg(test)]
@@ -201,16 +185,10 @@ tcp:
         for (host, last) in [("10.0.0.11", 11u8), ("10.0.0.12", 12)] {
             r.insert(
                 host.to_owned(),
-                Ok(Resolved {
-                    addr: host.parse().unwrap(),
-                    mac: [2, 0, 0, 0, 0, last],
-                }),
+                Ok(Resolved { addr: host.parse().unwrap(), mac: [2, 0, 0, 0, 0, last] }),
             );
         }
-        r.insert(
-            "gone.example".to_owned(),
-            Err("DNS: no such host".to_owned()),
-        );
+        r.insert("gone.example".to_owned(), Err("DNS: no such host".to_owned()));
         r
     }
 
@@ -224,52 +202,25 @@ tcp:
         let entries: Vec<(&str, u16, u8, Vec<u32>)> = p
             .vips
             .iter()
-            .map(|v| {
-                (
-                    v.service.as_str(),
-                    u16::from_be_bytes(v.key.port),
-                    v.key.proto,
-                    v.backend_ids.clone(),
-                )
-            })
+            .map(|v| (v.service.as_str(), u16::from_be_bytes(v.key.port), v.key.proto, v.backend_ids.clone()))
             .collect();
         assert_eq!(
             entries,
-            vec![
-                ("echo", 7, 6, vec![0, 1]),
-                ("echo", 7, 17, vec![0, 1]),
-                ("web", 80, 6, vec![1])
-            ]
+            vec![("echo", 7, 6, vec![0, 1]), ("echo", 7, 17, vec![0, 1]), ("web", 80, 6, vec![1])]
         );
-        assert_eq!(
-            p.vips.iter().map(|v| v.info.id).collect::<Vec<_>>(),
-            vec![0, 1, 2]
-        );
+        assert_eq!(p.vips.iter().map(|v| v.info.id).collect::<Vec<_>>(), vec![0, 1, 2]);
         assert_eq!(p.vips[2].info.backend_count, 1);
-        assert_eq!(
-            p.backends.len(),
-            2,
-            "10.0.0.12 is one record shared by two services"
-        );
+        assert_eq!(p.backends.len(), 2, "10.0.0.12 is one record shared by two services");
         assert_eq!(p.backends[1].mac, [2, 0, 0, 0, 0, 12]);
         assert_eq!(p.backends[1].addr[..4], [10, 0, 0, 12]);
-        assert_eq!(
-            p.node,
-            NodeConfig {
-                mac: [2, 0, 0, 0, 0, 1],
-                configured: 1,
-                _pad: 0
-            }
-        );
+        assert_eq!(p.node, NodeConfig { mac: [2, 0, 0, 0, 0, 1], configured: 1, _pad: 0 });
     }
 
     #[test]
     fn unresolved_backends_and_vip_less_services_are_reported() {
         let (_, skipped) = plan(&reg(), [0; 6], &resolutions());
-        let got: Vec<(&str, Option<&str>, &str)> = skipped
-            .iter()
-            .map(|s| (s.service.as_str(), s.backend.as_deref(), s.reason.as_str()))
-            .collect();
+        let got: Vec<(&str, Option<&str>, &str)> =
+            skipped.iter().map(|s| (s.service.as_str(), s.backend.as_deref(), s.reason.as_str())).collect();
         assert_eq!(
             got,
             vec![
@@ -281,17 +232,11 @@ tcp:
 
     #[test]
     fn the_same_registry_gives_the_same_plan() {
-        assert_eq!(
-            plan(&reg(), [1; 6], &resolutions()),
-            plan(&reg(), [1; 6], &resolutions())
-        );
+        assert_eq!(plan(&reg(), [1; 6], &resolutions()), plan(&reg(), [1; 6], &resolutions()));
     }
 
     #[test]
     fn only_backends_of_vip_services_need_resolving() {
-        assert_eq!(
-            xdp_backend_hosts(&reg()),
-            vec!["10.0.0.11", "10.0.0.12", "gone.example"]
-        );
+        assert_eq!(xdp_backend_hosts(&reg()), vec!["10.0.0.11", "10.0.0.12", "gone.example"]);
     }
 }

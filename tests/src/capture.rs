@@ -1,13 +1,17 @@
-//! A packet capture on one interface (AF_PACKET), to see which host really sent a frame.
+//! A packet capture on one interface (`AF_PACKET`), to see which host really sent a frame.
 
 use std::{
     io,
+    net::Ipv4Addr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
+use lb_common::packet::{BytesPacket, ETH_HLEN, ETH_P_IPV4, EthHdr, Ipv4Hdr, Packet as _};
+
 /// Socket receive buffer for a capture: room for every frame of a bounded test run.
 const CAPTURE_BUFFER: libc::c_int = 32 << 20;
-const ETH_P_IP: u16 = 0x0800;
+/// Largest frame read back (the veths keep a 1500-byte MTU; this leaves room).
+const MAX_FRAME: usize = 65536;
 
 /// Captures IPv4 frames arriving on or leaving one interface. Open it inside the interface's
 /// namespace ([`crate::netns::NetNs::run`]); read it anywhere.
@@ -20,15 +24,10 @@ impl Capture {
     /// When the socket cannot be opened or bound.
     #[must_use]
     pub fn open(iface: &str) -> Self {
-        let proto = ETH_P_IP.to_be();
+        let proto = u16::from_be_bytes(ETH_P_IPV4).to_be();
         // SAFETY: plain socket(2); the fd is owned right away.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                proto.into(),
-            )
-        };
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto.into()) };
         assert!(raw >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
         // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -61,12 +60,7 @@ impl Capture {
                 u32::try_from(size_of::<libc::sockaddr_ll>()).expect("small"),
             )
         };
-        assert_eq!(
-            rc,
-            0,
-            "bind AF_PACKET to {iface}: {}",
-            io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "bind AF_PACKET to {iface}: {}", io::Error::last_os_error());
         Self { fd }
     }
 
@@ -74,11 +68,10 @@ impl Capture {
     #[must_use]
     pub fn frames(&self) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; MAX_FRAME];
         loop {
             // SAFETY: `buf` is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             let Ok(n) = usize::try_from(n) else { break };
             out.push(buf[..n].to_vec());
         }
@@ -88,13 +81,10 @@ impl Capture {
 
 /// Source MAC and IPv4 source address of an Ethernet/IPv4 frame.
 #[must_use]
-pub fn ipv4_source(frame: &[u8]) -> Option<([u8; 6], std::net::Ipv4Addr)> {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let mac = frame[6..12].try_into().ok()?;
-    Some((
-        mac,
-        std::net::Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
-    ))
+pub fn ipv4_source(frame: &[u8]) -> Option<([u8; 6], Ipv4Addr)> {
+    let mut frame = frame.to_vec();
+    let mut pkt = BytesPacket(&mut frame);
+    let eth = *pkt.header::<EthHdr>(0)?;
+    let ip = pkt.header::<Ipv4Hdr>(ETH_HLEN)?;
+    (eth.ether_type == ETH_P_IPV4).then(|| (eth.src, Ipv4Addr::from(ip.src)))
 }

@@ -12,8 +12,10 @@ use crate::netns::NetNs;
 
 /// How long lbd may take from start to `READY=1` (loading, ARP, attaching).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long lbd may take to exit after SIGTERM.
+/// How long lbd may take to exit after a stop signal, or to give up on a refused start.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the readiness wait also checks whether lbd exited instead.
+const NOTIFY_POLL: Duration = Duration::from_millis(200);
 
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
@@ -67,10 +69,7 @@ const BINARY_SOURCES: [&str; 3] = ["lb-userspace", "lb-common", "lb-ebpf"];
 pub fn sibling_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("exe dir");
-    let Some(bin) = [dir, dir.parent().unwrap_or(dir)]
-        .iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    let Some(bin) = [dir, dir.parent().unwrap_or(dir)].iter().map(|d| d.join(name)).find(|p| p.is_file())
     else {
         panic!(
             "{name} not found next to {}; run `cargo build --bins` (`cargo xtask test` does)",
@@ -92,9 +91,7 @@ pub fn sibling_binary(name: &str) -> PathBuf {
 }
 
 fn modified(p: &Path) -> SystemTime {
-    fs::metadata(p)
-        .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+    fs::metadata(p).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// The most recently modified file under `dir`.
@@ -102,11 +99,7 @@ fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
     let mut newest: Option<(SystemTime, PathBuf)> = None;
     for entry in fs::read_dir(dir).ok()?.flatten() {
         let p = entry.path();
-        let candidate = if p.is_dir() {
-            newest_file(&p)
-        } else {
-            Some((modified(&p), p))
-        };
+        let candidate = if p.is_dir() { newest_file(&p) } else { Some((modified(&p), p)) };
         if let Some(c) = candidate
             && newest.as_ref().is_none_or(|n| c.0 > n.0)
         {
@@ -128,6 +121,51 @@ pub struct Stopped {
     pub log: String,
 }
 
+/// `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns`, logging to `log`.
+fn spawn(
+    ns: &NetNs,
+    registry: &Path,
+    iface: &str,
+    extra: &[&str],
+    log: &Path,
+    notify: Option<&Path>,
+) -> Child {
+    let log_file = fs::File::create(log).expect("create lbd log");
+    let mut cmd = ns.command(sibling_binary("lbd"));
+    cmd.arg("--config")
+        .arg(registry)
+        .args(["--iface", iface])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup log"))
+        .stderr(log_file);
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    cmd.spawn().expect("start lbd")
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it if it does not.
+#[must_use]
+pub fn wait_exit(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(status)) => Some(status),
+        Ok(Err(e)) => panic!("waiting for lbd: {e}"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child, which the waiting thread has not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            None
+        }
+    }
+}
+
 impl Lbd {
     /// Starts `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns` and waits for `READY=1`.
     ///
@@ -138,28 +176,10 @@ impl Lbd {
         let notify_path = dir.path().join("notify.sock");
         let _ = fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
+        notify.set_read_timeout(Some(NOTIFY_POLL)).expect("timeout");
         let log = dir.path().join("lbd.log");
-        let log_file = fs::File::create(&log).expect("create lbd log");
-        let child = ns
-            .command(sibling_binary("lbd"))
-            .arg("--config")
-            .arg(registry)
-            .args(["--iface", iface])
-            .args(extra)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("start lbd");
-        let mut lbd = Self {
-            child: Some(child),
-            log,
-        };
+        let child = spawn(ns, registry, iface, extra, &log, Some(&notify_path));
+        let mut lbd = Self { child: Some(child), log };
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut buf = [0u8; 256];
         loop {
@@ -171,12 +191,22 @@ impl Lbd {
             if let Some(status) = lbd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("lbd exited before it was ready ({status}):\n{}", lbd.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "lbd not ready after {READY_TIMEOUT:?}:\n{}",
-                lbd.log()
-            );
+            assert!(Instant::now() < deadline, "lbd not ready after {READY_TIMEOUT:?}:\n{}", lbd.log());
         }
+    }
+
+    /// Runs an lbd that is expected to exit on its own (a refused start) and returns how.
+    ///
+    /// # Panics
+    /// When it is still running after [`STOP_TIMEOUT`].
+    #[must_use]
+    pub fn run_to_exit(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Stopped {
+        let log = dir.path().join("lbd-run.log");
+        let child = spawn(ns, registry, iface, extra, &log, None);
+        let status = wait_exit(child, STOP_TIMEOUT);
+        let log = fs::read_to_string(&log).unwrap_or_default();
+        let status = status.unwrap_or_else(|| panic!("lbd kept running:\n{log}"));
+        Stopped { status, log }
     }
 
     #[must_use]
@@ -184,36 +214,20 @@ impl Lbd {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends SIGTERM and waits for lbd to exit.
+    /// Sends `signal` (SIGTERM, SIGINT) and waits for lbd to exit.
     ///
     /// # Panics
     /// When lbd does not exit within [`STOP_TIMEOUT`].
     #[must_use]
-    pub fn stop(mut self) -> Stopped {
-        let mut child = self.child.take().expect("running");
-        let pid = libc::pid_t::try_from(child.id()).expect("pid");
-        // SAFETY: plain kill(2) on our own, not yet reaped, child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        let status = match rx.recv_timeout(STOP_TIMEOUT) {
-            Ok(Ok(status)) => status,
-            Ok(Err(e)) => panic!("waiting for lbd: {e}"),
-            Err(_) => {
-                // SAFETY: as above; the waiting thread reaps it.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!(
-                    "lbd did not exit within {STOP_TIMEOUT:?} of SIGTERM:\n{}",
-                    self.log()
-                );
-            }
-        };
-        Stopped {
-            status,
-            log: self.log(),
-        }
+    pub fn stop(mut self, signal: libc::c_int) -> Stopped {
+        let child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(libc::pid_t::try_from(child.id()).expect("pid"), signal) };
+        let status = wait_exit(child, STOP_TIMEOUT);
+        let log = self.log();
+        let status = status
+            .unwrap_or_else(|| panic!("lbd did not exit within {STOP_TIMEOUT:?} of signal {signal}:\n{log}"));
+        Stopped { status, log }
     }
 }
 

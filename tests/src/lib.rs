@@ -6,13 +6,12 @@
 //! - [`servers`]: backend servers (HTTP, TCP and UDP echo) that record what they receive.
 //! - [`lbd`]: the real lbd binary in a namespace, started and stopped on its readiness signal.
 //! - [`capture`]: an `AF_PACKET` capture, to see which host sent a frame.
+//! - [`frames`]: building and mutating Ethernet/IPv4 frames.
 
-#![expect(
-    clippy::missing_panics_doc,
-    reason = "test helpers panic with a message by design"
-)]
+#![expect(clippy::missing_panics_doc, reason = "test helpers panic with a message by design")]
 
 pub mod capture;
+pub mod frames;
 pub mod lbd;
 pub mod netns;
 pub mod servers;
@@ -28,19 +27,11 @@ pub mod topology;
 #[must_use]
 pub fn privileged(test: &str) -> bool {
     // SAFETY: geteuid cannot fail.
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        Some("not running as root")
-    } else if !std::path::Path::new("/sys/fs/bpf").exists() {
-        Some("no /sys/fs/bpf")
-    } else {
-        None
-    };
+    let reason = (unsafe { libc::geteuid() } != 0).then_some("not running as root");
     match reason {
         None => true,
         Some(r) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "{test}: needs root, network namespaces and XDP, and CI=true forbids skipping: {r}"
-            )
+            panic!("{test}: needs root, network namespaces and XDP, and CI=true forbids skipping: {r}")
         }
         Some(r) => {
             eprintln!("SKIPPED {test}: {r} (run `cargo xtask test` as root)");

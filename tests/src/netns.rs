@@ -20,14 +20,9 @@ impl NetNs {
     /// When `ip netns add` fails.
     #[must_use]
     pub fn new(name: &str) -> Self {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
         sh(Command::new("ip").args(["netns", "add", name]));
-        let ns = Self {
-            name: name.to_owned(),
-        };
+        let ns = Self { name: name.to_owned() };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -56,11 +51,7 @@ impl NetNs {
     /// When the command fails.
     #[must_use]
     pub fn ip_output(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["-n", &self.name])
-            .args(args)
-            .output()
-            .expect("run ip");
+        let out = Command::new("ip").args(["-n", &self.name]).args(args).output().expect("run ip");
         assert!(
             out.status.success(),
             "ip -n {} {args:?}: {}",
@@ -136,10 +127,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
@@ -155,11 +143,7 @@ fn enter(file: &File) {
 /// When the command cannot start or exits non-zero.
 pub fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
 }
 
 /// Deletes namespaces named `{prefix}-{pid}-...` left by test processes that no longer run

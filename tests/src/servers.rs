@@ -22,6 +22,10 @@ use crate::netns::NetNs;
 
 /// Largest request head the HTTP responder reads.
 const MAX_HTTP_HEAD: usize = 16 * 1024;
+/// Read size of the HTTP responder and the TCP echo.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest UDP datagram.
+const MAX_DATAGRAM: usize = 65536;
 
 /// What one host's servers received.
 #[derive(Default)]
@@ -82,10 +86,7 @@ impl Servers {
         let rec = served.clone();
         let udp_addrs = udp_addrs.to_vec();
         let thread = ns.spawn("servers", move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
                 let bound = async {
@@ -123,11 +124,7 @@ impl Servers {
             Ok(Err(e)) => panic!("{name}: cannot bind servers in {}: {e}", ns.name()),
             Err(mpsc::RecvError) => panic!("{name}: server thread died in {}", ns.name()),
         }
-        Self {
-            served,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        Self { served, stop: Some(stop_tx), thread: Some(thread) }
     }
 }
 
@@ -160,7 +157,7 @@ async fn serve_http(listener: TcpListener, body: String, served: Arc<Served>) {
 /// first so a client that has its answer can rely on the count.
 async fn answer_http(mut conn: TcpStream, body: &str, served: &Served) -> std::io::Result<()> {
     let mut head = Vec::new();
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; READ_CHUNK];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = conn.read(&mut buf).await?;
         if n == 0 || head.len() + n > MAX_HTTP_HEAD {
@@ -185,7 +182,7 @@ async fn serve_tcp_echo(listener: TcpListener, served: Arc<Served>) {
         let served = served.clone();
         tokio::spawn(async move {
             let mut got = Vec::new();
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; READ_CHUNK];
             loop {
                 match conn.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
@@ -209,7 +206,7 @@ async fn serve_udp_echo(socks: Vec<UdpSocket>, served: Arc<Served>) {
     for sock in socks {
         let served = served.clone();
         tasks.spawn(async move {
-            let mut buf = vec![0u8; 65536];
+            let mut buf = vec![0u8; MAX_DATAGRAM];
             loop {
                 let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                     continue;

@@ -64,10 +64,7 @@ tcp:
 }
 
 fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// One host on the segment; its interface is `eth0`.
@@ -128,19 +125,10 @@ impl DsrTopology {
         };
 
         let client = host("client", CLIENT_IP);
-        client.ns.ip(&[
-            "route",
-            "add",
-            &format!("{VIP}/32"),
-            "via",
-            &LB_IP.to_string(),
-        ]);
+        client.ns.ip(&["route", "add", &format!("{VIP}/32"), "via", &LB_IP.to_string()]);
         // Frames that pass through native XDP_TX on a veth lose the checksum-offload state,
         // so the sender must compute checksums itself (a veth artefact, not a NIC one).
-        sh(client
-            .ns
-            .command("ethtool")
-            .args(["-K", "eth0", "tx", "off"]));
+        sh(client.ns.command("ethtool").args(["-K", "eth0", "tx", "off"]));
 
         let lb = host("lb", LB_IP);
         let backends: Vec<Host> = (0..backends)
@@ -154,15 +142,8 @@ impl DsrTopology {
                 b
             })
             .collect();
-        let peer_pass = switch
-            .run(|| PassProgram::attach(&lb.peer))
-            .expect("attach XDP_PASS to the lb's peer");
-        Self {
-            _peer_pass: peer_pass,
-            client,
-            lb,
-            backends,
-            switch,
-        }
+        let peer_pass =
+            switch.run(|| PassProgram::attach(&lb.peer)).expect("attach XDP_PASS to the lb's peer");
+        Self { _peer_pass: peer_pass, client, lb, backends, switch }
     }
 }

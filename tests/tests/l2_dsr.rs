@@ -33,16 +33,15 @@ fn payload(kind: &str, i: usize, len: usize) -> Vec<u8> {
 
 /// Connects, sends `data` (then half-closes if `half_close`) and reads until the server closes.
 fn tcp_exchange(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut s =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.write_all(data).unwrap();
     if half_close {
         s.shutdown(std::net::Shutdown::Write).unwrap();
     }
     let mut back = Vec::new();
-    s.read_to_end(&mut back)
-        .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+    s.read_to_end(&mut back).unwrap_or_else(|e| panic!("read from {addr}: {e}"));
     back
 }
 
@@ -52,13 +51,8 @@ fn udp_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.send_to(data, addr).unwrap();
     let mut buf = [0u8; 2048];
-    let (n, from) = s
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("UDP echo from {addr}: {e}"));
-    assert_eq!(
-        from, addr,
-        "the reply must come from the address the client talked to"
-    );
+    let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP echo from {addr}: {e}"));
+    assert_eq!(from, addr, "the reply must come from the address the client talked to");
     buf[..n].to_vec()
 }
 
@@ -67,11 +61,7 @@ fn http_get(addr: SocketAddr) -> String {
     let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let resp = String::from_utf8(tcp_exchange(addr, req.as_bytes(), false)).expect("utf-8");
     assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
-    resp.split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    resp.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_owned()
 }
 
 /// What the client sent and saw.
@@ -85,27 +75,15 @@ struct ClientRun {
 fn exercise_vip() -> ClientRun {
     let echo = SocketAddr::from((VIP, PORTS.echo));
     let web = SocketAddr::from((VIP, PORTS.http));
-    let mut run = ClientRun {
-        tcp_sent: BTreeSet::new(),
-        udp_sent: BTreeSet::new(),
-        http_bodies: Vec::new(),
-    };
+    let mut run = ClientRun { tcp_sent: BTreeSet::new(), udp_sent: BTreeSet::new(), http_bodies: Vec::new() };
     for i in 0..TCP_CONNECTIONS {
         let data = payload("tcp", i, 3000);
-        assert_eq!(
-            tcp_exchange(echo, &data, true),
-            data,
-            "TCP echo {i} must come back intact"
-        );
+        assert_eq!(tcp_exchange(echo, &data, true), data, "TCP echo {i} must come back intact");
         run.tcp_sent.insert(data);
     }
     for i in 0..UDP_EXCHANGES {
         let data = payload("udp", i, 500);
-        assert_eq!(
-            udp_exchange(echo, &data),
-            data,
-            "UDP echo {i} must come back intact"
-        );
+        assert_eq!(udp_exchange(echo, &data), data, "UDP echo {i} must come back intact");
         run.udp_sent.insert(data);
     }
     run.http_bodies = (0..HTTP_REQUESTS).map(|_| http_get(web)).collect();
@@ -119,16 +97,8 @@ fn assert_balanced(servers: &[Servers], run: &ClientRun) {
     for (i, s) in servers.iter().enumerate() {
         let (tcp, udp) = (s.served.tcp_payloads(), s.served.udp_payloads());
         let b = i + 1;
-        assert!(
-            tcp.len() >= TCP_CONNECTIONS / 10,
-            "backend {b} got {} TCP flows",
-            tcp.len()
-        );
-        assert!(
-            udp.len() >= UDP_EXCHANGES / 10,
-            "backend {b} got {} UDP flows",
-            udp.len()
-        );
+        assert!(tcp.len() >= TCP_CONNECTIONS / 10, "backend {b} got {} TCP flows", tcp.len());
+        assert!(udp.len() >= UDP_EXCHANGES / 10, "backend {b} got {} UDP flows", udp.len());
         for p in tcp {
             assert!(tcp_got.insert(p), "a TCP payload reached two backends");
         }
@@ -136,23 +106,13 @@ fn assert_balanced(servers: &[Servers], run: &ClientRun) {
             assert!(udp_got.insert(p), "a UDP payload reached two backends");
         }
     }
-    assert_eq!(
-        tcp_got, run.tcp_sent,
-        "backends must receive exactly the TCP payloads sent"
-    );
-    assert_eq!(
-        udp_got, run.udp_sent,
-        "backends must receive exactly the UDP payloads sent"
-    );
+    assert_eq!(tcp_got, run.tcp_sent, "backends must receive exactly the TCP payloads sent");
+    assert_eq!(udp_got, run.udp_sent, "backends must receive exactly the UDP payloads sent");
     let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
     for b in &run.http_bodies {
         *by_backend.entry(b.as_str()).or_default() += 1;
     }
-    assert_eq!(
-        by_backend.len(),
-        BACKENDS,
-        "HTTP answers by backend: {by_backend:?}"
-    );
+    assert_eq!(by_backend.len(), BACKENDS, "HTTP answers by backend: {by_backend:?}");
 }
 
 /// Every reply from the VIP that reached the client was sent by a backend, none by the lb.
@@ -165,39 +125,43 @@ fn assert_direct_server_return(topo: &DsrTopology, capture: &Capture) {
         .filter(|(_, ip)| *ip == VIP)
         .map(|(mac, _)| mac)
         .collect();
-    assert!(
-        reply_sources.len() > TCP_CONNECTIONS,
-        "captured {} VIP replies",
-        reply_sources.len()
-    );
+    assert!(reply_sources.len() > TCP_CONNECTIONS, "captured {} VIP replies", reply_sources.len());
     let stray = reply_sources.iter().find(|m| !backend_macs.contains(*m));
-    assert!(
-        stray.is_none(),
-        "a reply from the VIP came from {stray:02x?}, not a backend"
-    );
+    assert!(stray.is_none(), "a reply from the VIP came from {stray:02x?}, not a backend");
 }
 
-#[test]
-fn tcp_and_udp_to_a_vip_are_balanced_by_direct_server_return() {
-    if !privileged("tcp_and_udp_to_a_vip_are_balanced_by_direct_server_return") {
-        return;
-    }
-    let topo = DsrTopology::new(&unique_prefix("lbt-dsr"), BACKENDS);
+/// A counter from lbd's `data plane counters` log line (`name=N`).
+fn logged_counter(log: &str, name: &str) -> u64 {
+    let line = log.lines().find(|l| l.contains("data plane counters")).expect("counters line in the log");
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.trim_matches('"').strip_prefix(prefix.as_str()).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+/// The whole scenario with lbd attached in `mode`, stopped with `stop_signal`.
+fn balanced_by_direct_server_return(tag: &str, mode: &str, stop_signal: libc::c_int) {
+    let topo = DsrTopology::new(&unique_prefix(tag), BACKENDS);
     let servers: Vec<Servers> = (topo.backends.iter().enumerate())
         .map(|(i, b)| Servers::start(&b.ns, &format!("backend-{}", i + 1), PORTS, &[b.ip, VIP]))
         .collect();
     // The lb node's own services, on the same ports as the VIP's.
     let own = Servers::start(&topo.lb.ns, "lb-self", PORTS, &[LB_IP]);
-    let dir = TempDir::new("dsr-test");
-    let reg = dir.write(
-        "services.yaml",
-        &dsr_registry(BACKENDS, PORTS.http, PORTS.echo),
-    );
-    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &["--xdp-mode", "native"]);
+    let dir = TempDir::new(tag);
+    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, PORTS.echo));
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &["--xdp-mode", mode]);
     let link = topo.lb.ns.ip_output(&["link", "show", "dev", "eth0"]);
+    let shown = if mode == "native" { " xdp " } else { " xdpgeneric " };
+    assert!(link.contains(shown), "lbd must attach in {mode} mode:\n{link}");
+
+    // A second lbd on the same interface is refused and does not fall back to generic mode.
+    let second = Lbd::run_to_exit(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    assert_eq!(second.status.code(), Some(1), "{}", second.log);
+    assert!(second.log.contains("cannot attach XDP to `eth0`"), "{}", second.log);
     assert!(
-        link.contains(" xdp "),
-        "lbd must attach in native mode:\n{link}"
+        !second.log.contains("using generic"),
+        "a busy interface is no reason to fall back:\n{}",
+        second.log
     );
 
     let capture = topo.client.ns.run(|| Capture::open("eth0"));
@@ -208,28 +172,36 @@ fn tcp_and_udp_to_a_vip_are_balanced_by_direct_server_return() {
     // The node's own services stay reachable on its own address.
     let (own_http, own_udp) = topo.client.ns.run(|| {
         let http = http_get(SocketAddr::from((LB_IP, PORTS.http)));
-        (
-            http,
-            udp_exchange(SocketAddr::from((LB_IP, PORTS.echo)), b"to the lb itself"),
-        )
+        (http, udp_exchange(SocketAddr::from((LB_IP, PORTS.echo)), b"to the lb itself"))
     });
     assert_eq!(own_http, "lb-self");
     assert_eq!(own_udp, b"to the lb itself");
-    assert_eq!(
-        own.served.http_count(),
-        1,
-        "VIP traffic must never reach the lb's own server"
-    );
+    assert_eq!(own.served.http_count(), 1, "VIP traffic must never reach the lb's own server");
 
-    let stopped = lbd.stop();
+    let stopped = lbd.stop(stop_signal);
+    assert!(stopped.status.success(), "lbd must exit 0 on signal {stop_signal}:\n{}", stopped.log);
+    // Every client packet to the VIP was forwarded by XDP: at least one per UDP exchange and
+    // three per TCP connection (SYN, data, FIN).
+    let forwarded = logged_counter(&stopped.log, "forwarded");
     assert!(
-        stopped.status.success(),
-        "lbd must exit 0 on SIGTERM:\n{}",
+        forwarded >= (3 * TCP_CONNECTIONS + UDP_EXCHANGES) as u64,
+        "forwarded={forwarded}:\n{}",
         stopped.log
     );
     let link = topo.lb.ns.ip_output(&["link", "show", "dev", "eth0"]);
-    assert!(
-        !link.contains("xdp"),
-        "SIGTERM must detach the program:\n{link}"
-    );
+    assert!(!link.contains("xdp"), "stopping must detach the program:\n{link}");
+}
+
+#[test]
+fn native_xdp_balances_tcp_and_udp_by_direct_server_return_and_detaches_on_sigterm() {
+    if privileged("native_xdp_balances_tcp_and_udp_by_direct_server_return_and_detaches_on_sigterm") {
+        balanced_by_direct_server_return("lbt-dsrn", "native", libc::SIGTERM);
+    }
+}
+
+#[test]
+fn generic_xdp_balances_tcp_and_udp_by_direct_server_return_and_detaches_on_sigint() {
+    if privileged("generic_xdp_balances_tcp_and_udp_by_direct_server_return_and_detaches_on_sigint") {
+        balanced_by_direct_server_return("lbt-dsrg", "generic", libc::SIGINT);
+    }
 }

@@ -4,10 +4,7 @@ use std::process::Command;
 
 #[test]
 fn vagrantfile_validates() {
-    let have_vagrant = Command::new("vagrant")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let have_vagrant = Command::new("vagrant").arg("--version").output().is_ok_and(|o| o.status.success());
     if !have_vagrant {
         assert!(
             !std::env::var("CI").is_ok_and(|v| v == "true"),
@@ -29,14 +26,7 @@ fn vagrantfile_validates() {
         .output()
         .expect("run vagrant");
     let _ = std::fs::remove_dir_all(&dotfiles);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "vagrant validate failed:\n{text}");
-    assert!(
-        text.contains("Vagrantfile validated successfully"),
-        "{text}"
-    );
+    assert!(text.contains("Vagrantfile validated successfully"), "{text}");
 }

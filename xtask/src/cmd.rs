@@ -13,17 +13,14 @@ pub fn cargo() -> Result<Command> {
         path.push(old);
     }
     let mut c = Command::new(env!("CARGO"));
-    c.current_dir(crate::test::workspace_root())
-        .env("PATH", path);
+    c.current_dir(crate::test::workspace_root()).env("PATH", path);
     Ok(c)
 }
 
 /// Runs `cmd` with inherited stdio; fails unless it exits 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start `{}`", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed: {status}", describe(cmd));
     }
@@ -32,28 +29,17 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` quietly and returns its stdout; fails unless it exits 0.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let out =
+        cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{}`", describe(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed: {}\n{}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed: {}\n{}", describe(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8", describe(cmd)))
 }
 
 /// True when `cmd` can be started and exits 0 (output discarded).
 pub fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 pub fn describe(cmd: &Command) -> String {

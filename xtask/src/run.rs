@@ -14,12 +14,13 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    setup::run(&setup::Needs::demo())?;
     let target = target_dir();
     if opts.lbd_args.is_empty() {
+        setup::run(&setup::Needs::demo())?;
         cmd::run(cargo_build()?.args(["--bin", "lbd", "--bin", "lb-ctl", "--bin", "lb-demo"]))?;
         run_foreground(&mut Command::new(target.join("lb-demo")))
     } else {
+        setup::run(&setup::Needs::lbd())?;
         cmd::run(cargo_build()?.args(["--bin", "lbd"]))?;
         run_foreground(Command::new(target.join("lbd")).args(&opts.lbd_args))
     }
@@ -33,10 +34,7 @@ fn cargo_build() -> Result<Command> {
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(
-            || crate::test::workspace_root().join("target"),
-            PathBuf::from,
-        )
+        .map_or_else(|| crate::test::workspace_root().join("target"), PathBuf::from)
         .join("debug")
 }
 

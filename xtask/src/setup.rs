@@ -13,50 +13,42 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
-/// Debian packages the tests and the demo use: `ip` for namespaces, `ethtool` to turn checksum
-/// offload off on veth senders, `nc`/`curl` for the demo's printed commands, `vagrant` to
-/// validate the Vagrantfile.
-const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl", "vagrant"];
+/// Debian packages the demo uses: `ip` for namespaces, `ethtool` to turn checksum offload off
+/// on veth senders, `nc` and `curl` for the commands it prints.
 const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"];
+/// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
+/// validate the Vagrantfile.
+const TEST_ONLY_PACKAGES: &[&str] = &["vagrant"];
 
 /// bpf-linker release known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Which parts of setup a task needs.
+/// Which Debian packages a task needs. The eBPF toolchain and bpffs are always set up: every
+/// task builds or runs lbd.
 pub struct Needs {
-    pub packages: &'static [&'static str],
-    pub ebpf_toolchain: bool,
-    pub bpffs: bool,
+    pub packages: Vec<&'static str>,
 }
 
 impl Needs {
     pub fn all() -> Self {
-        Self {
-            packages: TEST_PACKAGES,
-            ebpf_toolchain: true,
-            bpffs: true,
-        }
+        Self { packages: [DEMO_PACKAGES, TEST_ONLY_PACKAGES].concat() }
     }
 
     pub fn demo() -> Self {
-        Self {
-            packages: DEMO_PACKAGES,
-            ebpf_toolchain: true,
-            bpffs: true,
-        }
+        Self { packages: DEMO_PACKAGES.to_vec() }
+    }
+
+    /// Running lbd on a real interface needs no Debian package.
+    pub fn lbd() -> Self {
+        Self { packages: Vec::new() }
     }
 }
 
 pub fn run(needs: &Needs) -> Result<()> {
-    apt_packages(needs.packages)?;
-    if needs.ebpf_toolchain {
-        nightly_rust_src()?;
-        bpf_linker()?;
-    }
-    if needs.bpffs {
-        mount_bpffs()?;
-    }
-    Ok(())
+    apt_packages(&needs.packages)?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    mount_bpffs()
 }
 
 fn is_root() -> bool {
@@ -113,13 +105,7 @@ fn nightly_rust_src() -> Result<()> {
         "--installed",
     ]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        cmd::run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -135,25 +121,19 @@ pub fn cargo_home() -> Result<PathBuf> {
 /// Builds bpf-linker against the nightly toolchain's own libLLVM, so the LLVM that emits the
 /// eBPF bitcode and the one that links it are the same (no system LLVM of that version exists).
 fn bpf_linker() -> Result<()> {
-    let sysroot = PathBuf::from(
-        cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
-    );
+    let sysroot =
+        PathBuf::from(cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     let version = cmd::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let llvm_major = llvm_major(&version)
         .with_context(|| format!("no `LLVM version:` line in `rustc +nightly -vV`:\n{version}"))?;
     let libllvm = find_libllvm(&sysroot.join("lib"))?;
-    let libllvm_name = libllvm
-        .file_name()
-        .context("libLLVM path has no file name")?;
+    let libllvm_name = libllvm.file_name().context("libLLVM path has no file name")?;
 
     let home = cargo_home()?;
     let linker = home.join("bin").join("bpf-linker");
     let state = home.join("lb-toolchain");
     let stamp = state.join("bpf-linker.stamp");
-    let wanted = format!(
-        "bpf-linker {BPF_LINKER_VERSION} llvm {}\n",
-        libllvm.display()
-    );
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION} llvm {}\n", libllvm.display());
     let built_for_this_llvm = fs::read_to_string(&stamp).is_ok_and(|s| s == wanted);
     if built_for_this_llvm && cmd::succeeds(Command::new(&linker).arg("--version")) {
         return Ok(());
@@ -173,13 +153,7 @@ fn bpf_linker() -> Result<()> {
     cmd::run(
         Command::new("cargo")
             .env("LLVM_PREFIX", &prefix)
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--force",
-                "--no-default-features",
-            ])
+            .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features"])
             .args(["--version", BPF_LINKER_VERSION])
             .args(["--features", &format!("llvm-{llvm_major}")])
             .arg("--root")
@@ -208,10 +182,7 @@ fn find_libllvm(dir: &Path) -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    bail!(
-        "no libLLVM*.so* in {}; is the nightly toolchain complete?",
-        dir.display()
-    )
+    bail!("no libLLVM*.so* in {}; is the nightly toolchain complete?", dir.display())
 }
 
 fn mount_bpffs() -> Result<()> {

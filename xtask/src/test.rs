@@ -18,10 +18,7 @@ pub struct Options {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -29,10 +26,7 @@ pub fn run(opts: &Options) -> Result<()> {
     // The integration tests run the real lbd and lb-ctl binaries, so build them first.
     cmd::run(cmd::cargo()?.args(["build", "--bins"]))?;
     let mut cargo = cmd::cargo()?;
-    cargo
-        .args(["test", "--no-fail-fast"])
-        .args(&opts.args)
-        .stdout(Stdio::piped());
+    cargo.args(["test", "--no-fail-fast"]).args(&opts.args).stdout(Stdio::piped());
     eprintln!("xtask: $ {}", cmd::describe(&cargo));
     let mut child = cargo.spawn().context("cannot start cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
@@ -94,7 +88,9 @@ mod tests {
     #[test]
     fn summary_adds_result_lines() {
         let mut s = Summary::default();
-        s.add("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        s.add(
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+        );
         s.add("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
         s.add("running 3 tests");
         assert_eq!((s.suites, s.passed, s.failed, s.ignored), (2, 4, 2, 1));

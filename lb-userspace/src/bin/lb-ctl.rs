@@ -5,7 +5,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use lb_userspace::config::{self, ConfigError};
+use lb_userspace::{
+    config::{self, ConfigError},
+    logging::error_chain,
+};
 
 #[derive(Parser)]
 #[command(version, about = "lb operator CLI")]
@@ -47,7 +50,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{}", error_chain(&e));
                 ExitCode::FAILURE
             }
         },

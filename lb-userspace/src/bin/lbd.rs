@@ -41,10 +41,7 @@ fn main() -> ExitCode {
         xdp_mode: args.xdp_mode,
         resolve_timeout: args.resolve_timeout,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lbd: cannot start the async runtime: {e}");
@@ -58,7 +55,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("lbd: {}", lb_userspace::loader::error_chain(&e));
+            eprintln!("lbd: {}", logging::error_chain(&e));
             ExitCode::FAILURE
         }
     }

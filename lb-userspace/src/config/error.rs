@@ -6,7 +6,7 @@ use std::{fmt, io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: cannot read registry: {source}", file.display())]
+    #[error("{}: cannot read registry", file.display())]
     Read {
         file: PathBuf,
         #[source]

@@ -18,10 +18,8 @@ use spans::Spans;
 
 /// Reads, parses and validates the registry at `file`.
 pub fn load_file(file: &Path) -> Result<Registry, ConfigError> {
-    let src = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        file: file.to_owned(),
-        source,
-    })?;
+    let src = std::fs::read_to_string(file)
+        .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
     parse(&src, file)
 }
 
@@ -35,9 +33,8 @@ pub fn parse(src: &str, file: &Path) -> Result<Registry, ConfigError> {
         message,
         hint,
     };
-    let spans = Spans::index(src).map_err(|e| {
-        ConfigError::Invalid(vec![problem(e.pos, e.field.to_string(), e.message, None)])
-    })?;
+    let spans = Spans::index(src)
+        .map_err(|e| ConfigError::Invalid(vec![problem(e.pos, e.field.to_string(), e.message, None)]))?;
 
     let de = serde_yaml_ng::Deserializer::from_str(src);
     let registry: Registry = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -45,10 +42,7 @@ pub fn parse(src: &str, file: &Path) -> Result<Registry, ConfigError> {
         let inner = e.into_inner();
         let pos = inner
             .location()
-            .map_or(spans::Pos { line: 1, column: 1 }, |l| spans::Pos {
-                line: l.line(),
-                column: l.column(),
-            });
+            .map_or(spans::Pos { line: 1, column: 1 }, |l| spans::Pos { line: l.line(), column: l.column() });
         let message = serde_message(&inner, &field);
         let hint = hint_for(&message);
         ConfigError::Invalid(vec![problem(
@@ -130,26 +124,20 @@ mod tests {
         assert_eq!(r.http["bolabaden.org"].backends.len(), 2);
         assert_eq!(r.http["dozzle.bolabaden.org"].backends[0].port, 9999);
         let redis = &r.tcp["redis-main"];
-        assert_eq!(
-            (redis.port, redis.vip, redis.mode),
-            (6379, None, Mode::DsrL2)
-        );
+        assert_eq!((redis.port, redis.vip, redis.mode), (6379, None, Mode::DsrL2));
         assert_eq!(redis.protocols, vec![Protocol::Tcp]);
         assert_eq!(redis.backends[1].host, "node2.bolabaden.org");
     }
 
     #[test]
     fn an_unknown_key_names_file_line_column_and_field() {
-        let p = one(
-            "version: 1\ntcp:\n  a:\n    port: 1\n    backends:\n      - host: x\n        prot: 3\n",
-        );
+        let p = one("version: 1\ntcp:\n  a:\n    port: 1\n    backends:\n      - host: x\n        prot: 3\n");
         assert_eq!((p.line, p.column), (7, 9));
         assert_eq!(p.field, "tcp.a.backends[0].prot");
         assert_eq!(p.message, "unknown field `prot`, expected `host` or `port`");
         assert_eq!(p.file, PathBuf::from("services.yaml"));
         assert!(
-            p.to_string()
-                .starts_with("services.yaml:7:9: field `tcp.a.backends[0].prot`: unknown field")
+            p.to_string().starts_with("services.yaml:7:9: field `tcp.a.backends[0].prot`: unknown field")
         );
     }
 
@@ -158,19 +146,14 @@ mod tests {
         let p = one("version: 1\ntcp:\n  a:\n    port: '80'\n    backends: []\n");
         assert_eq!((p.line, p.field.as_str()), (4, "tcp.a.port"));
         assert!(p.message.contains("expected u16"), "{}", p.message);
-        let p =
-            one("version: 1\ntcp:\n  a:\n    port: 80\n    vip: 10.0.0.300\n    backends: []\n");
+        let p = one("version: 1\ntcp:\n  a:\n    port: 80\n    vip: 10.0.0.300\n    backends: []\n");
         assert_eq!(
             (p.line, p.field.as_str(), p.message.as_str()),
             (5, "tcp.a.vip", "invalid IP address syntax")
         );
         let p = one("version: 1\ntcp:\n  a:\n    port: 80\n    mode: nat\n    backends: []\n");
         assert_eq!((p.line, p.field.as_str()), (5, "tcp.a.mode"));
-        assert!(
-            p.message.starts_with("unknown variant `nat`"),
-            "{}",
-            p.message
-        );
+        assert!(p.message.starts_with("unknown variant `nat`"), "{}", p.message);
     }
 
     #[test]
@@ -222,21 +205,14 @@ tcp:
             "{p:#?}"
         );
         assert!(p[1].hint.as_deref().unwrap().contains("dsr-l2"));
-        assert!(
-            p[3].message.contains("already used by service `web`"),
-            "{}",
-            p[3].message
-        );
+        assert!(p[3].message.contains("already used by service `web`"), "{}", p[3].message);
     }
 
     #[test]
     fn vips_must_be_unicast_ipv4() {
-        for (vip, needle) in [
-            ("::1", "IPv6"),
-            ("0.0.0.0", "0.0.0.0"),
-            ("224.0.0.1", "unicast"),
-            ("127.0.0.1", "loopback"),
-        ] {
+        for (vip, needle) in
+            [("::1", "IPv6"), ("0.0.0.0", "0.0.0.0"), ("224.0.0.1", "unicast"), ("127.0.0.1", "loopback")]
+        {
             let p = one(&format!(
                 "version: 1\ntcp:\n  a:\n    vip: \"{vip}\"\n    port: 80\n    backends: [{{host: x, port: 80}}]\n"
             ));
@@ -258,25 +234,13 @@ tcp:
     #[test]
     fn a_missing_file_is_a_read_error_naming_it() {
         let e = load_file(Path::new("/nonexistent/services.yaml")).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("/nonexistent/services.yaml: cannot read registry"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("/nonexistent/services.yaml: cannot read registry"), "{e}");
     }
 
     #[test]
     fn located_paths_match_validate_paths() {
         let spans = Spans::index(SEED_003).unwrap();
-        let pos = spans.locate(
-            &FieldPath::default()
-                .key("tcp")
-                .key("redis-main")
-                .key("port"),
-        );
-        assert_eq!(
-            SEED_003.lines().nth(pos.line - 1).unwrap().trim(),
-            "port: 6379"
-        );
+        let pos = spans.locate(&FieldPath::default().key("tcp").key("redis-main").key("port"));
+        assert_eq!(SEED_003.lines().nth(pos.line - 1).unwrap().trim(), "port: 6379");
     }
 }

@@ -61,10 +61,7 @@ pub struct Pos {
 impl From<Marker> for Pos {
     fn from(m: Marker) -> Self {
         // yaml-rust2 lines are 1-based, columns 0-based.
-        Self {
-            line: m.line(),
-            column: m.col() + 1,
-        }
+        Self { line: m.line(), column: m.col() + 1 }
     }
 }
 
@@ -96,9 +93,7 @@ impl Spans {
         }
         match b.duplicate {
             Some(err) => Err(err),
-            None => Ok(Self {
-                positions: b.positions,
-            }),
+            None => Ok(Self { positions: b.positions }),
         }
     }
 
@@ -148,11 +143,7 @@ impl Builder {
     fn node(&mut self, pos: Pos, node: Node) {
         let path = match self.stack.last_mut() {
             None => FieldPath::default(),
-            Some(Frame::Map {
-                path,
-                key: key @ None,
-                seen,
-            }) => {
+            Some(Frame::Map { path, key: key @ None, seen }) => {
                 let name = match node {
                     Node::Scalar(s) => s,
                     Node::Alias => "*alias".to_owned(),
@@ -168,10 +159,7 @@ impl Builder {
                         self.duplicate = Some(IndexError {
                             pos,
                             field: field.clone(),
-                            message: format!(
-                                "duplicate key `{name}` (first defined at line {})",
-                                first.line
-                            ),
+                            message: format!("duplicate key `{name}` (first defined at line {})", first.line),
                         });
                     }
                 } else {
@@ -181,9 +169,7 @@ impl Builder {
                 *key = Some(name);
                 return;
             }
-            Some(Frame::Map {
-                path, key: Some(k), ..
-            }) => path.key(k),
+            Some(Frame::Map { path, key: Some(k), .. }) => path.key(k),
             Some(Frame::Seq { path, next }) => {
                 let p = path.index(*next);
                 *next += 1;
@@ -193,11 +179,7 @@ impl Builder {
             Some(Frame::SkipKey { .. }) => unreachable!("SkipKey frames consume their own events"),
         };
         match node {
-            Node::Map => self.stack.push(Frame::Map {
-                path,
-                key: None,
-                seen: HashMap::new(),
-            }),
+            Node::Map => self.stack.push(Frame::Map { path, key: None, seen: HashMap::new() }),
             Node::Seq => self.stack.push(Frame::Seq { path, next: 0 }),
             Node::Scalar(_) | Node::Alias => self.value_done(),
         }
@@ -247,10 +229,7 @@ mod tests {
     fn p(segs: &[&str]) -> FieldPath {
         FieldPath(
             segs.iter()
-                .map(|s| {
-                    s.parse::<usize>()
-                        .map_or_else(|_| Seg::Key((*s).to_owned()), Seg::Index)
-                })
+                .map(|s| s.parse::<usize>().map_or_else(|_| Seg::Key((*s).to_owned()), Seg::Index))
                 .collect(),
         )
     }
@@ -261,30 +240,15 @@ mod tests {
     fn fields_are_located_by_line_and_column() {
         let s = Spans::index(DOC).unwrap();
         assert_eq!(s.locate(&p(&["version"])), Pos { line: 1, column: 1 });
-        assert_eq!(
-            s.locate(&p(&["tcp", "redis", "port"])),
-            Pos { line: 4, column: 5 }
-        );
-        assert_eq!(
-            s.locate(&p(&["tcp", "redis", "backends", "0", "port"])),
-            Pos { line: 7, column: 9 }
-        );
-        assert_eq!(
-            s.locate(&p(&["tcp", "redis", "backends", "1", "host"])),
-            Pos {
-                line: 8,
-                column: 10
-            }
-        );
+        assert_eq!(s.locate(&p(&["tcp", "redis", "port"])), Pos { line: 4, column: 5 });
+        assert_eq!(s.locate(&p(&["tcp", "redis", "backends", "0", "port"])), Pos { line: 7, column: 9 });
+        assert_eq!(s.locate(&p(&["tcp", "redis", "backends", "1", "host"])), Pos { line: 8, column: 10 });
     }
 
     #[test]
     fn a_missing_field_is_located_at_its_nearest_ancestor() {
         let s = Spans::index(DOC).unwrap();
-        assert_eq!(
-            s.locate(&p(&["tcp", "redis", "vip"])),
-            Pos { line: 3, column: 3 }
-        );
+        assert_eq!(s.locate(&p(&["tcp", "redis", "vip"])), Pos { line: 3, column: 3 });
     }
 
     #[test]
@@ -293,11 +257,7 @@ mod tests {
         let e = Spans::index(doc).unwrap_err();
         assert_eq!(e.pos, Pos { line: 5, column: 3 });
         assert_eq!(e.field.to_string(), "tcp.a");
-        assert!(
-            e.message.contains("first defined at line 2"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("first defined at line 2"), "{}", e.message);
     }
 
     #[test]

@@ -12,6 +12,10 @@ use super::{
     spans::FieldPath,
 };
 
+/// Longest DNS name and label (RFC 1035).
+const MAX_DNS_NAME: usize = 253;
+const MAX_DNS_LABEL: usize = 63;
+
 /// One semantic problem, located by its field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
@@ -21,11 +25,7 @@ pub struct Finding {
 }
 
 fn finding(path: FieldPath, message: impl Into<String>, hint: Option<&str>) -> Finding {
-    Finding {
-        path,
-        message: message.into(),
-        hint: hint.map(str::to_owned),
-    }
+    Finding { path, message: message.into(), hint: hint.map(str::to_owned) }
 }
 
 /// Every semantic problem in `reg`, in file order of sections.
@@ -41,21 +41,13 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
         ));
     }
     for (name, svc) in &reg.http {
-        backends(
-            &root.key("http").key(name).key("backends"),
-            &svc.backends,
-            &mut out,
-        );
+        backends(&root.key("http").key(name).key("backends"), &svc.backends, &mut out);
     }
     let mut vips: HashMap<(IpAddr, u16, u8), &str> = HashMap::new();
     for (name, svc) in &reg.tcp {
         let path = root.key("tcp").key(name);
         if svc.port == 0 {
-            out.push(finding(
-                path.key("port"),
-                "port 0 is not a service port",
-                None,
-            ));
+            out.push(finding(path.key("port"), "port 0 is not a service port", None));
         }
         backends(&path.key("backends"), &svc.backends, &mut out);
         if svc.backends.len() > MAX_BACKENDS_PER_VIP as usize {
@@ -110,11 +102,7 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
             if let Some(other) = vips.insert((vip, svc.port, p.number()), name) {
                 out.push(finding(
                     path.key("vip"),
-                    format!(
-                        "{vip}:{}/{} is already used by service `{other}`",
-                        svc.port,
-                        p.as_str()
-                    ),
+                    format!("{vip}:{}/{} is already used by service `{other}`", svc.port, p.as_str()),
                     Some("each VIP, port and protocol belongs to one service"),
                 ));
             }
@@ -123,10 +111,7 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
     if vips.len() > MAX_VIPS as usize {
         out.push(finding(
             root.key("tcp"),
-            format!(
-                "{} VIP entries; the data plane holds at most {MAX_VIPS}",
-                vips.len()
-            ),
+            format!("{} VIP entries; the data plane holds at most {MAX_VIPS}", vips.len()),
             None,
         ));
     }
@@ -137,9 +122,7 @@ fn vip_problem(vip: IpAddr) -> Option<&'static str> {
     match vip {
         IpAddr::V6(_) => Some("IPv6 VIPs are not supported by this version"),
         IpAddr::V4(v4) if v4.is_unspecified() => Some("0.0.0.0 can not be a VIP"),
-        IpAddr::V4(v4) if v4.is_multicast() || v4.is_broadcast() => {
-            Some("a VIP must be a unicast address")
-        }
+        IpAddr::V4(v4) if v4.is_multicast() || v4.is_broadcast() => Some("a VIP must be a unicast address"),
         IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address can not be a VIP"),
         IpAddr::V4(_) => None,
     }
@@ -167,11 +150,7 @@ fn backends(path: &FieldPath, list: &[BackendSpec], out: &mut Vec<Finding>) {
             out.push(finding(p.key("port"), "port 0 is not a backend port", None));
         }
         if !seen.insert((&b.host, b.port)) {
-            out.push(finding(
-                p,
-                format!("backend {}:{} is listed twice", b.host, b.port),
-                None,
-            ));
+            out.push(finding(p, format!("backend {}:{} is listed twice", b.host, b.port), None));
         }
     }
 }
@@ -184,23 +163,19 @@ fn host_problem(host: &str) -> Option<String> {
     if host.is_empty() {
         return Some("empty host".to_owned());
     }
-    if host.len() > 253 {
-        return Some("host name longer than 253 characters".to_owned());
+    if host.len() > MAX_DNS_NAME {
+        return Some(format!("host name longer than {MAX_DNS_NAME} characters"));
     }
-    let numeric = host
-        .split('.')
-        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()));
+    let numeric = host.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()));
     if numeric {
         return Some(format!("`{host}` is not a valid IP address"));
     }
     for label in host.trim_end_matches('.').split('.') {
         let valid = !label.is_empty()
-            && label.len() <= 63
+            && label.len() <= MAX_DNS_LABEL
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !valid {
             return Some(format!("`{host}` is not a valid IP address or DNS name"));
         }
@@ -214,24 +189,10 @@ mod tests {
 
     #[test]
     fn hosts_are_ip_addresses_or_dns_names() {
-        for ok in [
-            "10.0.0.1",
-            "::1",
-            "node1.bolabaden.org",
-            "backend-1",
-            "a.b.c.",
-        ] {
+        for ok in ["10.0.0.1", "::1", "node1.bolabaden.org", "backend-1", "a.b.c."] {
             assert_eq!(host_problem(ok), None, "{ok}");
         }
-        for bad in [
-            "",
-            "10.0.0.300",
-            "1.2.3",
-            "-x.org",
-            "a..b",
-            "bad host",
-            "x_y.-z",
-        ] {
+        for bad in ["", "10.0.0.300", "1.2.3", "-x.org", "a..b", "bad host", "x_y.-z"] {
             assert!(host_problem(bad).is_some(), "{bad}");
         }
     }

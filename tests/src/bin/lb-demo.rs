@@ -4,26 +4,30 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use lb_tests::{
-    lbd::{Lbd, TempDir},
+    lbd::{Lbd, TempDir, sibling_binary},
     servers::{Ports, Servers},
     topology::{DsrTopology, LB_IP, VIP, dsr_registry},
 };
+use tokio::signal::unix::{SignalKind, signal};
 
-const PREFIX: &str = "lbdemo";
 const BACKENDS: usize = 3;
 const PORTS: Ports = Ports { http: 80, echo: 7 };
+/// The line that ends the banner; tests wait for it.
+const BANNER_END: &str = "Ctrl-C stops lbd and removes the namespaces.";
 
-/// Runs lbd and lb-ctl from the directory this program was built in.
 #[derive(Parser)]
-#[command(about = "lb demo topology (run through `cargo xtask run`)")]
-struct Args {}
+#[command(about = "lb demo topology (run it through `cargo xtask run`)")]
+struct Args {
+    /// Prefix of the namespaces' names (tests run the demo under a prefix of their own).
+    #[arg(long, default_value = "lbdemo", hide = true)]
+    prefix: String,
+}
 
 fn main() -> ExitCode {
-    Args::parse();
-    match run() {
+    match run(&Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb-demo: {e:#}");
@@ -32,48 +36,35 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<()> {
+fn run(args: &Args) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and attaches XDP: run it as root");
     }
-    let lb_ctl = lb_tests::lbd::sibling_binary("lb-ctl");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Subscribe before creating anything: a Ctrl-C during setup then still ends in cleanup.
+    let (mut int, mut term) = {
+        let _rt = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    let lb_ctl = sibling_binary("lb-ctl");
+    let prefix = args.prefix.as_str();
 
-    eprintln!("lb-demo: building the topology (namespaces {PREFIX}-*)...");
-    let topo = DsrTopology::new(PREFIX, BACKENDS);
-    let _servers: Vec<Servers> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            Servers::start(
-                &b.ns,
-                &format!("backend-{} ({})", i + 1, b.ip),
-                PORTS,
-                &[b.ip, VIP],
-            )
-        })
+    eprintln!("lb-demo: building the topology (namespaces {prefix}-*)...");
+    let topo = DsrTopology::new(prefix, BACKENDS);
+    let servers: Vec<Servers> = (topo.backends.iter().enumerate())
+        .map(|(i, b)| Servers::start(&b.ns, &format!("backend-{} ({})", i + 1, b.ip), PORTS, &[b.ip, VIP]))
         .collect();
-    let _own = Servers::start(
-        &topo.lb.ns,
-        &format!("lb node itself ({LB_IP}), not balanced"),
-        PORTS,
-        &[LB_IP],
-    );
-    let dir = TempDir::new("demo");
-    let reg = dir.write(
-        "services.yaml",
-        &dsr_registry(BACKENDS, PORTS.http, PORTS.echo),
-    );
-    let status = std::process::Command::new(&lb_ctl)
-        .args(["config", "validate"])
-        .arg(&reg)
-        .status()?;
+    let own =
+        Servers::start(&topo.lb.ns, &format!("the lb node itself ({LB_IP}), not balanced"), PORTS, &[LB_IP]);
+    let dir = TempDir::new(&format!("demo-{prefix}"));
+    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, PORTS.echo));
+    let status = std::process::Command::new(&lb_ctl).args(["config", "validate"]).arg(&reg).status()?;
     if !status.success() {
         bail!("the embedded registry does not validate");
     }
 
-    eprintln!("lb-demo: starting lbd on {PREFIX}-lb eth0...");
+    eprintln!("lb-demo: starting lbd on {prefix}-lb eth0...");
     let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
     let client = topo.client.ns.name();
     let lb = topo.lb.ns.name();
@@ -82,8 +73,8 @@ fn run() -> Result<()> {
 lb is balancing {VIP} (ports {http}/tcp and {echo}/tcp+udp) over {BACKENDS} backends by XDP direct server return.
 Paste these in another terminal (as root):
 
-  # HTTP: each new connection is hashed to a backend; run it a few times
-  for i in 1 2 3 4 5 6; do ip netns exec {client} curl -s http://{VIP}/; done
+  # HTTP: each new connection is hashed to a backend
+  for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP}/; done
 
   # TCP and UDP echo through the VIP
   echo hello-tcp | ip netns exec {client} nc -N {VIP} {echo}
@@ -99,7 +90,7 @@ Paste these in another terminal (as root):
   # the registry lbd is serving, checked by the operator CLI
   {lb_ctl} config validate {reg}
 
-Ctrl-C stops lbd and removes the namespaces.",
+{BANNER_END}",
         http = PORTS.http,
         echo = PORTS.echo,
         log = dir.path().join("lbd.log").display(),
@@ -107,31 +98,21 @@ Ctrl-C stops lbd and removes the namespaces.",
         reg = reg.display(),
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    })
-    .context("waiting for Ctrl-C")?;
-
+    });
     eprintln!("\nlb-demo: stopping lbd and cleaning up...");
-    let stopped = lbd.stop();
-    eprintln!(
-        "{}",
-        stopped
-            .log
-            .lines()
-            .filter(|l| l.contains("forwarded") || l.contains("counters"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let stopped = lbd.stop(libc::SIGTERM);
+    let summary: Vec<&str> =
+        stopped.log.lines().filter(|l| l.contains("forwarded") || l.contains("counters")).collect();
+    eprintln!("{}", summary.join("\n"));
+    // Servers run on threads inside the namespaces: stop them before the namespaces go.
+    drop((servers, own));
     drop(topo);
-    eprintln!("lb-demo: done; no {PREFIX}-* namespace is left.");
+    eprintln!("lb-demo: done; no {prefix}-* namespace is left.");
     if !stopped.status.success() {
         bail!("lbd exited with {}", stopped.status);
     }

@@ -1,0 +1,99 @@
+//! `cargo xtask run`'s demo, as a new user meets it: the commands it prints show balanced
+//! traffic, and Ctrl-C leaves no namespace behind.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Read as _},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use lb_tests::{lbd::wait_exit, privileged, unique_prefix};
+
+/// Building the topology and starting lbd.
+const STARTUP_TIMEOUT: Duration = Duration::from_mins(1);
+/// One pasted command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one printed shell command; returns its stdout.
+fn paste(line: &str) -> String {
+    let child = Command::new("sh")
+        .args(["-c", line])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sh");
+    let out = {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        rx.recv_timeout(COMMAND_TIMEOUT).unwrap_or_else(|_| panic!("`{line}` hung")).expect("wait")
+    };
+    assert!(out.status.success(), "`{line}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
+    if !privileged("the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c") {
+        return;
+    }
+    let prefix = unique_prefix("lbt-demo");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_lb-demo"))
+        .args(["--prefix", &prefix])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lb-demo");
+    let mut stderr = demo.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let stdout = demo.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut banner = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let end = line.contains("Ctrl-C stops lbd");
+            banner.push(line);
+            if end {
+                let _ = tx.send(banner);
+                return;
+            }
+        }
+    });
+    let Ok(banner) = rx.recv_timeout(STARTUP_TIMEOUT) else {
+        let _ = demo.kill();
+        panic!("the demo printed no banner:\n{}", errors.join().unwrap_or_default());
+    };
+    let command = |start: &str| -> String {
+        let line = banner.iter().find(|l| l.trim_start().starts_with(start));
+        line.unwrap_or_else(|| panic!("no `{start}` command in the banner:\n{}", banner.join("\n")))
+            .trim()
+            .to_owned()
+    };
+
+    let answers = paste(&command("for i in"));
+    let backends: BTreeSet<&str> = answers.lines().filter(|l| l.starts_with("backend-")).collect();
+    assert_eq!(answers.lines().count(), 12, "every request is answered:\n{answers}");
+    assert!(backends.len() >= 2, "requests must be spread over backends:\n{answers}");
+    assert_eq!(paste(&command("echo hello-tcp")).trim(), "hello-tcp");
+    assert_eq!(paste(&command("echo hello-udp")).trim(), "hello-udp");
+    assert!(paste(&command("ip netns exec")).starts_with("the lb node itself"));
+
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(libc::pid_t::try_from(demo.id()).expect("pid"), libc::SIGINT) };
+    let status = wait_exit(demo, SHUTDOWN_TIMEOUT).expect("the demo exits after Ctrl-C");
+    let log = errors.join().unwrap_or_default();
+    assert!(status.success(), "the demo must exit 0 after Ctrl-C:\n{log}");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n| n.starts_with(&prefix)), "namespaces left behind: {left:?}");
+}
