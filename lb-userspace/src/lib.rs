@@ -6,6 +6,7 @@
 //! - [`model`]: those contents in memory behind the datapath's `Tables`: the reference the
 //!   kernel program is checked against.
 //! - [`maps`]: typed BPF map access; the only writer of maps.
+//! - [`maglev`]: weighted Maglev tables (pure).
 //! - [`loader`]: loading the XDP object, attaching and detaching it.
 //! - [`netlink`]: interfaces and the neighbour table over rtnetlink.
 //! - [`resolve`]: backend host -> address -> MAC.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod loader;
 pub mod logging;
+pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod netlink;

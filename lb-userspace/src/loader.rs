@@ -4,11 +4,14 @@
 use std::{fmt, time::Duration};
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
     sys::SyscallError,
 };
-use lb_common::datapath::Action;
+use lb_common::{
+    datapath::Action,
+    maps::{self as names, AddrKey, DEFAULT_NAT_SIZE, FRAGMENTS_SIZE},
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -22,6 +25,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Program names in the object (the `#[xdp]` functions of lb-ebpf).
 const PROG_BALANCER: &str = "lb_balancer";
 const PROG_PASS: &str = "lb_pass";
+const PROG_DECAP: &str = "lb_decap";
 
 /// Room for the frame a test run writes back; XDP frames fit in a page.
 const TEST_RUN_MAX_FRAME: usize = 4096;
@@ -94,9 +98,25 @@ fn raise_memlock_limit() {
     }
 }
 
-fn load_object() -> Result<Ebpf, LoaderError> {
+/// Flow-state map sizes an object is loaded with.
+#[derive(Debug, Clone, Copy)]
+struct StateSizes {
+    conntrack: u32,
+    nat: u32,
+    fragments: u32,
+}
+
+/// For objects that only run `lb_pass` or `lb_decap`: their flow-state maps stay empty.
+const NO_STATE: StateSizes = StateSizes { conntrack: 1, nat: 1, fragments: 1 };
+
+fn load_object(sizes: StateSizes) -> Result<Ebpf, LoaderError> {
     raise_memlock_limit();
-    Ebpf::load(EBPF_OBJECT).map_err(LoaderError::Load)
+    EbpfLoader::new()
+        .map_max_entries(names::CONNTRACK, sizes.conntrack)
+        .map_max_entries(names::NAT, sizes.nat)
+        .map_max_entries(names::FRAGMENTS, sizes.fragments)
+        .load(EBPF_OBJECT)
+        .map_err(LoaderError::Load)
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
@@ -133,9 +153,12 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Loads the object and the balancer program and takes its maps out for the caller.
-    pub fn load() -> Result<(Self, DataplaneMaps), LoaderError> {
-        let mut ebpf = load_object()?;
+    /// Loads the object (tracking up to `conntrack_size` flows) and the balancer program, and
+    /// takes its maps out for the caller.
+    pub fn load(conntrack_size: u32) -> Result<(Self, DataplaneMaps), LoaderError> {
+        let sizes =
+            StateSizes { conntrack: conntrack_size, nat: DEFAULT_NAT_SIZE, fragments: FRAGMENTS_SIZE };
+        let mut ebpf = load_object(sizes)?;
         load_xdp(&mut ebpf, PROG_BALANCER)?;
         let maps = DataplaneMaps::take(&mut ebpf)?;
         Ok((Self { ebpf, link: None }, maps))
@@ -217,10 +240,44 @@ pub struct PassProgram {
 
 impl PassProgram {
     pub fn attach(iface: &str) -> Result<Self, LoaderError> {
-        let mut ebpf = load_object()?;
+        let mut ebpf = load_object(NO_STATE)?;
         load_xdp(&mut ebpf, PROG_PASS)?.attach(iface, XdpMode::Driver).map_err(|source| {
             LoaderError::Attach { iface: iface.to_owned(), mode: AttachMode::Native, source }
         })?;
+        Ok(Self { _ebpf: ebpf })
+    }
+}
+
+/// The decapsulation program for backends of `dsr-ipip` services, attached for as long as this
+/// lives; it unwraps tunnelled packets addressed to `local` addresses.
+pub struct DecapProgram {
+    _ebpf: Ebpf,
+}
+
+impl DecapProgram {
+    pub fn attach(iface: &str, mode: AttachMode, local: &[std::net::IpAddr]) -> Result<Self, LoaderError> {
+        let mut ebpf = load_object(NO_STATE)?;
+        let mut addrs: aya::maps::HashMap<_, AddrKey, u32> = ebpf
+            .take_map(names::DECAP_ADDRS)
+            .ok_or(MapsError::Missing(names::DECAP_ADDRS))?
+            .try_into()
+            .map_err(|source| MapsError::Layout { name: names::DECAP_ADDRS, source })?;
+        for ip in local {
+            addrs.insert(AddrKey::new(*ip), 0, 0).map_err(|source| MapsError::Access {
+                op: "insert",
+                name: names::DECAP_ADDRS,
+                source,
+            })?;
+        }
+        let prog = load_xdp(&mut ebpf, PROG_DECAP)?;
+        let xm = if mode == AttachMode::Generic { XdpMode::Skb } else { XdpMode::Driver };
+        let attached = prog.attach(iface, xm);
+        let attached = match (attached, mode) {
+            (Err(e), AttachMode::Auto) if native_unsupported(&e) => prog.attach(iface, XdpMode::Skb),
+            (r, _) => r,
+        };
+        attached.map_err(|source| LoaderError::Attach { iface: iface.to_owned(), mode, source })?;
+        info!(%iface, addresses = local.len(), "XDP decapsulation attached");
         Ok(Self { _ebpf: ebpf })
     }
 }

@@ -1,15 +1,35 @@
 //! Typed access to the data plane's BPF maps. The only module that writes them.
+//!
+//! [`DataplaneMaps::apply`] moves the maps from the last applied plan to a new one, writing only
+//! what changed, in an order that keeps every packet consistent:
+//! node -> backend records -> Maglev tables (each a new inner map, swapped into its slot in one
+//! update) -> VIP entries -> removals (VIPs, tables, then backends marked not alive, so their
+//! tracked flows move to live backends).
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
     datapath::Counter,
-    maps::{self as names, Backend, NodeConfig, VipInfo, VipKey, VipStats, vip_backend_index},
+    maps::{self as names, AddrKey, BPF_F_INNER_MAP, Backend, NodeConfig, Traffic, VipInfo, VipKey},
 };
 
-use crate::plan::DataPlan;
+use crate::plan::{DataPlan, TablePlan};
+
+/// `BPF_F_MMAPABLE`: tables are filled through a memory mapping, not a syscall per slot.
+const BPF_F_MMAPABLE: u32 = 1024;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+/// Array map elements are 8-byte aligned in the kernel's memory (and in the mapping).
+const ARRAY_ELEM_SIZE: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -23,6 +43,9 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    /// A map that must be an array of maps is not one.
+    #[error("map `{0}` is not an array of maps")]
+    NotArrayOfMaps(&'static str),
     /// Reading or writing a map failed.
     #[error("{op} on map `{name}`")]
     Access {
@@ -30,6 +53,13 @@ pub enum MapsError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    /// Creating or filling a Maglev table failed.
+    #[error("building the Maglev table of service `{service}`")]
+    Table {
+        service: String,
+        #[source]
+        source: io::Error,
     },
 }
 
@@ -42,45 +72,109 @@ fn access(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> Maps
     move |source| MapsError::Access { op, name, source }
 }
 
-/// The balancer's maps, taken out of the loaded object.
+/// The balancer's maps, taken out of the loaded object, and what was last written to them.
 pub struct DataplaneMaps {
     vips: HashMap<MapData, VipKey, VipInfo>,
-    vip_backends: Array<MapData, u32>,
+    vip_addrs: HashMap<MapData, AddrKey, u32>,
+    tables: ArrayOfMaps<MapData, MapData>,
+    /// A duplicate of the tables map's fd, for deletes (aya has none for arrays of maps).
+    tables_fd: OwnedFd,
     backends: Array<MapData, Backend>,
     node: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
-    vip_stats: PerCpuArray<MapData, VipStats>,
+    vip_stats: PerCpuArray<MapData, Traffic>,
+    backend_stats: PerCpuArray<MapData, Traffic>,
+    applied: Option<DataPlan>,
 }
 
 impl DataplaneMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        let tables = ebpf.take_map(names::TABLES).ok_or(MapsError::Missing(names::TABLES))?;
+        let tables_fd = match &tables {
+            Map::ArrayOfMaps(data) => {
+                data.fd().as_fd().try_clone_to_owned().map_err(|e| syscall_error("dup", names::TABLES, e))?
+            }
+            _ => return Err(MapsError::NotArrayOfMaps(names::TABLES)),
+        };
         Ok(Self {
             vips: take(ebpf, names::VIPS)?,
-            vip_backends: take(ebpf, names::VIP_BACKENDS)?,
+            vip_addrs: take(ebpf, names::VIP_ADDRS)?,
+            tables: ArrayOfMaps::try_from(tables)
+                .map_err(|source| MapsError::Layout { name: names::TABLES, source })?,
+            tables_fd,
             backends: take(ebpf, names::BACKENDS)?,
             node: take(ebpf, names::NODE)?,
             counters: take(ebpf, names::COUNTERS)?,
             vip_stats: take(ebpf, names::VIP_STATS)?,
+            backend_stats: take(ebpf, names::BACKEND_STATS)?,
+            applied: None,
         })
     }
 
-    /// Writes `plan` into freshly loaded maps. Written in dependency order (node, backends,
-    /// lists, VIPs), so a packet that finds a VIP also finds what the VIP points at.
+    /// The plan these maps hold, once one was applied.
+    #[must_use]
+    pub fn applied(&self) -> Option<&DataPlan> {
+        self.applied.as_ref()
+    }
+
+    /// Makes the maps hold `plan`, writing only what differs from the last applied plan.
     pub fn apply(&mut self, plan: &DataPlan) -> Result<(), MapsError> {
-        self.node.set(0, plan.node, 0).map_err(access("set", names::NODE))?;
-        for (id, b) in (0u32..).zip(&plan.backends) {
-            self.backends.set(id, b, 0).map_err(access("set", names::BACKENDS))?;
+        let prev = self.applied.take();
+        let (no_backends, no_tables) = (BTreeMap::new(), BTreeMap::new());
+        let prev_backends: &BTreeMap<u32, Backend> = prev.as_ref().map_or(&no_backends, |p| &p.backends);
+        let prev_tables: &BTreeMap<u32, TablePlan> = prev.as_ref().map_or(&no_tables, |p| &p.tables);
+
+        if prev.as_ref().is_none_or(|p| p.node != plan.node) {
+            self.node.set(0, plan.node, 0).map_err(access("set", names::NODE))?;
         }
-        for vip in &plan.vips {
-            for (slot, id) in (0u32..).zip(&vip.backend_ids) {
-                self.vip_backends
-                    .set(vip_backend_index(vip.info.id, slot), id, 0)
-                    .map_err(access("set", names::VIP_BACKENDS))?;
+        for (&id, b) in &plan.backends {
+            if prev_backends.get(&id) != Some(b) {
+                if !prev_backends.contains_key(&id) {
+                    zero_stats(&mut self.backend_stats, id, names::BACKEND_STATS)?;
+                }
+                self.backends.set(id, b, 0).map_err(access("set", names::BACKENDS))?;
             }
         }
-        for vip in &plan.vips {
-            self.vips.insert(vip.key, vip.info, 0).map_err(access("insert", names::VIPS))?;
+        for (&slot, table) in &plan.tables {
+            if prev_tables.get(&slot) != Some(table) {
+                let inner = build_table(&table.slots)
+                    .map_err(|source| MapsError::Table { service: table.service.clone(), source })?;
+                self.tables.set(slot, &inner, 0).map_err(access("set", names::TABLES))?;
+            }
         }
+        let prev_vips: BTreeMap<VipKey, VipInfo> =
+            prev.iter().flat_map(|p| &p.vips).map(|v| (v.key, v.info)).collect();
+        for v in &plan.vips {
+            match prev_vips.get(&v.key) {
+                Some(info) if *info == v.info => continue,
+                Some(info) if info.id == v.info.id => {}
+                _ => zero_stats(&mut self.vip_stats, v.info.id, names::VIP_STATS)?,
+            }
+            self.vips.insert(v.key, v.info, 0).map_err(access("insert", names::VIPS))?;
+        }
+        for a in &plan.vip_addrs {
+            if prev.as_ref().is_none_or(|p| !p.vip_addrs.contains(a)) {
+                self.vip_addrs.insert(a, 0, 0).map_err(access("insert", names::VIP_ADDRS))?;
+            }
+        }
+
+        // Removals, after everything new is in place.
+        if let Some(prev) = &prev {
+            for v in prev.vips.iter().filter(|v| !plan.vips.iter().any(|n| n.key == v.key)) {
+                self.vips.remove(&v.key).map_err(access("remove", names::VIPS))?;
+            }
+            for a in prev.vip_addrs.difference(&plan.vip_addrs) {
+                self.vip_addrs.remove(a).map_err(access("remove", names::VIP_ADDRS))?;
+            }
+            for slot in prev.tables.keys().filter(|s| !plan.tables.contains_key(s)) {
+                delete_elem(&self.tables_fd, *slot).map_err(|e| syscall_error("delete", names::TABLES, e))?;
+            }
+            for (&id, b) in prev.backends.iter().filter(|(id, _)| !plan.backends.contains_key(id)) {
+                let gone = Backend { flags: 0, ..*b };
+                self.backends.set(id, gone, 0).map_err(access("set", names::BACKENDS))?;
+            }
+        }
+        self.applied = Some(plan.clone());
         Ok(())
     }
 
@@ -95,12 +189,109 @@ impl DataplaneMaps {
             .collect()
     }
 
-    /// Traffic forwarded for the VIP entry `id`, summed over CPUs.
-    pub fn vip_stats(&self, id: u32) -> Result<VipStats, MapsError> {
-        let per_cpu = self.vip_stats.get(&id, 0).map_err(access("get", names::VIP_STATS))?;
-        Ok(per_cpu.iter().fold(VipStats::default(), |acc, s| VipStats {
-            packets: acc.packets + s.packets,
-            bytes: acc.bytes + s.bytes,
-        }))
+    /// Traffic forwarded for VIP entry `id`, summed over CPUs.
+    pub fn vip_stats(&self, id: u32) -> Result<Traffic, MapsError> {
+        sum(&self.vip_stats, id, names::VIP_STATS)
     }
+
+    /// Traffic forwarded to backend `id`, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<Traffic, MapsError> {
+        sum(&self.backend_stats, id, names::BACKEND_STATS)
+    }
+}
+
+fn sum(map: &PerCpuArray<MapData, Traffic>, id: u32, name: &'static str) -> Result<Traffic, MapsError> {
+    let per_cpu = map.get(&id, 0).map_err(access("get", name))?;
+    Ok(per_cpu.iter().fold(Traffic::default(), |acc, s| Traffic {
+        packets: acc.packets + s.packets,
+        bytes: acc.bytes + s.bytes,
+    }))
+}
+
+/// Zeroes a stats slot before a new VIP or backend takes it.
+fn zero_stats(map: &mut PerCpuArray<MapData, Traffic>, id: u32, name: &'static str) -> Result<(), MapsError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| syscall_error("count CPUs for", name, e))?;
+    let zeroes =
+        PerCpuValues::try_from(vec![Traffic::default(); cpus]).map_err(|e| syscall_error("zero", name, e))?;
+    map.set(id, zeroes, 0).map_err(access("zero", name))
+}
+
+/// A new inner table map holding `slots`: created with `BPF_MAP_CREATE` and filled through an
+/// mmap of its memory (one write instead of a syscall per slot), then handed to aya.
+fn build_table(slots: &[u32]) -> io::Result<MapData> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    let max_entries = u32::try_from(slots.len()).map_err(io::Error::other)?;
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries,
+        map_flags: BPF_F_INNER_MAP | BPF_F_MMAPABLE,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name: *b"lb_maglev\0\0\0\0\0\0\0",
+    };
+    // SAFETY: a valid, fully initialised bpf_attr prefix of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &raw const attr, size_of::<MapCreate>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
+    let len = slots.len() * ARRAY_ELEM_SIZE;
+    // SAFETY: mapping the map's own memory, shared, for `len` bytes; unmapped below.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `mem` is `len` writable bytes; each slot is a u32 at the start of its element.
+    unsafe {
+        let base = mem.cast::<u8>();
+        for (i, &id) in slots.iter().enumerate() {
+            base.add(i * ARRAY_ELEM_SIZE).cast::<u32>().write_unaligned(id);
+        }
+        libc::munmap(mem, len);
+    }
+    MapData::from_fd(fd).map_err(io::Error::other)
+}
+
+fn syscall_error(op: &'static str, name: &'static str, io_error: io::Error) -> MapsError {
+    MapsError::Access { op, name, source: MapError::from(aya::sys::SyscallError { call: op, io_error }) }
+}
+
+/// Removes a table from its slot (aya has no delete for arrays of maps).
+fn delete_elem(map: &OwnedFd, index: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct MapElem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let map_fd = u32::try_from(map.as_raw_fd()).map_err(io::Error::other)?;
+    let attr = MapElem { map_fd, _pad: 0, key: (&raw const index) as u64, value: 0, flags: 0 };
+    // SAFETY: a valid bpf_attr for BPF_MAP_DELETE_ELEM; `index` outlives the call.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &raw const attr, size_of::<MapElem>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

@@ -1,48 +1,102 @@
-//! The reference model of the data plane: the maps a [`DataPlan`] writes, held in memory
-//! behind the same [`Tables`] trait the XDP program reads through.
+//! The reference model of the data plane: the maps a [`DataPlan`] writes, held in memory behind
+//! the same [`Tables`] trait the XDP program reads through, with the kernel maps' semantics
+//! (arrays read zeroes at unset indices and nothing past their size; insert-if-absent; stats
+//! only within bounds).
 //!
-//! Running `lb_common::datapath::process` over this model says what the kernel must do with
-//! a frame; tests compare the two through `BPF_PROG_TEST_RUN`.
+//! Running `lb_common::datapath::process` over this model says what the kernel must do with a
+//! frame; tests compare the two through `BPF_PROG_TEST_RUN`.
 
-use std::{cell::RefCell, collections::HashMap};
+use std::{
+    cell::{Cell, RefCell},
+    collections::{HashMap, HashSet},
+};
 
 use lb_common::{
-    datapath::{Counter, Tables},
+    datapath::{self, Action, Counter, Scratch, Tables},
     maps::{
-        Backend, MAX_BACKENDS, MAX_BACKENDS_PER_VIP, MAX_VIPS, NodeConfig, VipInfo, VipKey, VipStats,
-        vip_backend_index,
+        AddrKey, Backend, CtEntry, FlowKey, FragEntry, FragKey, MAX_BACKENDS, MAX_VIPS, NatEntry, NodeConfig,
+        Traffic, VipInfo, VipKey,
     },
+    packet::{BytesPacket, XDP_HEADROOM},
 };
 
 use crate::plan::DataPlan;
 
-/// In-memory maps with the contents [`crate::maps::DataplaneMaps::apply`] writes.
-#[derive(Debug, Default)]
+/// In-memory maps with the contents [`crate::maps::DataplaneMaps::apply`] writes, plus the
+/// state the data plane itself keeps (connection tracking, NAT, fragments, counters).
+#[derive(Debug)]
 pub struct Model {
+    node: NodeConfig,
     vips: HashMap<VipKey, VipInfo>,
-    vip_backends: HashMap<u32, u32>,
+    vip_addrs: HashSet<AddrKey>,
+    tables: HashMap<u32, Vec<u32>>,
     backends: Vec<Backend>,
-    node: Option<NodeConfig>,
-    counters: RefCell<[u64; Counter::COUNT as usize]>,
-    vip_stats: RefCell<HashMap<u32, VipStats>>,
+    ct: RefCell<HashMap<FlowKey, CtEntry>>,
+    nat: RefCell<HashMap<FlowKey, NatEntry>>,
+    frags: RefCell<HashMap<FragKey, FragEntry>>,
+    counters: RefCell<Vec<u64>>,
+    vip_stats: RefCell<HashMap<u32, Traffic>>,
+    backend_stats: RefCell<HashMap<u32, Traffic>>,
+    now: Cell<u64>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self {
+            node: NodeConfig::default(),
+            vips: HashMap::new(),
+            vip_addrs: HashSet::new(),
+            tables: HashMap::new(),
+            backends: vec![Backend::default(); MAX_BACKENDS as usize],
+            ct: RefCell::default(),
+            nat: RefCell::default(),
+            frags: RefCell::default(),
+            counters: RefCell::new(vec![0; Counter::COUNT as usize]),
+            vip_stats: RefCell::default(),
+            backend_stats: RefCell::default(),
+            now: Cell::new(0),
+        }
+    }
 }
 
 impl Model {
     #[must_use]
     pub fn from_plan(plan: &DataPlan) -> Self {
-        let mut vip_backends = HashMap::new();
-        for vip in &plan.vips {
-            for (slot, id) in (0u32..).zip(&vip.backend_ids) {
-                vip_backends.insert(vip_backend_index(vip.info.id, slot), *id);
+        let mut m = Self::default();
+        m.apply(plan);
+        m
+    }
+
+    /// Takes a new plan as `DataplaneMaps::apply` does: configuration replaced, flow state kept;
+    /// backends that leave are marked not alive.
+    pub fn apply(&mut self, plan: &DataPlan) {
+        self.node = plan.node;
+        self.vips = plan.vips.iter().map(|v| (v.key, v.info)).collect();
+        self.vip_addrs = plan.vip_addrs.iter().copied().collect();
+        self.tables = plan.tables.iter().map(|(slot, t)| (*slot, t.slots.clone())).collect();
+        for (id, b) in (0u32..).zip(self.backends.iter_mut()) {
+            if let Some(new) = plan.backends.get(&id) {
+                *b = *new;
+            } else {
+                b.flags = 0;
             }
         }
-        Self {
-            vips: plan.vips.iter().map(|v| (v.key, v.info)).collect(),
-            vip_backends,
-            backends: plan.backends.clone(),
-            node: Some(plan.node),
-            ..Self::default()
-        }
+    }
+
+    /// Sets the model's clock (the kernel's `bpf_ktime_get_ns`).
+    pub fn set_now(&self, ns: u64) {
+        self.now.set(ns);
+    }
+
+    /// Runs the datapath on `frame`: the verdict and the frame as it leaves.
+    #[must_use]
+    pub fn run(&self, frame: &[u8]) -> (Action, Vec<u8>) {
+        let mut buf = vec![0u8; XDP_HEADROOM + frame.len()];
+        buf[XDP_HEADROOM..].copy_from_slice(frame);
+        let end = buf.len();
+        let mut pkt = BytesPacket::new(&mut buf, XDP_HEADROOM, end);
+        let action = datapath::process(&mut pkt, self, &mut Scratch::default());
+        (action, pkt.frame().to_vec())
     }
 
     #[must_use]
@@ -51,27 +105,95 @@ impl Model {
     }
 
     #[must_use]
-    pub fn vip_stats(&self, vip_id: u32) -> VipStats {
+    pub fn vip_stats(&self, vip_id: u32) -> Traffic {
         self.vip_stats.borrow().get(&vip_id).copied().unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn backend_stats(&self, id: u32) -> Traffic {
+        self.backend_stats.borrow().get(&id).copied().unwrap_or_default()
+    }
+
+    /// The tracked flow `key`, if any.
+    #[must_use]
+    pub fn conntrack(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.ct.borrow().get(key).copied()
+    }
+}
+
+fn add(stats: &RefCell<HashMap<u32, Traffic>>, id: u32, max: u32, bytes: u64) {
+    if id < max {
+        let mut s = stats.borrow_mut();
+        let t = s.entry(id).or_default();
+        t.packets += 1;
+        t.bytes += bytes;
     }
 }
 
 impl Tables for Model {
-    fn vip(&self, key: &VipKey) -> Option<VipInfo> {
-        self.vips.get(key).copied()
+    fn now_ns(&self) -> u64 {
+        self.now.get()
     }
 
-    // Array maps hold every index below their size; unset entries read as zeroes.
-    fn vip_backend(&self, index: u32) -> Option<u32> {
-        (index < MAX_VIPS * MAX_BACKENDS_PER_VIP).then(|| self.vip_backends.get(&index).copied().unwrap_or(0))
+    fn node(&self) -> Option<&NodeConfig> {
+        Some(&self.node)
     }
 
-    fn backend(&self, id: u32) -> Option<Backend> {
-        (id < MAX_BACKENDS).then(|| self.backends.get(id as usize).copied().unwrap_or_default())
+    fn vip(&self, key: &VipKey) -> Option<&VipInfo> {
+        self.vips.get(key)
     }
 
-    fn node(&self) -> Option<NodeConfig> {
-        self.node
+    fn is_vip_addr(&self, key: &AddrKey) -> bool {
+        self.vip_addrs.contains(key)
+    }
+
+    fn table_slot(&self, table: u32, slot: u32) -> Option<u32> {
+        self.tables.get(&table).and_then(|t| t.get(slot as usize)).copied()
+    }
+
+    fn backend(&self, id: u32) -> Option<&Backend> {
+        self.backends.get(id as usize)
+    }
+
+    fn ct_get(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.ct.borrow().get(key).copied()
+    }
+
+    fn ct_put(&self, key: &FlowKey, value: &CtEntry) {
+        self.ct.borrow_mut().insert(*key, *value);
+    }
+
+    fn ct_update(&self, key: &FlowKey, f: impl FnOnce(&mut CtEntry)) -> bool {
+        self.ct.borrow_mut().get_mut(key).map(f).is_some()
+    }
+
+    fn nat_get(&self, key: &FlowKey) -> Option<NatEntry> {
+        self.nat.borrow().get(key).copied()
+    }
+
+    fn nat_insert_new(&self, key: &FlowKey, value: &NatEntry) -> bool {
+        let mut nat = self.nat.borrow_mut();
+        if nat.contains_key(key) {
+            return false;
+        }
+        nat.insert(*key, *value);
+        true
+    }
+
+    fn nat_put(&self, key: &FlowKey, value: &NatEntry) {
+        self.nat.borrow_mut().insert(*key, *value);
+    }
+
+    fn nat_update(&self, key: &FlowKey, f: impl FnOnce(&mut NatEntry)) -> bool {
+        self.nat.borrow_mut().get_mut(key).map(f).is_some()
+    }
+
+    fn frag_get(&self, key: &FragKey) -> Option<FragEntry> {
+        self.frags.borrow().get(key).copied()
+    }
+
+    fn frag_put(&self, key: &FragKey, value: &FragEntry) {
+        self.frags.borrow_mut().insert(*key, *value);
     }
 
     fn count(&self, counter: Counter) {
@@ -79,9 +201,10 @@ impl Tables for Model {
     }
 
     fn count_vip(&self, vip_id: u32, bytes: u64) {
-        let mut stats = self.vip_stats.borrow_mut();
-        let s = stats.entry(vip_id).or_default();
-        s.packets += 1;
-        s.bytes += bytes;
+        add(&self.vip_stats, vip_id, MAX_VIPS, bytes);
+    }
+
+    fn count_backend(&self, backend: u32, bytes: u64) {
+        add(&self.backend_stats, backend, MAX_BACKENDS, bytes);
     }
 }

@@ -15,8 +15,10 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage, AddressScope},
     link::{LinkAttribute, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -60,6 +62,15 @@ pub enum NetlinkError {
 pub struct Link {
     pub index: u32,
     pub mac: Mac,
+}
+
+/// How the kernel would reach an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Outgoing interface.
+    pub oif: u32,
+    /// The next-hop router, when the address is not on-link.
+    pub gateway: Option<IpAddr>,
 }
 
 /// A neighbour table entry with a usable link-layer address.
@@ -164,6 +175,55 @@ impl Rtnl {
             })
             .ok_or_else(|| NetlinkError::NoMac(name.to_owned()))?;
         Ok(Link { index, mac })
+    }
+
+    /// The route the kernel would use towards `addr` (`ip route get`).
+    pub fn route_get(&mut self, addr: IpAddr) -> Result<Route, NetlinkError> {
+        let mut msg = RouteMessage::default();
+        let (family, len, dst) = match addr {
+            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+        };
+        msg.header.address_family = family;
+        msg.header.destination_prefix_length = len;
+        msg.attributes.push(RouteAttribute::Destination(dst));
+        let replies = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_ACK, "RTM_GETROUTE")?;
+        let mut route = Route { oif: 0, gateway: None };
+        for m in replies {
+            let RouteNetlinkMessage::NewRoute(r) = m else { continue };
+            for a in r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => route.oif = i,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.gateway = Some(IpAddr::V4(g)),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(g)) => route.gateway = Some(IpAddr::V6(g)),
+                    _ => {}
+                }
+            }
+        }
+        Ok(route)
+    }
+
+    /// Global-scope addresses of interface `ifindex`, in the kernel's order (primary first).
+    pub fn addresses(&mut self, ifindex: u32) -> Result<Vec<IpAddr>, NetlinkError> {
+        let replies = self.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+            "RTM_GETADDR",
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a)
+                    if a.header.index == ifindex && a.header.scope == AddressScope::Universe =>
+                {
+                    a.attributes.into_iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(ip) => Some(ip),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Neighbours on `ifindex` whose link-layer address is usable for forwarding.

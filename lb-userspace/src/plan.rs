@@ -1,36 +1,75 @@
-//! Registry + what this node resolved about its backends -> what the data plane should hold.
+//! Registry + what this node knows (its addresses, where backends are) -> what the data plane
+//! should hold. Pure: no I/O.
 //!
-//! Pure: no I/O. The same inputs give the same plan (ids in registry order), so every node
-//! with the same registry programs the same tables.
+//! Ids that the data plane keeps across reloads (backend records, VIP stats slots, table slots)
+//! are carried from one plan to the next in [`Ids`], so a reload never renumbers a backend that
+//! stays. Maglev tables depend only on the registry and backend usability, never on ids: every
+//! node maps each table slot to the same backend identity.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use lb_common::maps::{
-    Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MODE_DSR_L2, NodeConfig, VipInfo, VipKey,
+    AddrKey, BACKEND_ALIVE, Backend, MAX_BACKENDS, MAX_TABLES, MAX_VIPS, NO_BACKEND, NODE_HAS_V4,
+    NODE_HAS_V6, NodeConfig, VipInfo, VipKey, addr_of,
 };
 
-use crate::config::{Mode, Registry};
+use crate::{
+    config::{L4Service, Mode, Registry},
+    maglev,
+};
 
-/// Where a backend host was found on this node's network.
+/// Where a backend host was found from this node: its address, and the next hop's MAC (the
+/// backend's own on-link, else the gateway's, `via`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolved {
     pub addr: IpAddr,
     pub mac: [u8; 6],
+    pub via: Option<IpAddr>,
 }
 
 /// Resolution result per backend `host` as written in the registry; `Err` holds the reason.
 pub type Resolutions = HashMap<String, Result<Resolved, String>>;
 
-/// The desired content of the data plane maps.
+/// This node's own facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeFacts {
+    /// MAC of the interface lbd serves.
+    pub mac: [u8; 6],
+    /// Source addresses for `dsr-ipip` outer headers and `nat`.
+    pub addr_v4: Option<Ipv4Addr>,
+    pub addr_v6: Option<Ipv6Addr>,
+}
+
+/// Data-plane ids carried from one plan to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ids {
+    /// Backend identity (`host:port`) -> (id, generation, address it had).
+    backends: BTreeMap<String, (u32, u32, IpAddr)>,
+    /// Last generation given out per backend id, kept after the backend goes.
+    generations: BTreeMap<u32, u32>,
+    /// VIP entry -> stats slot.
+    vips: BTreeMap<VipKey, u32>,
+    /// Service name -> (table slot, table size).
+    tables: BTreeMap<String, (u32, u32)>,
+}
+
+impl Ids {
+    /// The id of a backend identity, if it has one.
+    #[must_use]
+    pub fn backend(&self, identity: &str) -> Option<u32> {
+        self.backends.get(identity).map(|b| b.0)
+    }
+}
+
+/// One service's Maglev table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataPlan {
-    pub node: NodeConfig,
-    pub vips: Vec<VipPlan>,
-    /// Backend records; the index is the backend id.
-    pub backends: Vec<Backend>,
+pub struct TablePlan {
+    pub service: String,
+    /// Backend id per slot; [`NO_BACKEND`] when no backend may take new flows.
+    pub slots: Vec<u32>,
 }
 
 /// One (VIP, port, protocol) entry.
@@ -39,15 +78,39 @@ pub struct VipPlan {
     pub service: String,
     pub key: VipKey,
     pub info: VipInfo,
-    /// Backend ids, in registry order.
-    pub backend_ids: Vec<u32>,
+}
+
+/// A backend as planned for one service, for logs and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceBackend {
+    pub identity: String,
+    pub id: Option<u32>,
+    /// Weight in the table: the registry's, or 0 when drained or unusable.
+    pub weight: u32,
+    /// Why the backend takes no new flows, when it does not.
+    pub unusable: Option<String>,
+}
+
+/// The desired content of the data plane maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataPlan {
+    pub node: NodeConfig,
+    pub vips: Vec<VipPlan>,
+    pub vip_addrs: BTreeSet<AddrKey>,
+    /// Table slot -> table.
+    pub tables: BTreeMap<u32, TablePlan>,
+    /// Backend records by id (drained ones included: their tracked flows continue).
+    pub backends: BTreeMap<u32, Backend>,
+    /// Per service, its backends as planned.
+    pub services: BTreeMap<String, Vec<ServiceBackend>>,
+    /// The ids this plan uses; pass them to the next plan.
+    pub ids: Ids,
 }
 
 /// A registry entry the plan could not use, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
     pub service: String,
-    pub backend: Option<String>,
     pub reason: String,
 }
 
@@ -65,100 +128,223 @@ pub fn xdp_backend_hosts(reg: &Registry) -> Vec<&str> {
     hosts
 }
 
-/// Builds the data plane contents for `reg` on a node whose interface has `node_mac`.
+/// Why a resolved backend can not take a service's traffic from this node, if it can not.
+fn unusable(mode: Mode, vip: IpAddr, r: &Resolved, node: &NodeFacts) -> Option<String> {
+    let family = |ip: IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    match mode {
+        Mode::DsrL2 => r.via.map(|via| {
+            format!("{} is behind router {via}; dsr-l2 needs backends on this node's L2 segment (use dsr-ipip or nat)", r.addr)
+        }),
+        Mode::DsrIpip => node_addr(node, r.addr.is_ipv4())
+            .is_none()
+            .then(|| format!("this node has no {} address to tunnel from", family(r.addr))),
+        Mode::Nat if r.addr.is_ipv4() != vip.is_ipv4() => Some(format!("{} is not of the VIP's address family", r.addr)),
+        Mode::Nat => {
+            node_addr(node, vip.is_ipv4()).is_none().then(|| format!("this node has no {} address to NAT from", family(vip)))
+        }
+    }
+}
+
+fn node_addr(node: &NodeFacts, v4: bool) -> Option<IpAddr> {
+    if v4 { node.addr_v4.map(IpAddr::V4) } else { node.addr_v6.map(IpAddr::V6) }
+}
+
+/// Builds the data plane contents for `reg` on this node, keeping ids from `prev`.
 #[must_use]
-pub fn plan(reg: &Registry, node_mac: [u8; 6], resolved: &Resolutions) -> (DataPlan, Vec<Skipped>) {
+pub fn plan(
+    reg: &Registry,
+    node: &NodeFacts,
+    resolved: &Resolutions,
+    prev: &Ids,
+) -> (DataPlan, Vec<Skipped>) {
     let mut skipped = Vec::new();
-    let mut vips = Vec::new();
-    let mut backends: Vec<Backend> = Vec::new();
-    let mut backend_ids: BTreeMap<([u8; 16], [u8; 6]), u32> = BTreeMap::new();
-
+    let mut services: Vec<(&String, &L4Service, IpAddr)> = Vec::new();
     for (name, svc) in &reg.tcp {
-        let Some(IpAddr::V4(vip)) = svc.vip else {
-            skipped.push(Skipped {
-                service: name.clone(),
-                backend: None,
-                reason: "no IPv4 `vip`: not balanced in XDP".to_owned(),
-            });
-            continue;
+        if let Some(vip) = svc.vip {
+            services.push((name, svc, vip));
+        } else {
+            skipped
+                .push(Skipped { service: name.clone(), reason: "no `vip`: not balanced in XDP".to_owned() });
+        }
+    }
+    let ids = assign_ids(&services, resolved, prev, reg.datapath.maglev_table_size);
+
+    let mut backends = BTreeMap::new();
+    for (identity, &(id, generation, _)) in &ids.backends {
+        let spec = services.iter().flat_map(|(_, s, _)| &s.backends).find(|b| &b.identity() == identity);
+        let (Some(spec), Some(Ok(r))) = (spec, spec.and_then(|b| resolved.get(&b.host))) else { continue };
+        let (family, addr) = addr_of(r.addr);
+        let record = Backend {
+            addr,
+            mac: r.mac,
+            port: spec.port.to_be_bytes(),
+            family,
+            flags: BACKEND_ALIVE,
+            _pad: [0; 2],
+            generation,
         };
-        let mut ids = Vec::new();
+        backends.insert(id, record);
+    }
+
+    let mut tables = BTreeMap::new();
+    let mut planned_services = BTreeMap::new();
+    for (name, svc, vip) in &services {
+        let mut planned = Vec::new();
         for b in &svc.backends {
-            let r = match resolved.get(&b.host) {
-                Some(Ok(r)) => *r,
-                Some(Err(reason)) => {
-                    skipped.push(skip(name, &b.host, b.port, reason));
-                    continue;
-                }
-                None => {
-                    skipped.push(skip(name, &b.host, b.port, "not resolved"));
-                    continue;
-                }
+            let identity = b.identity();
+            let id = ids.backend(&identity);
+            let reason = match resolved.get(&b.host) {
+                Some(Ok(r)) => unusable(svc.mode, *vip, r, node),
+                Some(Err(e)) => Some(e.clone()),
+                None => Some("not resolved".to_owned()),
             };
-            let record = backend_record(r);
-            let next = u32::try_from(backends.len()).unwrap_or(u32::MAX);
-            let id = *backend_ids.entry((record.addr, record.mac)).or_insert(next);
-            if id == next {
-                if next >= MAX_BACKENDS {
-                    skipped.push(skip(name, &b.host, b.port, "backend table full"));
-                    continue;
-                }
-                backends.push(record);
-            }
-            ids.push(id);
+            let weight = if reason.is_none() && id.is_some() { b.weight } else { 0 };
+            planned.push(ServiceBackend { identity, id, weight, unusable: reason });
         }
+        let entries: Vec<maglev::Entry<'_>> =
+            planned.iter().map(|p| maglev::Entry { identity: &p.identity, weight: p.weight }).collect();
+        let (slot, size) = ids.tables[name.as_str()];
+        let slots = maglev::build(&entries, size)
+            .into_iter()
+            .map(|pos| {
+                if pos == maglev::EMPTY { NO_BACKEND } else { planned[pos as usize].id.unwrap_or(NO_BACKEND) }
+            })
+            .collect();
+        tables.insert(slot, TablePlan { service: (*name).clone(), slots });
+        planned_services.insert((*name).clone(), planned);
+    }
+
+    let mut vips = Vec::new();
+    let mut vip_addrs = BTreeSet::new();
+    for (name, svc, vip) in &services {
+        let (table, table_size) = ids.tables[name.as_str()];
+        vip_addrs.insert(AddrKey::new(*vip));
         for proto in &svc.protocols {
-            let id = u32::try_from(vips.len()).unwrap_or(u32::MAX);
-            vips.push(VipPlan {
-                service: name.clone(),
-                key: VipKey::v4(vip.octets(), svc.port, proto.number()),
-                info: VipInfo {
-                    id,
-                    backend_count: u32::try_from(ids.len()).unwrap_or(0),
-                    mode: match svc.mode {
-                        Mode::DsrL2 => MODE_DSR_L2,
-                    },
-                    _pad: [0; 3],
-                },
-                backend_ids: ids.clone(),
-            });
+            let key = VipKey::new(*vip, svc.port, proto.number());
+            let info = VipInfo { id: ids.vips[&key], table, table_size, mode: svc.mode.code(), _pad: [0; 3] };
+            vips.push(VipPlan { service: (*name).clone(), key, info });
         }
     }
-    let node = NodeConfig { mac: node_mac, configured: 1, _pad: 0 };
-    (DataPlan { node, vips, backends }, skipped)
-}
 
-fn skip(service: &str, host: &str, port: u16, reason: &str) -> Skipped {
-    Skipped {
-        service: service.to_owned(),
-        backend: Some(format!("{host}:{port}")),
-        reason: reason.to_owned(),
-    }
-}
-
-fn backend_record(r: Resolved) -> Backend {
-    let mut addr = [0; 16];
-    let family = match r.addr {
-        IpAddr::V4(a) => {
-            addr[..4].copy_from_slice(&a.octets());
-            FAMILY_IPV4
-        }
-        IpAddr::V6(a) => {
-            addr = a.octets();
-            FAMILY_IPV6
-        }
+    let d = &reg.datapath;
+    let secs = |t: std::time::Duration| u32::try_from(t.as_secs()).unwrap_or(u32::MAX);
+    let mut node_config = NodeConfig {
+        mac: node.mac,
+        configured: 1,
+        nat_port_min: d.nat_ports.min,
+        nat_port_max: d.nat_ports.max,
+        udp_timeout: secs(d.udp_timeout),
+        tcp_syn_timeout: secs(d.tcp_syn_timeout),
+        tcp_timeout: secs(d.tcp_timeout),
+        tcp_closing_timeout: secs(d.tcp_closing_timeout),
+        ..NodeConfig::default()
     };
-    Backend { addr, mac: r.mac, family, _pad: 0 }
+    if let Some(a) = node.addr_v4 {
+        node_config.addr_v4 = a.octets();
+        node_config.has_addr |= NODE_HAS_V4;
+    }
+    if let Some(a) = node.addr_v6 {
+        node_config.addr_v6 = a.octets();
+        node_config.has_addr |= NODE_HAS_V6;
+    }
+    let plan =
+        DataPlan { node: node_config, vips, vip_addrs, tables, backends, services: planned_services, ids };
+    (plan, skipped)
+}
+
+/// Keeps every id that continues from `prev` and gives new ones the lowest free numbers. A
+/// backend id given to a new identity, or whose address changed, gets the next generation.
+fn assign_ids(
+    services: &[(&String, &L4Service, IpAddr)],
+    resolved: &Resolutions,
+    prev: &Ids,
+    table_size: u32,
+) -> Ids {
+    let mut ids = Ids { generations: prev.generations.clone(), ..Ids::default() };
+    // Backends: every resolved backend of an XDP service gets a record (drained ones too).
+    let mut wanted: BTreeMap<String, IpAddr> = BTreeMap::new();
+    for (_, svc, _) in services {
+        for b in &svc.backends {
+            if let Some(Ok(r)) = resolved.get(&b.host) {
+                wanted.insert(b.identity(), r.addr);
+            }
+        }
+    }
+    for (identity, addr) in &wanted {
+        if let Some(&(id, generation, old)) = prev.backends.get(identity) {
+            let generation = if old == *addr { generation } else { bump(&mut ids.generations, id) };
+            ids.backends.insert(identity.clone(), (id, generation, *addr));
+        }
+    }
+    let mut used: BTreeSet<u32> = ids.backends.values().map(|b| b.0).collect();
+    for (identity, addr) in &wanted {
+        if ids.backends.contains_key(identity) {
+            continue;
+        }
+        let Some(id) = lowest_free(&used, MAX_BACKENDS) else { break };
+        used.insert(id);
+        let generation = bump(&mut ids.generations, id);
+        ids.backends.insert(identity.clone(), (id, generation, *addr));
+    }
+    // VIP entries and tables.
+    let keys: Vec<VipKey> = (services.iter())
+        .flat_map(|(_, svc, vip)| svc.protocols.iter().map(|p| VipKey::new(*vip, svc.port, p.number())))
+        .collect();
+    ids.vips = keys.iter().filter_map(|k| prev.vips.get(k).map(|id| (*k, *id))).collect();
+    let mut used: BTreeSet<u32> = ids.vips.values().copied().collect();
+    for k in keys {
+        if !ids.vips.contains_key(&k)
+            && let Some(id) = lowest_free(&used, MAX_VIPS)
+        {
+            used.insert(id);
+            ids.vips.insert(k, id);
+        }
+    }
+    let mut used: BTreeSet<u32> = BTreeSet::new();
+    let mut pending = Vec::new();
+    for (name, _, _) in services {
+        match prev.tables.get(name.as_str()) {
+            Some(&(slot, s)) if s == table_size => {
+                used.insert(slot);
+                ids.tables.insert((*name).clone(), (slot, s));
+            }
+            // A resized table is built in a fresh slot: the VIP switches to it in one update.
+            Some(&(slot, _)) => {
+                used.insert(slot);
+                pending.push((*name).clone());
+            }
+            None => pending.push((*name).clone()),
+        }
+    }
+    for name in pending {
+        if let Some(slot) = lowest_free(&used, MAX_TABLES) {
+            used.insert(slot);
+            ids.tables.insert(name, (slot, table_size));
+        }
+    }
+    ids
+}
+
+fn bump(generations: &mut BTreeMap<u32, u32>, id: u32) -> u32 {
+    let g = generations.entry(id).or_insert(0);
+    *g = g.wrapping_add(1);
+    *g
+}
+
+fn lowest_free(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
+    (0..max).find(|i| !used.contains(i))
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
+    use lb_common::maps::{MODE_DSR_IPIP, MODE_DSR_L2, MODE_NAT, PROTO_TCP, PROTO_UDP};
+
     use super::*;
     use crate::config;
 
-    const REG: &str = "\
+    const REG: &str = "
 version: 1
 tcp:
   echo:
@@ -167,13 +353,21 @@ tcp:
     protocols: [tcp, udp]
     backends:
       - {host: 10.0.0.11, port: 7}
-      - {host: 10.0.0.12, port: 7}
+      - {host: 10.0.0.12, port: 7, weight: 3}
   web:
     vip: 10.100.0.1
     port: 80
+    mode: nat
     backends:
-      - {host: 10.0.0.12, port: 80}
-      - {host: gone.example, port: 80}
+      - {host: 10.0.0.12, port: 8080}
+      - {host: gone.example, port: 8080}
+      - {host: 10.9.0.5, port: 8080, weight: 0}
+  tunnelled:
+    vip: 2001:db8::100
+    port: 443
+    mode: dsr-ipip
+    backends:
+      - {host: 10.9.0.5, port: 443}
   redis-main:
     port: 6379
     backends:
@@ -185,58 +379,166 @@ tcp:
         for (host, last) in [("10.0.0.11", 11u8), ("10.0.0.12", 12)] {
             r.insert(
                 host.to_owned(),
-                Ok(Resolved { addr: host.parse().unwrap(), mac: [2, 0, 0, 0, 0, last] }),
+                Ok(Resolved { addr: host.parse().unwrap(), mac: [2, 0, 0, 0, 0, last], via: None }),
             );
         }
+        // Routed: usable by nat and dsr-ipip, not by dsr-l2.
+        let gw = Some("10.0.0.1".parse().unwrap());
+        r.insert(
+            "10.9.0.5".to_owned(),
+            Ok(Resolved { addr: "10.9.0.5".parse().unwrap(), mac: [2, 0, 0, 0, 0, 1], via: gw }),
+        );
         r.insert("gone.example".to_owned(), Err("DNS: no such host".to_owned()));
         r
     }
 
-    fn reg() -> Registry {
-        config::parse(REG, Path::new("t.yaml")).unwrap()
+    fn node() -> NodeFacts {
+        NodeFacts { mac: [2, 0, 0, 0, 0, 2], addr_v4: Some("10.0.0.2".parse().unwrap()), addr_v6: None }
+    }
+
+    fn registry(src: &str) -> Registry {
+        config::parse(src, Path::new("t.yaml")).unwrap()
+    }
+
+    /// Backend identity per table slot: what every node must agree on.
+    fn identities(plan: &DataPlan, service: &str) -> Vec<Option<String>> {
+        let (slot, _) = plan.ids.tables[service];
+        let by_id: BTreeMap<u32, &str> =
+            plan.services[service].iter().filter_map(|b| Some((b.id?, b.identity.as_str()))).collect();
+        plan.tables[&slot].slots.iter().map(|id| by_id.get(id).map(|s| (*s).to_owned())).collect()
     }
 
     #[test]
-    fn services_with_a_vip_become_one_entry_per_protocol_sharing_backend_records() {
-        let (p, _) = plan(&reg(), [2, 0, 0, 0, 0, 1], &resolutions());
-        let entries: Vec<(&str, u16, u8, Vec<u32>)> = p
+    fn services_with_a_vip_become_entries_per_protocol_sharing_one_table() {
+        let (p, skipped) = plan(&registry(REG), &node(), &resolutions(), &Ids::default());
+        let entries: Vec<(&str, u16, u8, u8)> = p
             .vips
             .iter()
-            .map(|v| (v.service.as_str(), u16::from_be_bytes(v.key.port), v.key.proto, v.backend_ids.clone()))
+            .map(|v| (v.service.as_str(), u16::from_be_bytes(v.key.port), v.key.proto, v.info.mode))
             .collect();
         assert_eq!(
             entries,
-            vec![("echo", 7, 6, vec![0, 1]), ("echo", 7, 17, vec![0, 1]), ("web", 80, 6, vec![1])]
-        );
-        assert_eq!(p.vips.iter().map(|v| v.info.id).collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(p.vips[2].info.backend_count, 1);
-        assert_eq!(p.backends.len(), 2, "10.0.0.12 is one record shared by two services");
-        assert_eq!(p.backends[1].mac, [2, 0, 0, 0, 0, 12]);
-        assert_eq!(p.backends[1].addr[..4], [10, 0, 0, 12]);
-        assert_eq!(p.node, NodeConfig { mac: [2, 0, 0, 0, 0, 1], configured: 1, _pad: 0 });
-    }
-
-    #[test]
-    fn unresolved_backends_and_vip_less_services_are_reported() {
-        let (_, skipped) = plan(&reg(), [0; 6], &resolutions());
-        let got: Vec<(&str, Option<&str>, &str)> =
-            skipped.iter().map(|s| (s.service.as_str(), s.backend.as_deref(), s.reason.as_str())).collect();
-        assert_eq!(
-            got,
             vec![
-                ("redis-main", None, "no IPv4 `vip`: not balanced in XDP"),
-                ("web", Some("gone.example:80"), "DNS: no such host"),
+                ("echo", 7, PROTO_TCP, MODE_DSR_L2),
+                ("echo", 7, PROTO_UDP, MODE_DSR_L2),
+                ("tunnelled", 443, PROTO_TCP, MODE_DSR_IPIP),
+                ("web", 80, PROTO_TCP, MODE_NAT)
             ]
         );
+        assert_eq!(p.vips[0].info.table, p.vips[1].info.table, "tcp and udp of one service share its table");
+        assert_eq!(p.vips[0].info.table_size, crate::maglev::DEFAULT_TABLE_SIZE);
+        assert_eq!(
+            skipped,
+            vec![Skipped { service: "redis-main".into(), reason: "no `vip`: not balanced in XDP".into() }]
+        );
+        assert_eq!(p.vip_addrs.len(), 2);
+        assert_eq!(p.node.configured, 1);
+        assert_eq!(p.node.addr_v4, [10, 0, 0, 2]);
     }
 
     #[test]
-    fn the_same_registry_gives_the_same_plan() {
-        assert_eq!(plan(&reg(), [1; 6], &resolutions()), plan(&reg(), [1; 6], &resolutions()));
+    fn weights_drain_and_unusable_backends_shape_each_table() {
+        let (p, _) = plan(&registry(REG), &node(), &resolutions(), &Ids::default());
+        let echo = identities(&p, "echo");
+        let heavy = echo.iter().filter(|i| i.as_deref() == Some("10.0.0.12:7")).count();
+        assert_eq!(heavy, crate::maglev::DEFAULT_TABLE_SIZE as usize * 3 / 4 + 1, "weight 3 of 4");
+        let web = &p.services["web"];
+        assert_eq!(web[0].weight, 1);
+        assert_eq!(web[1].unusable.as_deref(), Some("DNS: no such host"));
+        assert_eq!((web[2].weight, web[2].unusable.as_deref()), (0, None), "weight 0: drained");
+        assert!(identities(&p, "web").iter().all(|i| i.as_deref() == Some("10.0.0.12:8080")));
+        // The drained backend keeps its record: its tracked flows continue.
+        assert!(p.services["web"][2].id.is_some_and(|id| p.backends.contains_key(&id)));
+        assert!(
+            identities(&p, "tunnelled").iter().all(|i| i.as_deref() == Some("10.9.0.5:443")),
+            "a routed backend is fine for dsr-ipip"
+        );
+    }
+
+    #[test]
+    fn a_routed_backend_takes_no_dsr_l2_flows() {
+        let reg = registry(
+            "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 80\n    backends: [{host: 10.9.0.5, port: 80}]\n",
+        );
+        let (p, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        assert!(p.services["a"][0].unusable.as_deref().unwrap().contains("behind router 10.0.0.1"));
+        assert!(p.tables.values().next().unwrap().slots.iter().all(|&s| s == NO_BACKEND));
+    }
+
+    #[test]
+    fn the_same_registry_maps_every_slot_to_the_same_backend_whatever_the_ids() {
+        let reg = registry(REG);
+        let (a, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        // Another node that has seen other registries first numbers its backends differently.
+        // It knew 10.9.0.5:443 first, which keeps id 0 there.
+        let other = registry(
+            "version: 1\ntcp:\n  z:\n    vip: 10.1.1.1\n    port: 443\n    mode: dsr-ipip\n    backends: [{host: 10.9.0.5, port: 443}]\n",
+        );
+        let (first, _) = plan(&other, &node(), &resolutions(), &Ids::default());
+        let (b, _) = plan(&reg, &node(), &resolutions(), &first.ids);
+        assert_ne!(a.services["echo"][0].id, b.services["echo"][0].id, "different ids...");
+        for service in ["echo", "web", "tunnelled"] {
+            assert_eq!(
+                identities(&a, service),
+                identities(&b, service),
+                "...same backend per slot ({service})"
+            );
+        }
+    }
+
+    #[test]
+    fn reloads_keep_ids_and_generations_of_backends_that_stay() {
+        let reg = registry(REG);
+        let (first, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        let (again, _) = plan(&reg, &node(), &resolutions(), &first.ids);
+        assert_eq!(first.backends, again.backends);
+        assert_eq!(first.vips, again.vips);
+        assert_eq!(first.tables, again.tables);
+        // A backend that moves to a new address keeps its id with a new generation.
+        let mut moved = resolutions();
+        moved.insert(
+            "10.0.0.11".into(),
+            Ok(Resolved { addr: "10.0.0.111".parse().unwrap(), mac: [2; 6], via: None }),
+        );
+        let (after, _) = plan(&reg, &node(), &moved, &first.ids);
+        let id = first.ids.backend("10.0.0.11:7").unwrap();
+        assert_eq!(after.ids.backend("10.0.0.11:7"), Some(id));
+        assert_eq!(after.backends[&id].generation, first.backends[&id].generation + 1);
+    }
+
+    #[test]
+    fn a_freed_id_given_to_a_new_backend_gets_a_new_generation() {
+        let one = registry(
+            "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 7\n    backends: [{host: 10.0.0.11, port: 7}]\n",
+        );
+        let other = registry(
+            "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 7\n    backends: [{host: 10.0.0.12, port: 7}]\n",
+        );
+        let (p1, _) = plan(&one, &node(), &resolutions(), &Ids::default());
+        let (p2, _) = plan(&other, &node(), &resolutions(), &p1.ids);
+        let (id1, id2) = (p1.ids.backend("10.0.0.11:7").unwrap(), p2.ids.backend("10.0.0.12:7").unwrap());
+        assert_eq!(id1, id2, "the lowest free id is reused");
+        assert_ne!(p1.backends[&id1].generation, p2.backends[&id2].generation, "...under a new generation");
+    }
+
+    #[test]
+    fn a_resized_table_moves_to_a_new_slot() {
+        let reg = registry(REG);
+        let (p1, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        let resized =
+            registry(&REG.replace("version: 1\n", "version: 1\ndatapath:\n  maglev_table_size: 131071\n"));
+        let (p2, _) = plan(&resized, &node(), &resolutions(), &p1.ids);
+        let (s1, s2) = (p1.ids.tables["echo"], p2.ids.tables["echo"]);
+        assert_eq!(s2.1, 131_071);
+        assert_ne!(s1.0, s2.0, "a VIP switches to the resized table in one update");
+        assert_eq!(p2.tables[&s2.0].slots.len(), 131_071);
     }
 
     #[test]
     fn only_backends_of_vip_services_need_resolving() {
-        assert_eq!(xdp_backend_hosts(&reg()), vec!["10.0.0.11", "10.0.0.12", "gone.example"]);
+        assert_eq!(
+            xdp_backend_hosts(&registry(REG)),
+            vec!["10.0.0.11", "10.0.0.12", "10.9.0.5", "gone.example"]
+        );
     }
 }

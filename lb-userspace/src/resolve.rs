@@ -1,4 +1,5 @@
-//! Backend hosts -> IP addresses (DNS unless literal) -> MAC addresses (neighbour table).
+//! Backend hosts -> IP addresses (DNS unless literal) -> the next hop towards each (the backend
+//! itself on-link, else its gateway) -> that next hop's MAC address (neighbour table).
 
 use std::{
     collections::HashMap,
@@ -10,13 +11,14 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use crate::{
+    logging::error_chain,
     netlink::{self, Link, NetlinkError},
     plan::{Resolutions, Resolved},
 };
 
-/// Resolves every host in `hosts` to an IPv4 address and its MAC on `link`. Each stage (all
-/// DNS lookups together, then all ARP resolutions together) takes at most `timeout`. A host
-/// that fails gets the reason; only a broken netlink socket is an error.
+/// Resolves every host in `hosts` to an address, a next hop on `link` and that next hop's MAC.
+/// Each stage (all DNS lookups together, then all neighbour resolutions together) takes at most
+/// `timeout`. A host that fails gets the reason; only a broken netlink socket is an error.
 pub async fn backends(
     hosts: &[&str],
     iface: &str,
@@ -29,52 +31,77 @@ pub async fn backends(
     wanted.dedup();
 
     let iface_owned = iface.to_owned();
-    let macs =
-        netlink::blocking(move |rtnl| rtnl.resolve(&iface_owned, link.index, &wanted, timeout)).await?;
+    let hops = netlink::blocking(move |rtnl| {
+        let mut routes = HashMap::new();
+        for addr in wanted {
+            let r = rtnl.route_get(addr).map(|r| (r.oif, r.gateway));
+            routes.insert(addr, r);
+        }
+        let mut next_hops: Vec<IpAddr> = (routes.iter())
+            .filter_map(|(a, r)| match r {
+                Ok((oif, via)) if *oif == link.index => Some(via.unwrap_or(*a)),
+                _ => None,
+            })
+            .collect();
+        next_hops.sort_unstable();
+        next_hops.dedup();
+        let macs = rtnl.resolve(&iface_owned, link.index, &next_hops, timeout)?;
+        Ok((routes, macs))
+    })
+    .await?;
+    let (routes, macs) = hops;
 
     Ok(addrs
         .into_iter()
         .map(|(host, addr)| {
-            let r = addr.and_then(|addr| match macs.get(&addr) {
-                Some(Ok(mac)) => Ok(Resolved { addr, mac: *mac }),
-                Some(Err(e)) => Err(crate::logging::error_chain(e)),
-                None => Err("not resolved".to_owned()),
+            let r = addr.and_then(|addr| {
+                let (oif, via) = match routes.get(&addr) {
+                    Some(Ok(r)) => *r,
+                    Some(Err(e)) => return Err(format!("no route to {addr}: {}", error_chain(e))),
+                    None => return Err("not resolved".to_owned()),
+                };
+                if oif != link.index {
+                    return Err(format!(
+                        "{addr} is reached through another interface (index {oif}), not `{iface}`"
+                    ));
+                }
+                match macs.get(&via.unwrap_or(addr)) {
+                    Some(Ok(mac)) => Ok(Resolved { addr, mac: *mac, via }),
+                    Some(Err(e)) => Err(error_chain(e)),
+                    None => Err("not resolved".to_owned()),
+                }
             });
             (host, r)
         })
         .collect())
 }
 
-/// The IPv4 address of each host, looked up concurrently, all within `timeout`.
+/// The address of each host, looked up concurrently, all within `timeout`.
 async fn addresses(hosts: &[&str], timeout: Duration) -> HashMap<String, Result<IpAddr, String>> {
     let mut out = HashMap::new();
     let mut lookups = JoinSet::new();
     for host in hosts {
-        match host.parse::<IpAddr>() {
-            Ok(ip @ IpAddr::V4(_)) => {
-                out.insert((*host).to_owned(), Ok(ip));
-            }
-            Ok(IpAddr::V6(_)) => {
-                out.insert(
-                    (*host).to_owned(),
-                    Err("IPv6 backends are not supported by this version".to_owned()),
-                );
-            }
-            Err(_) => {
-                let host = (*host).to_owned();
-                lookups.spawn(async move {
-                    debug!(%host, "resolving backend host name");
-                    let r = match tokio::net::lookup_host((host.as_str(), 0)).await {
-                        Ok(answers) => answers
-                            .map(|a: SocketAddr| a.ip())
-                            .find(IpAddr::is_ipv4)
-                            .ok_or_else(|| format!("`{host}` has no IPv4 address")),
-                        Err(e) => Err(format!("DNS lookup of `{host}` failed: {e}")),
-                    };
-                    (host, r)
-                });
-            }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            out.insert((*host).to_owned(), Ok(ip));
+            continue;
         }
+        let host = (*host).to_owned();
+        lookups.spawn(async move {
+            debug!(%host, "resolving backend host name");
+            let r = match tokio::net::lookup_host((host.as_str(), 0)).await {
+                // IPv4 first: the answer order otherwise depends on the resolver's mood.
+                Ok(answers) => {
+                    let ips: Vec<IpAddr> = answers.map(|a: SocketAddr| a.ip()).collect();
+                    ips.iter()
+                        .find(|ip| ip.is_ipv4())
+                        .or(ips.first())
+                        .copied()
+                        .ok_or_else(|| format!("`{host}` has no address"))
+                }
+                Err(e) => Err(format!("DNS lookup of `{host}` failed: {e}")),
+            };
+            (host, r)
+        });
     }
     let deadline = tokio::time::Instant::now() + timeout;
     while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, lookups.join_next()).await {
@@ -94,9 +121,9 @@ mod tests {
     use super::addresses;
 
     #[tokio::test]
-    async fn literals_need_no_lookup_and_ipv6_is_refused() {
-        let got = addresses(&["10.0.0.1", "::1"], std::time::Duration::from_millis(10)).await;
+    async fn literals_need_no_lookup() {
+        let got = addresses(&["10.0.0.1", "2001:db8::1"], std::time::Duration::from_millis(10)).await;
         assert_eq!(got["10.0.0.1"], Ok("10.0.0.1".parse().unwrap()));
-        assert!(got["::1"].as_ref().unwrap_err().contains("IPv6"));
+        assert_eq!(got["2001:db8::1"], Ok("2001:db8::1".parse().unwrap()));
     }
 }

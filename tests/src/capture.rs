@@ -83,7 +83,8 @@ impl Capture {
 #[must_use]
 pub fn ipv4_source(frame: &[u8]) -> Option<([u8; 6], Ipv4Addr)> {
     let mut frame = frame.to_vec();
-    let mut pkt = BytesPacket(&mut frame);
+    let len = frame.len();
+    let mut pkt = BytesPacket::new(&mut frame, 0, len);
     let eth = *pkt.header::<EthHdr>(0)?;
     let ip = pkt.header::<Ipv4Hdr>(ETH_HLEN)?;
     (eth.ether_type == ETH_P_IPV4).then(|| (eth.src, Ipv4Addr::from(ip.src)))

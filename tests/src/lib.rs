@@ -6,7 +6,9 @@
 //! - [`servers`]: backend servers (HTTP, TCP and UDP echo) that record what they receive.
 //! - [`lbd`]: the real lbd binary in a namespace, started and stopped on its readiness signal.
 //! - [`capture`]: an `AF_PACKET` capture, to see which host sent a frame.
-//! - [`frames`]: building and mutating Ethernet/IPv4 frames.
+//! - [`frames`]: building, checking and mutating Ethernet/IP frames.
+//! - [`scenario`]: a fixed data-plane scenario (every mode, both families) for model tests,
+//!   the differential test and benchmarks.
 
 #![expect(clippy::missing_panics_doc, reason = "test helpers panic with a message by design")]
 
@@ -14,6 +16,7 @@ pub mod capture;
 pub mod frames;
 pub mod lbd;
 pub mod netns;
+pub mod scenario;
 pub mod servers;
 pub mod topology;
 

@@ -13,7 +13,7 @@ use lb_userspace::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "lb daemon: balances the registry's VIPs in XDP")]
+#[command(version, about = "lb daemon: balances the registry's VIPs in XDP; SIGHUP reloads the registry")]
 struct Args {
     /// Service registry (YAML).
     #[arg(long, value_name = "FILE")]
@@ -27,9 +27,18 @@ struct Args {
     /// Log line format.
     #[arg(long, value_enum, default_value_t)]
     log_format: LogFormat,
-    /// Bound on DNS and on ARP/NDP resolution of backends at startup, e.g. `3s`, `500ms`.
+    /// Bound on DNS and on ARP/NDP resolution of backends, e.g. `3s`, `500ms`.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     resolve_timeout: Duration,
+    /// Flows tracked at once (about 100 bytes of kernel memory each).
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONNTRACK_SIZE)]
+    conntrack_size: u32,
+    /// IPv4 source for dsr-ipip tunnels and nat (default: the interface's first address).
+    #[arg(long)]
+    source_v4: Option<std::net::Ipv4Addr>,
+    /// IPv6 source for dsr-ipip tunnels and nat (default: the interface's first global address).
+    #[arg(long)]
+    source_v6: Option<std::net::Ipv6Addr>,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +49,9 @@ fn main() -> ExitCode {
         iface: args.iface,
         xdp_mode: args.xdp_mode,
         resolve_timeout: args.resolve_timeout,
+        conntrack_size: args.conntrack_size,
+        source_v4: args.source_v4,
+        source_v6: args.source_v6,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

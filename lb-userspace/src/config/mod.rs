@@ -13,7 +13,10 @@ mod validate;
 use std::path::Path;
 
 pub use error::{ConfigError, Problem};
-pub use schema::{BackendSpec, HttpService, L4Service, Mode, Protocol, REGISTRY_VERSION, Registry};
+pub use schema::{
+    BackendSpec, Datapath, HttpService, L4Service, MAX_WEIGHT, Mode, PortRange, Protocol, REGISTRY_VERSION,
+    Registry,
+};
 use spans::Spans;
 
 /// Reads, parses and validates the registry at `file`.
@@ -134,7 +137,7 @@ mod tests {
         let p = one("version: 1\ntcp:\n  a:\n    port: 1\n    backends:\n      - host: x\n        prot: 3\n");
         assert_eq!((p.line, p.column), (7, 9));
         assert_eq!(p.field, "tcp.a.backends[0].prot");
-        assert_eq!(p.message, "unknown field `prot`, expected `host` or `port`");
+        assert_eq!(p.message, "unknown field `prot`, expected one of `host`, `port`, `weight`");
         assert_eq!(p.file, PathBuf::from("services.yaml"));
         assert!(
             p.to_string().starts_with("services.yaml:7:9: field `tcp.a.backends[0].prot`: unknown field")
@@ -151,9 +154,11 @@ mod tests {
             (p.line, p.field.as_str(), p.message.as_str()),
             (5, "tcp.a.vip", "invalid IP address syntax")
         );
-        let p = one("version: 1\ntcp:\n  a:\n    port: 80\n    mode: nat\n    backends: []\n");
+        let p = one(
+            "version: 1\ntcp:\n  a:\n    port: 80\n    mode: tunnel\n    backends: [{host: x, port: 80}]\n",
+        );
         assert_eq!((p.line, p.field.as_str()), (5, "tcp.a.mode"));
-        assert!(p.message.starts_with("unknown variant `nat`"), "{}", p.message);
+        assert!(p.message.starts_with("unknown variant `tunnel`"), "{}", p.message);
     }
 
     #[test]
@@ -209,10 +214,14 @@ tcp:
     }
 
     #[test]
-    fn vips_must_be_unicast_ipv4() {
-        for (vip, needle) in
-            [("::1", "IPv6"), ("0.0.0.0", "0.0.0.0"), ("224.0.0.1", "unicast"), ("127.0.0.1", "loopback")]
-        {
+    fn vips_must_be_unicast() {
+        for (vip, needle) in [
+            ("::1", "loopback"),
+            ("0.0.0.0", "unspecified"),
+            ("224.0.0.1", "unicast"),
+            ("127.0.0.1", "loopback"),
+            ("ff02::1", "unicast"),
+        ] {
             let p = one(&format!(
                 "version: 1\ntcp:\n  a:\n    vip: \"{vip}\"\n    port: 80\n    backends: [{{host: x, port: 80}}]\n"
             ));

@@ -3,9 +3,9 @@
 //! The `services.yaml` sketch of seed 003 (`version`, `http:` hosts with backends, `tcp:`
 //! services with a port and backends) loads as it is; every extension is optional.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 
 /// The only registry format version.
 pub const REGISTRY_VERSION: u32 = 1;
@@ -16,12 +16,86 @@ pub const REGISTRY_VERSION: u32 = 1;
 pub struct Registry {
     /// Format version; must be 1.
     pub version: u32,
+    /// Data plane settings shared by every node.
+    #[serde(default)]
+    pub datapath: Datapath,
     /// HTTP services by host name, served by the HTTP edge.
     #[serde(default)]
     pub http: BTreeMap<String, HttpService>,
     /// Layer-4 services by name.
     #[serde(default)]
     pub tcp: BTreeMap<String, L4Service>,
+}
+
+/// Data plane settings. They must be the same on every node: nodes with different table sizes
+/// pick different backends for the same flow.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Datapath {
+    /// Slots of each VIP's Maglev table: a prime. Balance stays within 1% of the weights while
+    /// a service has fewer than `maglev_table_size / 100` backends.
+    pub maglev_table_size: u32,
+    /// Source ports `nat` services use towards backends, `"min-max"`. Keep it clear of this
+    /// node's own ephemeral ports (`net.ipv4.ip_local_port_range`).
+    pub nat_ports: PortRange,
+    /// Idle time after which a tracked UDP flow is forgotten.
+    #[serde(deserialize_with = "duration")]
+    pub udp_timeout: Duration,
+    /// Idle time after which an established TCP flow is forgotten.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_timeout: Duration,
+    /// Idle time after which a TCP flow that only sent its SYN is forgotten.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_syn_timeout: Duration,
+    /// How long a TCP flow is kept after its FIN or RST.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_closing_timeout: Duration,
+}
+
+impl Default for Datapath {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            nat_ports: PortRange { min: 61_000, max: 65_535 },
+            udp_timeout: Duration::from_mins(1),
+            tcp_timeout: Duration::from_hours(6),
+            tcp_syn_timeout: Duration::from_mins(1),
+            tcp_closing_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. 30s, 10m, 6h")))
+}
+
+/// An inclusive port range, written `"61000-65535"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let parsed =
+            s.split_once('-').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+        match parsed {
+            Some((min, max)) => Ok(Self { min, max }),
+            None => Err(de::Error::custom(format!(
+                "`{s}` is not a port range; write it as min-max, e.g. 61000-65535"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -36,7 +110,8 @@ pub struct HttpService {
 pub struct L4Service {
     /// Service port clients connect to.
     pub port: u16,
-    /// Virtual IP the service is reached at. Without one the service is not balanced in XDP.
+    /// Virtual IP (IPv4 or IPv6) the service is reached at. Without one the service is not
+    /// balanced in XDP.
     #[serde(default)]
     pub vip: Option<IpAddr>,
     /// How packets reach backends; default `dsr-l2`.
@@ -56,6 +131,12 @@ pub enum Mode {
     /// hold the VIP on a loopback interface and answer clients directly.
     #[default]
     DsrL2,
+    /// Direct server return through an IPIP / IP6IP6 tunnel to the backend (routed networks);
+    /// backends hold the VIP and unwrap the tunnel (`lb-decap` does it in XDP).
+    DsrIpip,
+    /// Full NAT: destination and source rewritten; replies come back through this node.
+    /// Backends need nothing and may sit anywhere routable.
+    Nat,
 }
 
 impl Mode {
@@ -63,7 +144,26 @@ impl Mode {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::DsrL2 => "dsr-l2",
+            Self::DsrIpip => "dsr-ipip",
+            Self::Nat => "nat",
         }
+    }
+
+    /// The data plane's `MODE_*` value.
+    #[must_use]
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::DsrL2 => lb_common::maps::MODE_DSR_L2,
+            Self::DsrIpip => lb_common::maps::MODE_DSR_IPIP,
+            Self::Nat => lb_common::maps::MODE_NAT,
+        }
+    }
+
+    /// Direct server return modes forward packets unchanged at L4: backends must use the
+    /// service port.
+    #[must_use]
+    pub const fn keeps_ports(self) -> bool {
+        !matches!(self, Self::Nat)
     }
 }
 
@@ -103,4 +203,23 @@ pub struct BackendSpec {
     /// IP address or DNS name.
     pub host: String,
     pub port: u16,
+    /// Share of new flows relative to the service's other backends; 0 drains (no new flows,
+    /// tracked flows stay). Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Largest backend weight: keeps weight ratios meaningful for the table size.
+pub const MAX_WEIGHT: u32 = 1000;
+
+const fn default_weight() -> u32 {
+    1
+}
+
+impl BackendSpec {
+    /// The identity Maglev hashes: the registry's `host:port`, the same on every node.
+    #[must_use]
+    pub fn identity(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
 }

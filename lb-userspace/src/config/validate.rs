@@ -5,16 +5,19 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::maps::{MAX_BACKENDS_PER_VIP, MAX_VIPS};
+use lb_common::maps::{MAX_BACKENDS, MAX_VIPS};
 
 use super::{
-    schema::{BackendSpec, Mode, REGISTRY_VERSION, Registry},
+    schema::{BackendSpec, Datapath, L4Service, MAX_WEIGHT, Mode, REGISTRY_VERSION, Registry},
     spans::FieldPath,
 };
+use crate::maglev::{MAX_TABLE_SIZE, is_prime};
 
 /// Longest DNS name and label (RFC 1035).
 const MAX_DNS_NAME: usize = 253;
 const MAX_DNS_LABEL: usize = 63;
+/// NAT source ports below this would collide with well-known service ports.
+const MIN_NAT_PORT: u16 = 1024;
 
 /// One semantic problem, located by its field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,64 +43,15 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
             Some("this lbd reads `version: 1`"),
         ));
     }
+    datapath(&root.key("datapath"), &reg.datapath, &mut out);
     for (name, svc) in &reg.http {
         backends(&root.key("http").key(name).key("backends"), &svc.backends, &mut out);
     }
     let mut vips: HashMap<(IpAddr, u16, u8), &str> = HashMap::new();
     for (name, svc) in &reg.tcp {
         let path = root.key("tcp").key(name);
-        if svc.port == 0 {
-            out.push(finding(path.key("port"), "port 0 is not a service port", None));
-        }
-        backends(&path.key("backends"), &svc.backends, &mut out);
-        if svc.backends.len() > MAX_BACKENDS_PER_VIP as usize {
-            out.push(finding(
-                path.key("backends"),
-                format!(
-                    "{} backends; a service balances over at most {MAX_BACKENDS_PER_VIP}",
-                    svc.backends.len()
-                ),
-                None,
-            ));
-        }
-        let mut protos = HashSet::new();
-        for (i, p) in svc.protocols.iter().enumerate() {
-            if !protos.insert(*p) {
-                out.push(finding(
-                    path.key("protocols").index(i),
-                    format!("`{}` is listed twice", p.as_str()),
-                    None,
-                ));
-            }
-        }
-        if svc.protocols.is_empty() {
-            out.push(finding(
-                path.key("protocols"),
-                "no protocol listed",
-                Some("use [tcp], [udp] or [tcp, udp]"),
-            ));
-        }
+        l4_service(&path, svc, &mut out);
         let Some(vip) = svc.vip else { continue };
-        if let Some(problem) = vip_problem(vip) {
-            out.push(finding(
-                path.key("vip"),
-                problem,
-                Some("a VIP is a unicast IPv4 address routed to this node"),
-            ));
-        }
-        match svc.mode {
-            Mode::DsrL2 => {
-                for (i, b) in svc.backends.iter().enumerate() {
-                    if b.port != svc.port {
-                        out.push(finding(
-                            path.key("backends").index(i).key("port"),
-                            format!("backend port {} differs from service port {}", b.port, svc.port),
-                            Some("dsr-l2 forwards packets unchanged, so backends must listen on the service port"),
-                        ));
-                    }
-                }
-            }
-        }
         for p in &svc.protocols {
             if let Some(other) = vips.insert((vip, svc.port, p.number()), name) {
                 out.push(finding(
@@ -115,16 +69,112 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
             None,
         ));
     }
+    let distinct: HashSet<(&str, u16)> = (reg.tcp.values().filter(|s| s.vip.is_some()))
+        .flat_map(|s| s.backends.iter().map(|b| (b.host.as_str(), b.port)))
+        .collect();
+    if distinct.len() > MAX_BACKENDS as usize {
+        out.push(finding(
+            root.key("tcp"),
+            format!("{} distinct backends; the data plane holds at most {MAX_BACKENDS}", distinct.len()),
+            None,
+        ));
+    }
     out
 }
 
+fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
+    if svc.port == 0 {
+        out.push(finding(path.key("port"), "port 0 is not a service port", None));
+    }
+    backends(&path.key("backends"), &svc.backends, out);
+    let mut protos = HashSet::new();
+    for (i, p) in svc.protocols.iter().enumerate() {
+        if !protos.insert(*p) {
+            out.push(finding(
+                path.key("protocols").index(i),
+                format!("`{}` is listed twice", p.as_str()),
+                None,
+            ));
+        }
+    }
+    if svc.protocols.is_empty() {
+        out.push(finding(
+            path.key("protocols"),
+            "no protocol listed",
+            Some("use [tcp], [udp] or [tcp, udp]"),
+        ));
+    }
+    let Some(vip) = svc.vip else { return };
+    if let Some(problem) = vip_problem(vip) {
+        out.push(finding(path.key("vip"), problem, Some("a VIP is a unicast address routed to this node")));
+    }
+    for (i, b) in svc.backends.iter().enumerate() {
+        let bpath = path.key("backends").index(i);
+        if svc.mode.keeps_ports() && b.port != svc.port {
+            let hint = format!(
+                "{} forwards packets with their ports unchanged, so backends must listen on the service port; mode nat translates ports",
+                svc.mode.as_str()
+            );
+            out.push(finding(
+                bpath.key("port"),
+                format!("backend port {} differs from service port {}", b.port, svc.port),
+                Some(&hint),
+            ));
+        }
+        let literal = b.host.parse::<IpAddr>().ok();
+        if svc.mode == Mode::Nat && literal.is_some_and(|ip| ip.is_ipv4() != vip.is_ipv4()) {
+            out.push(finding(
+                bpath.key("host"),
+                "a nat backend must have the VIP's address family",
+                Some(
+                    "lb does not translate between IPv4 and IPv6; dsr-ipip tunnels either family over either",
+                ),
+            ));
+        }
+    }
+}
+
+fn datapath(path: &FieldPath, d: &Datapath, out: &mut Vec<Finding>) {
+    let m = d.maglev_table_size;
+    if !is_prime(m) || m > MAX_TABLE_SIZE {
+        out.push(finding(
+            path.key("maglev_table_size"),
+            format!("{m} is not a prime of at most {MAX_TABLE_SIZE}"),
+            Some("primes that work well: 65537 (the default), 131071, 262139, 524287"),
+        ));
+    }
+    if d.nat_ports.min > d.nat_ports.max || d.nat_ports.min < MIN_NAT_PORT {
+        out.push(finding(
+            path.key("nat_ports"),
+            format!("{} is not a range of ports from {MIN_NAT_PORT} up", d.nat_ports),
+            Some("write min-max with min <= max, e.g. 61000-65535"),
+        ));
+    }
+    for (field, t) in [
+        ("udp_timeout", d.udp_timeout),
+        ("tcp_timeout", d.tcp_timeout),
+        ("tcp_syn_timeout", d.tcp_syn_timeout),
+        ("tcp_closing_timeout", d.tcp_closing_timeout),
+    ] {
+        if t.as_secs() == 0 || u32::try_from(t.as_secs()).is_err() {
+            out.push(finding(
+                path.key(field),
+                format!("{t:?} is out of range"),
+                Some("timeouts are whole seconds, at least 1s"),
+            ));
+        }
+    }
+}
+
 fn vip_problem(vip: IpAddr) -> Option<&'static str> {
-    match vip {
-        IpAddr::V6(_) => Some("IPv6 VIPs are not supported by this version"),
-        IpAddr::V4(v4) if v4.is_unspecified() => Some("0.0.0.0 can not be a VIP"),
-        IpAddr::V4(v4) if v4.is_multicast() || v4.is_broadcast() => Some("a VIP must be a unicast address"),
-        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address can not be a VIP"),
-        IpAddr::V4(_) => None,
+    if vip.is_unspecified() {
+        Some("the unspecified address can not be a VIP")
+    } else if vip.is_multicast() || matches!(vip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("a VIP must be a unicast address")
+    } else if vip.is_loopback() {
+        Some("a loopback address can not be a VIP")
+    } else {
+        None
     }
 }
 
@@ -148,6 +198,13 @@ fn backends(path: &FieldPath, list: &[BackendSpec], out: &mut Vec<Finding>) {
         }
         if b.port == 0 {
             out.push(finding(p.key("port"), "port 0 is not a backend port", None));
+        }
+        if b.weight > MAX_WEIGHT {
+            out.push(finding(
+                p.key("weight"),
+                format!("weight {} is above {MAX_WEIGHT}", b.weight),
+                Some("weights are relative: 1 and 3 give a quarter and three quarters of new flows"),
+            ));
         }
         if !seen.insert((&b.host, b.port)) {
             out.push(finding(p, format!("backend {}:{} is listed twice", b.host, b.port), None));

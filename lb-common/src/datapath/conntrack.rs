@@ -1,0 +1,329 @@
+//! Which backend a flow goes to: the backend it is tracked to while that backend lives, else
+//! the VIP's Maglev table. NAT source ports. Entry lifetimes.
+
+use super::{Counter, Scratch, Tables};
+use crate::{
+    hash::flow_hash,
+    maps::{
+        Addr, Backend, CtEntry, FlowKey, FragEntry, MODE_NAT, NO_BACKEND, NatEntry, NodeConfig, PROTO_TCP,
+        TCP_CLOSING, TCP_ESTABLISHED, TCP_SYN_SEEN, UDP_ACTIVE, VipInfo,
+    },
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// A tracked flow's entry is rewritten by its packets at most this often (or on a state
+/// change): enough to keep it alive, without a map write per packet.
+pub const REFRESH_NS: u64 = NS_PER_SEC;
+/// All fragments of one datagram must arrive within this of the first.
+pub const FRAG_TIMEOUT_NS: u64 = 30 * NS_PER_SEC;
+/// NAT source ports tried for a new flow before it is dropped: with probes spread evenly, a
+/// range 90% in use still finds a port 97% of the time.
+pub const NAT_PROBES: u32 = 32;
+/// Distance between the ports tried: a prime above any range size, so the probes never repeat
+/// a port before they have tried `min(NAT_PROBES, range)` distinct ones.
+const NAT_PROBE_STEP: u32 = 65_521;
+
+/// The backend a packet goes to.
+#[derive(Default)]
+pub struct Choice<'a> {
+    pub id: u32,
+    pub backend: Option<&'a Backend>,
+    /// NAT source port (network order), `nat` mode only.
+    pub nat_port: [u8; 2],
+    /// A new flow: [`track`] must store `Scratch::entry` (after claiming a NAT port).
+    pub new: bool,
+}
+
+#[inline(always)]
+fn timeout_ns(node: &NodeConfig, state: u8) -> u64 {
+    let is = |s: u8| u64::from(state == s);
+    let tcp = is(TCP_SYN_SEEN) * u64::from(node.tcp_syn_timeout)
+        + is(TCP_ESTABLISHED) * u64::from(node.tcp_timeout)
+        + is(TCP_CLOSING) * u64::from(node.tcp_closing_timeout);
+    let udp = (1 - is(TCP_SYN_SEEN) - is(TCP_ESTABLISHED) - is(TCP_CLOSING)) * u64::from(node.udp_timeout);
+    (tcp + udp) * NS_PER_SEC
+}
+
+#[inline(always)]
+fn expired(node: &NodeConfig, last_seen: u64, state: u8, now: u64) -> bool {
+    now.saturating_sub(last_seen) > timeout_ns(node, state)
+}
+
+#[inline(always)]
+pub fn frag_expired(e: &FragEntry, now: u64) -> bool {
+    now.saturating_sub(e.last_seen) > FRAG_TIMEOUT_NS
+}
+
+/// A new flow's state from its first packet.
+#[inline(always)]
+const fn initial_state(proto: u8, flags: u8) -> u8 {
+    if proto != PROTO_TCP {
+        UDP_ACTIVE
+    } else if flags & (TCP_FIN | TCP_RST) != 0 {
+        TCP_CLOSING
+    } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        TCP_SYN_SEEN
+    } else {
+        TCP_ESTABLISHED
+    }
+}
+
+/// A tracked flow's state after a packet (either direction).
+#[inline(always)]
+const fn next_state(state: u8, proto: u8, flags: u8) -> u8 {
+    if proto != PROTO_TCP {
+        UDP_ACTIVE
+    } else if flags & (TCP_FIN | TCP_RST) != 0 {
+        TCP_CLOSING
+    } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        TCP_SYN_SEEN
+    } else if state == TCP_SYN_SEEN && flags & TCP_ACK != 0 {
+        TCP_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// Fills `choice` with the backend for `s.target` (sent from `s.frame.eth_src`): the one the
+/// flow is tracked to while it lives, else the VIP's Maglev table's (then `choice.new` is set,
+/// `s.entry` holds the entry to track it with, and [`track`] stores it). Fills a caller-owned
+/// value rather than returning one: see [`super::Verdict`].
+#[inline(never)]
+pub fn choose<'a, T: Tables>(
+    t: &'a T,
+    node: &NodeConfig,
+    s: &mut Scratch,
+    choice: &mut Choice<'a>,
+) -> Result<(), Counter> {
+    let (vip, flow, flags) = (&s.target.vip, &s.target.flow, s.target.flags);
+    let now = t.now_ns();
+    let tracked = tracked(t, node, flow);
+    if let Tracked::Live(id, backend, e) = tracked {
+        let state = next_state(e.state, flow.proto, flags);
+        if state != e.state || now.saturating_sub(e.last_seen) >= REFRESH_NS {
+            t.ct_update(flow, |c| {
+                c.state = state;
+                c.last_seen = now;
+            });
+            if vip.mode == MODE_NAT {
+                refresh_nat_entry(t, node, s, backend, &(e.nat_port, state, now));
+            }
+        }
+        choice.id = id;
+        choice.backend = Some(backend);
+        choice.nat_port = e.nat_port;
+        return Ok(());
+    }
+    if matches!(tracked, Tracked::BackendGone) {
+        t.count(Counter::CtRebalanced);
+    } else if flow.proto == PROTO_TCP && flags & TCP_SYN == 0 {
+        t.count(Counter::CtMissEstablished);
+    }
+    let hash = flow_hash(flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+    let (id, backend) = from_table(t, vip, hash)?;
+    choice.id = id;
+    choice.backend = Some(backend);
+    choice.new = true;
+    s.entry = CtEntry {
+        last_seen: now,
+        backend: id,
+        generation: backend.generation,
+        vip_id: vip.id,
+        state: initial_state(flow.proto, flags),
+        peer_mac: s.frame.eth_src,
+        ..CtEntry::default()
+    };
+    Ok(())
+}
+
+/// Starts tracking a new flow chosen by [`choose`], claiming its NAT port first in `nat` mode.
+/// Separate from `choose` so their stack frames never stack up.
+#[inline(always)]
+pub fn track<T: Tables>(
+    t: &T,
+    node: &NodeConfig,
+    s: &mut Scratch,
+    choice: &mut Choice<'_>,
+) -> Result<(), Counter> {
+    let Some(backend) = choice.backend else { return Err(Counter::DropNoBackend) };
+    if s.target.vip.mode == MODE_NAT {
+        allocate_port(t, node, s, backend)?;
+        choice.nat_port = s.entry.nat_port;
+    }
+    t.ct_put(&s.target.flow, &s.entry);
+    t.count(Counter::CtCreated);
+    Ok(())
+}
+
+/// The live backend that the VIP's Maglev table gives a flow with this hash.
+#[inline(always)]
+pub fn from_table<'a, T: Tables>(t: &'a T, vip: &VipInfo, hash: u32) -> Result<(u32, &'a Backend), Counter> {
+    if vip.table_size == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    let id = t
+        .table_slot(vip.table, hash % vip.table_size)
+        .filter(|&id| id != NO_BACKEND)
+        .ok_or(Counter::DropNoBackend)?;
+    let backend = t.backend(id).filter(|b| b.is_alive()).ok_or(Counter::DropNoBackend)?;
+    Ok((id, backend))
+}
+
+/// What connection tracking knows of a flow.
+pub enum Tracked<'a> {
+    /// Tracked to a live backend: `(id, backend, entry)`.
+    Live(u32, &'a Backend, CtEntry),
+    /// Tracked to a backend that has left (or whose id now names another backend).
+    BackendGone,
+    /// Not tracked, or its entry has expired.
+    Unknown,
+}
+
+/// What connection tracking knows of `flow`. Nothing is refreshed.
+#[inline(always)]
+pub fn tracked<'a, T: Tables>(t: &'a T, node: &NodeConfig, flow: &FlowKey) -> Tracked<'a> {
+    let Some(e) = t.ct_get(flow) else { return Tracked::Unknown };
+    if expired(node, e.last_seen, e.state, t.now_ns()) {
+        return Tracked::Unknown;
+    }
+    match t.backend(e.backend) {
+        Some(b) if b.is_alive() && b.generation == e.generation => Tracked::Live(e.backend, b, e),
+        _ => Tracked::BackendGone,
+    }
+}
+
+/// The reply-side key of a NAT flow: backend -> this node's NAT address and port.
+#[inline(always)]
+fn nat_key(node_addr: &Addr, flow: &FlowKey, backend: &Backend, port: [u8; 2]) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: *node_addr,
+        sport: backend.port,
+        dport: port,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Picks a NAT source port for the new flow in `s.target` and claims it with the reply entry
+/// (`s.nat`, keyed `s.nat_key`); the port goes into `s.entry`. Ports are probed in an order
+/// fixed by the flow hash; insert-if-absent arbitrates, so two flows never share a port towards
+/// the same backend.
+#[inline(never)]
+fn allocate_port<T: Tables>(
+    t: &T,
+    node: &NodeConfig,
+    s: &mut Scratch,
+    backend: &Backend,
+) -> Result<(), Counter> {
+    let (flow, e) = (&s.target.flow, &s.entry);
+    let node_addr = node.addr(flow.family).ok_or(Counter::DropNoNodeAddr)?;
+    if backend.family != flow.family || node.nat_port_max < node.nat_port_min {
+        return Err(Counter::DropNatPortsExhausted);
+    }
+    let hash = flow_hash(flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+    s.nat = NatEntry {
+        last_seen: e.last_seen,
+        client: flow.src,
+        vip: flow.dst,
+        client_port: flow.sport,
+        vip_port: flow.dport,
+        peer_mac: e.peer_mac,
+        state: e.state,
+        backend: e.backend,
+        vip_id: e.vip_id,
+        ..NatEntry::default()
+    };
+    s.nat_key = nat_key(&node_addr, flow, backend, [0; 2]);
+    for i in 0..NAT_PROBES {
+        if claim(t, node, s, hash.wrapping_add(i.wrapping_mul(NAT_PROBE_STEP))) {
+            s.entry.nat_port = s.nat_key.dport;
+            return Ok(());
+        }
+    }
+    Err(Counter::DropNatPortsExhausted)
+}
+
+/// Claims the NAT port that `probe` selects for `s.nat`'s flow: free, expired, or already this
+/// flow's (its tracking entry was lost; reusing the port keeps one connection towards the
+/// backend). Not inlined, so the unrolled probe loop keeps almost nothing live.
+#[inline(never)]
+fn claim<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch, probe: u32) -> bool {
+    let min = u32::from(node.nat_port_min);
+    // At least 1 by construction: no division by zero (and no panic path in BPF code).
+    let range = u32::from(node.nat_port_max).saturating_sub(min) + 1;
+    s.nat_key.dport = u16::try_from(min + probe % range).unwrap_or(u16::MAX).to_be_bytes();
+    let (key, entry) = (&s.nat_key, &s.nat);
+    if t.nat_insert_new(key, entry) {
+        return true;
+    }
+    let Some(old) = t.nat_get(key) else { return false };
+    let same_flow = old.client == entry.client
+        && old.client_port == entry.client_port
+        && old.vip == entry.vip
+        && old.vip_port == entry.vip_port;
+    if same_flow || expired(node, old.last_seen, old.state, entry.last_seen) {
+        t.nat_put(key, entry);
+        return true;
+    }
+    false
+}
+
+/// Keeps a NAT flow's reply entry as fresh as its tracking entry: `(port, state, last_seen)`.
+#[inline(never)]
+fn refresh_nat_entry<T: Tables>(
+    t: &T,
+    node: &NodeConfig,
+    s: &mut Scratch,
+    backend: &Backend,
+    to: &([u8; 2], u8, u64),
+) {
+    let Some(node_addr) = node.addr(s.target.flow.family) else { return };
+    s.nat_key = nat_key(&node_addr, &s.target.flow, backend, to.0);
+    t.nat_update(&s.nat_key, |r| {
+        r.state = to.1;
+        r.last_seen = to.2;
+    });
+}
+
+/// Finds the live reply entry for the backend's packet `s.target.flow` (with its TCP flags)
+/// and puts it in `s.nat`, refreshing it (with the flow's tracking entry) when due. False when
+/// the packet belongs to no NAT flow.
+#[inline(always)]
+pub fn nat_reply_entry<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch) -> bool {
+    let (key, flags) = (&s.target.flow, s.target.flags);
+    match t.nat_get(key) {
+        Some(e) => s.nat = e,
+        None => return false,
+    }
+    let now = t.now_ns();
+    let e = &mut s.nat;
+    if expired(node, e.last_seen, e.state, now) {
+        return false;
+    }
+    let state = next_state(e.state, key.proto, flags);
+    if state != e.state || now.saturating_sub(e.last_seen) >= REFRESH_NS {
+        e.state = state;
+        e.last_seen = now;
+        t.nat_update(key, |r| {
+            r.state = state;
+            r.last_seen = now;
+        });
+        s.nat_key = FlowKey {
+            src: e.client,
+            dst: e.vip,
+            sport: e.client_port,
+            dport: e.vip_port,
+            proto: key.proto,
+            family: key.family,
+            _pad: [0; 2],
+        };
+        t.ct_update(&s.nat_key, |c| {
+            c.state = state;
+            c.last_seen = now;
+        });
+    }
+    true
+}
