@@ -1,20 +1,22 @@
-//! Running the real `lbd` binary inside a namespace and waiting on its readiness signal.
+//! Running lb's daemons (`lbd`, `lb-decap`) inside a namespace, synchronised on their
+//! readiness signals (`READY=1`, and `RELOADING=1` then `READY=1` for a reload).
 
 use std::{
     fs,
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
-    process::{Child, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant, SystemTime},
 };
 
 use crate::netns::NetNs;
 
-/// How long lbd may take from start to `READY=1` (loading, ARP, attaching).
+/// How long a daemon may take from start to `READY=1` (loading, ARP, attaching), or from
+/// SIGHUP to the `READY=1` that ends the reload.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long lbd may take to exit after a stop signal, or to give up on a refused start.
+/// How long a daemon may take to exit after a stop signal, or to give up on a refused start.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the readiness wait also checks whether lbd exited instead.
+/// How often a readiness wait also checks whether the daemon exited instead.
 const NOTIFY_POLL: Duration = Duration::from_millis(200);
 
 /// A directory under the system temp dir, removed on drop.
@@ -109,42 +111,10 @@ fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
     newest
 }
 
-/// A running lbd.
-pub struct Lbd {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-/// How an lbd run ended.
+/// How a daemon run ended.
 pub struct Stopped {
     pub status: ExitStatus,
     pub log: String,
-}
-
-/// `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns`, logging to `log`.
-fn spawn(
-    ns: &NetNs,
-    registry: &Path,
-    iface: &str,
-    extra: &[&str],
-    log: &Path,
-    notify: Option<&Path>,
-) -> Child {
-    let log_file = fs::File::create(log).expect("create lbd log");
-    let mut cmd = ns.command(sibling_binary("lbd"));
-    cmd.arg("--config")
-        .arg(registry)
-        .args(["--iface", iface])
-        .args(extra)
-        .env("NO_COLOR", "1")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("dup log"))
-        .stderr(log_file);
-    if let Some(n) = notify {
-        cmd.env("NOTIFY_SOCKET", n);
-    }
-    cmd.spawn().expect("start lbd")
 }
 
 /// Waits up to `timeout` for `child` to exit; kills it if it does not.
@@ -157,13 +127,125 @@ pub fn wait_exit(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
     });
     match rx.recv_timeout(timeout) {
         Ok(Ok(status)) => Some(status),
-        Ok(Err(e)) => panic!("waiting for lbd: {e}"),
+        Ok(Err(e)) => panic!("waiting for a daemon: {e}"),
         Err(_) => {
             // SAFETY: kill(2) on our own child, which the waiting thread has not reaped.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             None
         }
     }
+}
+
+/// `cmd` with its output going to `log` and `NOTIFY_SOCKET` set to `notify` (or unset).
+fn prepare(cmd: &mut Command, log: &Path, notify: Option<&Path>) {
+    let log_file = fs::File::create(log).expect("create daemon log");
+    cmd.env("NO_COLOR", "1")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup log"))
+        .stderr(log_file);
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+}
+
+/// A daemon started with a `NOTIFY_SOCKET` of our own; killed on drop.
+struct Notified {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    notify: UnixDatagram,
+}
+
+impl Notified {
+    /// Starts `cmd` (named `name` in `dir`) and waits for `READY=1`.
+    fn start(mut cmd: Command, dir: &TempDir, name: &str) -> Self {
+        let notify_path = dir.path().join(format!("{name}.notify"));
+        let _ = fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        notify.set_read_timeout(Some(NOTIFY_POLL)).expect("timeout");
+        let log = dir.path().join(format!("{name}.log"));
+        prepare(&mut cmd, &log, Some(&notify_path));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let d = Self { name: name.to_owned(), child: Some(child), log, notify };
+        d.wait_for("READY=1", |_| true);
+        d
+    }
+
+    /// Waits for a notification with `state` (a whole line) that `accept` takes; returns it.
+    fn wait_for(&self, state: &str, mut accept: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut buf = [0u8; 512];
+        loop {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == state) && accept(&msg) {
+                    return msg;
+                }
+            }
+            self.assert_running(state);
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {state} within {READY_TIMEOUT:?}:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    fn assert_running(&self, waiting_for: &str) {
+        // try_wait needs &mut; a clone of the pid is enough to ask without reaping.
+        let pid = libc::pid_t::try_from(self.child.as_ref().expect("running").id()).expect("pid");
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG on our own child; reaps it only if it exited.
+        let r = unsafe { libc::waitpid(pid, &raw mut status, libc::WNOHANG) };
+        assert!(
+            r == 0,
+            "{} exited while waiting for {waiting_for} (status {status:#x}):\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.as_ref().expect("running").id()).expect("pid");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    fn stop(mut self, signal: libc::c_int) -> Stopped {
+        self.signal(signal);
+        let child = self.child.take().expect("running");
+        let status = wait_exit(child, STOP_TIMEOUT);
+        let log = self.log();
+        let status = status.unwrap_or_else(|| {
+            panic!("{} did not exit within {STOP_TIMEOUT:?} of signal {signal}:\n{log}", self.name)
+        });
+        Stopped { status, log }
+    }
+}
+
+impl Drop for Notified {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running lbd.
+pub struct Lbd(Notified);
+
+/// `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns`.
+fn lbd_command(ns: &NetNs, registry: &Path, iface: &str, extra: &[&str]) -> Command {
+    let mut cmd = ns.command(sibling_binary("lbd"));
+    cmd.arg("--config").arg(registry).args(["--iface", iface]).args(extra);
+    cmd
 }
 
 impl Lbd {
@@ -173,26 +255,7 @@ impl Lbd {
     /// When lbd exits or stays unready for [`READY_TIMEOUT`]; the panic carries its log.
     #[must_use]
     pub fn start(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Self {
-        let notify_path = dir.path().join("notify.sock");
-        let _ = fs::remove_file(&notify_path);
-        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-        notify.set_read_timeout(Some(NOTIFY_POLL)).expect("timeout");
-        let log = dir.path().join("lbd.log");
-        let child = spawn(ns, registry, iface, extra, &log, Some(&notify_path));
-        let mut lbd = Self { child: Some(child), log };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut buf = [0u8; 256];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf)
-                && buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1")
-            {
-                return lbd;
-            }
-            if let Some(status) = lbd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("lbd exited before it was ready ({status}):\n{}", lbd.log());
-            }
-            assert!(Instant::now() < deadline, "lbd not ready after {READY_TIMEOUT:?}:\n{}", lbd.log());
-        }
+        Self(Notified::start(lbd_command(ns, registry, iface, extra), dir, "lbd"))
     }
 
     /// Runs an lbd that is expected to exit on its own (a refused start) and returns how.
@@ -202,8 +265,9 @@ impl Lbd {
     #[must_use]
     pub fn run_to_exit(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Stopped {
         let log = dir.path().join("lbd-run.log");
-        let child = spawn(ns, registry, iface, extra, &log, None);
-        let status = wait_exit(child, STOP_TIMEOUT);
+        let mut cmd = lbd_command(ns, registry, iface, extra);
+        prepare(&mut cmd, &log, None);
+        let status = wait_exit(cmd.spawn().expect("start lbd"), STOP_TIMEOUT);
         let log = fs::read_to_string(&log).unwrap_or_default();
         let status = status.unwrap_or_else(|| panic!("lbd kept running:\n{log}"));
         Stopped { status, log }
@@ -211,7 +275,20 @@ impl Lbd {
 
     #[must_use]
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
+    }
+
+    /// Sends SIGHUP and waits for the reload to end (`RELOADING=1`, then `READY=1`); returns
+    /// the `STATUS=` lbd reported with it (`reloaded` or `reload failed`).
+    ///
+    /// # Panics
+    /// When lbd exits or does not finish the reload within [`READY_TIMEOUT`].
+    #[must_use]
+    pub fn reload(&self) -> String {
+        self.0.signal(libc::SIGHUP);
+        self.0.wait_for("RELOADING=1", |_| true);
+        let msg = self.0.wait_for("READY=1", |_| true);
+        msg.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or_default().to_owned()
     }
 
     /// Sends `signal` (SIGTERM, SIGINT) and waits for lbd to exit.
@@ -219,23 +296,32 @@ impl Lbd {
     /// # Panics
     /// When lbd does not exit within [`STOP_TIMEOUT`].
     #[must_use]
-    pub fn stop(mut self, signal: libc::c_int) -> Stopped {
-        let child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(libc::pid_t::try_from(child.id()).expect("pid"), signal) };
-        let status = wait_exit(child, STOP_TIMEOUT);
-        let log = self.log();
-        let status = status
-            .unwrap_or_else(|| panic!("lbd did not exit within {STOP_TIMEOUT:?} of signal {signal}:\n{log}"));
-        Stopped { status, log }
+    pub fn stop(self, signal: libc::c_int) -> Stopped {
+        self.0.stop(signal)
     }
 }
 
-impl Drop for Lbd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+/// A running `lb-decap` on a backend.
+pub struct Decap(Notified);
+
+impl Decap {
+    /// Starts `lb-decap --iface IFACE` in `ns` and waits until its program is attached.
+    ///
+    /// # Panics
+    /// When it exits or stays unready for [`READY_TIMEOUT`].
+    #[must_use]
+    pub fn start(ns: &NetNs, dir: &TempDir, iface: &str) -> Self {
+        let mut cmd = ns.command(sibling_binary("lb-decap"));
+        cmd.args(["--iface", iface]);
+        Self(Notified::start(cmd, dir, &format!("lb-decap-{}", ns.name())))
+    }
+
+    /// Stops it with SIGTERM.
+    ///
+    /// # Panics
+    /// When it does not exit within [`STOP_TIMEOUT`].
+    #[must_use]
+    pub fn stop(self) -> Stopped {
+        self.0.stop(libc::SIGTERM)
     }
 }

@@ -3,8 +3,12 @@
 //! Layout:
 //! - [`netns`]: network namespaces: create, configure, run threads and processes inside.
 //! - [`topology`]: the client / lb / backends L2 segment, set up for direct server return.
+//! - [`routed`]: a dual-stack topology with backends on the lb's segment and behind a router,
+//!   for every forwarding mode.
 //! - [`servers`]: backend servers (HTTP, TCP and UDP echo) that record what they receive.
-//! - [`lbd`]: the real lbd binary in a namespace, started and stopped on its readiness signal.
+//! - [`clients`]: real TCP, UDP and HTTP clients, one bounded exchange each.
+//! - [`lbd`]: the real lbd and lb-decap binaries in a namespace, started, reloaded and stopped
+//!   on their readiness signals.
 //! - [`capture`]: an `AF_PACKET` capture, to see which host sent a frame.
 //! - [`frames`]: building, checking and mutating Ethernet/IP frames.
 //! - [`scenario`]: a fixed data-plane scenario (every mode, both families) for model tests,
@@ -13,9 +17,11 @@
 #![expect(clippy::missing_panics_doc, reason = "test helpers panic with a message by design")]
 
 pub mod capture;
+pub mod clients;
 pub mod frames;
 pub mod lbd;
 pub mod netns;
+pub mod routed;
 pub mod scenario;
 pub mod servers;
 pub mod topology;

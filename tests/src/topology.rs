@@ -63,8 +63,31 @@ tcp:
     )
 }
 
-fn mac_str(mac: [u8; 6]) -> String {
+#[must_use]
+pub fn mac_str(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Joins `ns` to `bridge` in `switch` with a veth pair: `iface` (address `mac`) in `ns`, `peer`
+/// a port of the bridge, up.
+pub fn plug(switch: &NetNs, bridge: &str, ns: &NetNs, iface: &str, mac: [u8; 6], peer: &str) {
+    sh(std::process::Command::new("ip").args([
+        "link",
+        "add",
+        iface,
+        "netns",
+        ns.name(),
+        "address",
+        &mac_str(mac),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        "netns",
+        switch.name(),
+    ]));
+    switch.ip(&["link", "set", peer, "master", bridge, "up"]);
 }
 
 /// One host on the segment; its interface is `eth0`.
@@ -102,23 +125,7 @@ impl DsrTopology {
             let ns = NetNs::new(&format!("{prefix}-{role}"));
             let mac = mac_of(ip);
             let peer = format!("p-{role}");
-            sh(std::process::Command::new("ip").args([
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                ns.name(),
-                "address",
-                &mac_str(mac),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &peer,
-                "netns",
-                switch.name(),
-            ]));
-            switch.ip(&["link", "set", &peer, "master", "br0", "up"]);
+            plug(&switch, "br0", &ns, "eth0", mac, &peer);
             ns.ip(&["addr", "add", &format!("{ip}/{PREFIX_LEN}"), "dev", "eth0"]);
             ns.ip(&["link", "set", "eth0", "up"]);
             Host { ns, ip, mac, peer }

@@ -3,13 +3,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    time::Duration,
+    net::SocketAddr,
 };
 
 use lb_tests::{
     capture::{Capture, ipv4_source},
+    clients::{http_get, logged_counter, payload, tcp_exchange, udp_exchange},
     lbd::{Lbd, TempDir},
     privileged,
     servers::{Ports, Servers},
@@ -21,48 +20,8 @@ const BACKENDS: usize = 3;
 const TCP_CONNECTIONS: usize = 150;
 const UDP_EXCHANGES: usize = 150;
 const HTTP_REQUESTS: usize = 30;
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const PORTS: Ports = Ports { http: 80, echo: 7 };
-
-/// A payload unique to exchange `i`, long enough to span several TCP segments.
-fn payload(kind: &str, i: usize, len: usize) -> Vec<u8> {
-    let mut p = format!("{kind}-{i}:").into_bytes();
-    p.extend((0..len).map(|j| b'a' + u8::try_from((i * 7 + j) % 26).expect("small")));
-    p
-}
-
-/// Connects, sends `data` (then half-closes if `half_close`) and reads until the server closes.
-fn tcp_exchange(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.write_all(data).unwrap();
-    if half_close {
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-    }
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap_or_else(|e| panic!("read from {addr}: {e}"));
-    back
-}
-
-fn udp_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
-    // A fresh socket per exchange: a new source port, so a new flow.
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.send_to(data, addr).unwrap();
-    let mut buf = [0u8; 2048];
-    let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP echo from {addr}: {e}"));
-    assert_eq!(from, addr, "the reply must come from the address the client talked to");
-    buf[..n].to_vec()
-}
-
-/// The body of `GET /` at `addr`.
-fn http_get(addr: SocketAddr) -> String {
-    let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let resp = String::from_utf8(tcp_exchange(addr, req.as_bytes(), false)).expect("utf-8");
-    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
-    resp.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_owned()
-}
+const ECHO: u16 = 7;
+const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 
 /// What the client sent and saw.
 struct ClientRun {
@@ -73,7 +32,7 @@ struct ClientRun {
 
 /// Runs every exchange through the VIP from the client namespace, checking each echo.
 fn exercise_vip() -> ClientRun {
-    let echo = SocketAddr::from((VIP, PORTS.echo));
+    let echo = SocketAddr::from((VIP, ECHO));
     let web = SocketAddr::from((VIP, PORTS.http));
     let mut run = ClientRun { tcp_sent: BTreeSet::new(), udp_sent: BTreeSet::new(), http_bodies: Vec::new() };
     for i in 0..TCP_CONNECTIONS {
@@ -130,25 +89,16 @@ fn assert_direct_server_return(topo: &DsrTopology, capture: &Capture) {
     assert!(stray.is_none(), "a reply from the VIP came from {stray:02x?}, not a backend");
 }
 
-/// A counter from lbd's `data plane counters` log line (`name=N`).
-fn logged_counter(log: &str, name: &str) -> u64 {
-    let line = log.lines().find(|l| l.contains("data plane counters")).expect("counters line in the log");
-    let prefix = format!("{name}=");
-    line.split_whitespace()
-        .find_map(|w| w.trim_matches('"').strip_prefix(prefix.as_str()).and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in {line}"))
-}
-
 /// The whole scenario with lbd attached in `mode`, stopped with `stop_signal`.
 fn balanced_by_direct_server_return(tag: &str, mode: &str, stop_signal: libc::c_int) {
     let topo = DsrTopology::new(&unique_prefix(tag), BACKENDS);
     let servers: Vec<Servers> = (topo.backends.iter().enumerate())
-        .map(|(i, b)| Servers::start(&b.ns, &format!("backend-{}", i + 1), PORTS, &[b.ip, VIP]))
+        .map(|(i, b)| Servers::start(&b.ns, &format!("backend-{}", i + 1), PORTS, &[b.ip.into(), VIP.into()]))
         .collect();
     // The lb node's own services, on the same ports as the VIP's.
-    let own = Servers::start(&topo.lb.ns, "lb-self", PORTS, &[LB_IP]);
+    let own = Servers::start(&topo.lb.ns, "lb-self", PORTS, &[LB_IP.into()]);
     let dir = TempDir::new(tag);
-    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, PORTS.echo));
+    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, ECHO));
     let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &["--xdp-mode", mode]);
     let link = topo.lb.ns.ip_output(&["link", "show", "dev", "eth0"]);
     let shown = if mode == "native" { " xdp " } else { " xdpgeneric " };
@@ -172,7 +122,7 @@ fn balanced_by_direct_server_return(tag: &str, mode: &str, stop_signal: libc::c_
     // The node's own services stay reachable on its own address.
     let (own_http, own_udp) = topo.client.ns.run(|| {
         let http = http_get(SocketAddr::from((LB_IP, PORTS.http)));
-        (http, udp_exchange(SocketAddr::from((LB_IP, PORTS.echo)), b"to the lb itself"))
+        (http, udp_exchange(SocketAddr::from((LB_IP, ECHO)), b"to the lb itself"))
     });
     assert_eq!(own_http, "lb-self");
     assert_eq!(own_udp, b"to the lb itself");

@@ -14,7 +14,8 @@ use lb_tests::{
 use tokio::signal::unix::{SignalKind, signal};
 
 const BACKENDS: usize = 3;
-const PORTS: Ports = Ports { http: 80, echo: 7 };
+const ECHO: u16 = 7;
+const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 /// The line that ends the banner; tests wait for it.
 const BANNER_END: &str = "Ctrl-C stops lbd and removes the namespaces.";
 
@@ -53,12 +54,18 @@ fn run(args: &Args) -> Result<()> {
     eprintln!("lb-demo: building the topology (namespaces {prefix}-*)...");
     let topo = DsrTopology::new(prefix, BACKENDS);
     let servers: Vec<Servers> = (topo.backends.iter().enumerate())
-        .map(|(i, b)| Servers::start(&b.ns, &format!("backend-{} ({})", i + 1, b.ip), PORTS, &[b.ip, VIP]))
+        .map(|(i, b)| {
+            Servers::start(&b.ns, &format!("backend-{} ({})", i + 1, b.ip), PORTS, &[b.ip.into(), VIP.into()])
+        })
         .collect();
-    let own =
-        Servers::start(&topo.lb.ns, &format!("the lb node itself ({LB_IP}), not balanced"), PORTS, &[LB_IP]);
+    let own = Servers::start(
+        &topo.lb.ns,
+        &format!("the lb node itself ({LB_IP}), not balanced"),
+        PORTS,
+        &[LB_IP.into()],
+    );
     let dir = TempDir::new(&format!("demo-{prefix}"));
-    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, PORTS.echo));
+    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, ECHO));
     let status = std::process::Command::new(&lb_ctl).args(["config", "validate"]).arg(&reg).status()?;
     if !status.success() {
         bail!("the embedded registry does not validate");
@@ -92,7 +99,7 @@ Paste these in another terminal (as root):
 
 {BANNER_END}",
         http = PORTS.http,
-        echo = PORTS.echo,
+        echo = ECHO,
         log = dir.path().join("lbd.log").display(),
         lb_ctl = lb_ctl.display(),
         reg = reg.display(),
