@@ -47,7 +47,7 @@ pub fn udp_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     let s = UdpSocket::bind((any, 0)).expect("bind");
     s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     s.send_to(data, addr).unwrap_or_else(|e| panic!("send to {addr}: {e}"));
-    let mut buf = [0u8; 65536];
+    let mut buf = vec![0u8; 65536];
     let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP echo from {addr}: {e}"));
     assert_eq!(from, addr, "the reply must come from the address the client talked to");
     buf[..n].to_vec()

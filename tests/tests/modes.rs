@@ -178,7 +178,7 @@ struct Stream {
 
 /// Upper bounds on a stream: it never runs longer or more rounds than this.
 const STREAM_MAX_ROUNDS: u64 = 100_000;
-const STREAM_MAX_TIME: Duration = Duration::from_secs(60);
+const STREAM_MAX_TIME: Duration = Duration::from_mins(1);
 
 impl Stream {
     /// Connects to `addr` from the client and completes one round before returning, so the
