@@ -11,7 +11,7 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, xdp_md},
     btf_maps::{Array as BtfArray, ArrayOfMaps},
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{btf_map, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -139,7 +139,7 @@ impl Tables for Maps {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         // SAFETY: no preconditions.
-        unsafe { bpf_ktime_get_ns() }
+        unsafe { bpf_ktime_get_coarse_ns() }
     }
 
     #[inline(always)]

@@ -212,39 +212,55 @@ impl Balancer {
     /// Runs the balancer `repeat` times on `frame` in the kernel, against the maps as they
     /// are, without attaching it anywhere.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRun, LoaderError> {
-        let mut out = vec![0u8; TEST_RUN_MAX_FRAME];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let r = self
-            .program()?
-            .test_run(opts)
-            .map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
-        out.truncate(r.data_size_out as usize);
-        let action =
-            Action::from_xdp_code(r.return_value).ok_or(LoaderError::UnexpectedAction(r.return_value))?;
-        Ok(TestRun { action, frame: out, per_run: r.duration })
+        test_run(self.program()?, PROG_BALANCER, frame, repeat)
     }
+}
+
+/// `BPF_PROG_TEST_RUN` of a loaded XDP program on `frame`. The kernel runs it `repeat` times
+/// on the same buffer, each run seeing what the previous one left.
+fn test_run(prog: &mut Xdp, name: &'static str, frame: &[u8], repeat: u32) -> Result<TestRun, LoaderError> {
+    let mut out = vec![0u8; TEST_RUN_MAX_FRAME];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let r = prog.test_run(opts).map_err(|source| LoaderError::Program { name, source })?;
+    out.truncate(r.data_size_out as usize);
+    let action =
+        Action::from_xdp_code(r.return_value).ok_or(LoaderError::UnexpectedAction(r.return_value))?;
+    Ok(TestRun { action, frame: out, per_run: r.duration })
 }
 
 /// The trivial `XDP_PASS` program, attached (native) to an interface for as long as this lives.
 ///
 /// Native `XDP_TX` on a veth only delivers frames when the peer veth runs an XDP program too;
 /// tests and the demo attach this one to the balancer's peer. Real NICs need nothing of this.
+/// Benchmarks load it unattached as the baseline for the balancer's figures.
 pub struct PassProgram {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl PassProgram {
-    pub fn attach(iface: &str) -> Result<Self, LoaderError> {
+    /// Loads it without attaching it.
+    pub fn load() -> Result<Self, LoaderError> {
         let mut ebpf = load_object(NO_STATE)?;
-        load_xdp(&mut ebpf, PROG_PASS)?.attach(iface, XdpMode::Driver).map_err(|source| {
+        load_xdp(&mut ebpf, PROG_PASS)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn attach(iface: &str) -> Result<Self, LoaderError> {
+        let mut p = Self::load()?;
+        xdp(&mut p.ebpf, PROG_PASS)?.attach(iface, XdpMode::Driver).map_err(|source| {
             LoaderError::Attach { iface: iface.to_owned(), mode: AttachMode::Native, source }
         })?;
-        Ok(Self { _ebpf: ebpf })
+        Ok(p)
+    }
+
+    /// Runs it `repeat` times on `frame` in the kernel.
+    pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRun, LoaderError> {
+        test_run(xdp(&mut self.ebpf, PROG_PASS)?, PROG_PASS, frame, repeat)
     }
 }
 

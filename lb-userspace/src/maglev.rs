@@ -84,12 +84,21 @@ fn quotas(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
 }
 
 /// One backend walking its permutation of the slots.
+#[derive(Clone, Copy)]
 struct Walker {
+    /// Position of the backend in the caller's entries: what its slots hold.
     position: u32,
+    /// The slot it steps on in the coming round.
     next: u32,
     skip: u32,
+    /// Slots it still has to claim.
     left: u32,
 }
+
+/// When this few slots are free, the rest of the walk is computed from the slots' side
+/// (see [`finish_tail`]) rather than stepped: the last free slots otherwise cost most of the
+/// steps (coupon collecting), mostly in rounds of one or two walkers.
+const TAIL: u32 = 64;
 
 /// Builds the table: `M` slots, each the position in `entries` of the backend that owns it,
 /// or [`EMPTY`] for all slots when no entry has weight.
@@ -99,15 +108,53 @@ struct Walker {
 /// identities repeat.
 #[must_use]
 pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
+    build_with_tail(entries, m, TAIL)
+}
+
+fn build_with_tail(entries: &[Entry<'_>], m: u32, tail: u32) -> Vec<u32> {
     assert!(is_prime(m) && m <= MAX_TABLE_SIZE, "table size {m} must be a prime <= {MAX_TABLE_SIZE}");
     let quota = quotas(entries, m);
     let mut table = vec![EMPTY; m as usize];
     if quota.iter().all(|&q| q == 0) {
         return table;
     }
+    let mut active = walkers(entries, &quota, m);
+    // A bitmap of claimed slots: small enough to stay in the L1 cache while walkers probe it.
+    let mut taken = vec![0u64; (m as usize).div_ceil(64)];
+    // One spare entry past the end takes the writes of walkers that step on a claimed slot:
+    // the step is then free of data-dependent branches, which mispredict half the time.
+    table.push(EMPTY);
+    let mut free = m;
+    while free > tail {
+        // One round: every walker with room steps once, in turn order.
+        let mut kept = 0;
+        for j in 0..active.len() {
+            let mut w = active[j];
+            let (word, bit) = ((w.next / 64) as usize, w.next % 64);
+            let claims = u32::from(taken[word] & (1 << bit) == 0);
+            taken[word] |= 1 << bit;
+            table[if claims == 1 { w.next as usize } else { m as usize }] = w.position;
+            w.left -= claims;
+            free -= claims;
+            w.next += w.skip;
+            if w.next >= m {
+                w.next -= m;
+            }
+            active[kept] = w;
+            kept += usize::from(w.left > 0);
+        }
+        active.truncate(kept);
+    }
+    table.truncate(m as usize);
+    finish_tail(&mut table, &taken, &active, m);
+    table
+}
+
+/// Walkers of the backends with a quota, in turn order.
+fn walkers(entries: &[Entry<'_>], quota: &[u32], m: u32) -> Vec<Walker> {
     let mut turns: Vec<(u64, Walker)> = entries
         .iter()
-        .zip(&quota)
+        .zip(quota)
         .enumerate()
         .filter(|(_, (_, q))| **q > 0)
         .map(|(i, (e, &q))| {
@@ -120,24 +167,55 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
         .collect();
     turns.sort_by_key(|(order, _)| *order);
     assert!(turns.windows(2).all(|w| w[0].0 != w[1].0), "backend identities must be distinct");
-    let mut active: Vec<Walker> = turns.into_iter().map(|(_, w)| w).collect();
-    let mut free = m;
-    while free > 0 {
-        active.retain_mut(|w| {
-            let slot = &mut table[w.next as usize];
-            if *slot == EMPTY {
-                *slot = w.position;
-                w.left -= 1;
-                free -= 1;
-            }
-            w.next += w.skip;
-            if w.next >= m {
-                w.next -= m;
-            }
-            w.left > 0
-        });
+    turns.into_iter().map(|(_, w)| w).collect()
+}
+
+/// `base^exp mod m`.
+fn pow_mod(base: u64, mut exp: u64, m: u64) -> u64 {
+    let (mut result, mut b) = (1, base % m);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result = result * b % m;
+        }
+        b = b * b % m;
+        exp >>= 1;
     }
-    table
+    result
+}
+
+/// Finishes the walk exactly as the rounds would, from the free slots' side. Walker `j` (in
+/// turn order, all at the same round) reaches slot `s` after `d = (s - next) / skip (mod m)`
+/// rounds; the next claim is the smallest `(d, j)` over walkers and their nearest free slot.
+/// A walker never passes a free slot while it has room, so nearest-free stays ahead of it.
+fn finish_tail(table: &mut [u32], taken: &[u64], active: &[Walker], m: u32) {
+    let m64 = u64::from(m);
+    let mut free: Vec<u32> = (0..m).filter(|&s| taken[(s / 64) as usize] & (1 << (s % 64)) == 0).collect();
+    let mut walkers: Vec<(Walker, u64)> =
+        active.iter().map(|w| (*w, pow_mod(u64::from(w.skip), m64 - 2, m64))).collect();
+    let rounds_to = |w: &Walker, inv: u64, s: u32| (u64::from(s) + m64 - u64::from(w.next)) % m64 * inv % m64;
+    let nearest = |w: &Walker, inv: u64, free: &[u32]| {
+        free.iter().map(|&s| (rounds_to(w, inv, s), s)).min().expect("a walker with room has a free slot")
+    };
+    let mut target: Vec<(u64, u32)> = walkers.iter().map(|(w, inv)| nearest(w, *inv, &free)).collect();
+    while !free.is_empty() {
+        // The earliest claim; ties in a round go to the earlier turn (the lower index).
+        let j = (0..walkers.len())
+            .filter(|&j| walkers[j].0.left > 0)
+            .min_by_key(|&j| target[j].0)
+            .expect("free slots are always owed to some walker");
+        let slot = target[j].1;
+        table[slot as usize] = walkers[j].0.position;
+        walkers[j].0.left -= 1;
+        free.retain(|&s| s != slot);
+        if free.is_empty() {
+            break;
+        }
+        for k in 0..walkers.len() {
+            if walkers[k].0.left > 0 && (k == j || target[k].1 == slot) {
+                target[k] = nearest(&walkers[k].0, walkers[k].1, &free);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +224,36 @@ mod tests {
     use super::*;
 
     const M: u32 = DEFAULT_TABLE_SIZE;
+
+    /// The walk stepped round by round to the last slot: the definition [`build`] must match.
+    fn build_stepped(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
+        build_with_tail(entries, m, 0)
+    }
+
+    #[test]
+    fn the_computed_tail_matches_the_stepped_walk_exactly() {
+        let mut seed = 7u64;
+        let mut rand = |n: u64| {
+            seed = hash64(seed, b"rand");
+            seed % n
+        };
+        for m in [7, 101, 1009, 4099, 65_537] {
+            for _ in 0..12 {
+                let n = 1 + usize::try_from(rand(60)).unwrap();
+                let names = names(n, &m.to_string());
+                let weights: Vec<u32> = (0..n).map(|_| u32::try_from(rand(5)).unwrap()).collect();
+                let e = entries(&names, &weights);
+                let stepped = build_stepped(&e, m);
+                for tail in [1, 3, TAIL, m.min(300)] {
+                    assert_eq!(
+                        build_with_tail(&e, m, tail),
+                        stepped,
+                        "m={m} n={n} tail={tail} weights={weights:?}"
+                    );
+                }
+            }
+        }
+    }
 
     fn names(n: usize, tag: &str) -> Vec<String> {
         (0..n).map(|i| format!("10.{tag}.{}.{}:80", i / 250, i % 250)).collect()

@@ -11,11 +11,13 @@
 //!   on their readiness signals.
 //! - [`capture`]: an `AF_PACKET` capture, to see which host sent a frame.
 //! - [`frames`]: building, checking and mutating Ethernet/IP frames.
+//! - [`bench`]: the benchmarks behind `cargo xtask bench`.
 //! - [`scenario`]: a fixed data-plane scenario (every mode, both families) for model tests,
 //!   the differential test and benchmarks.
 
 #![expect(clippy::missing_panics_doc, reason = "test helpers panic with a message by design")]
 
+pub mod bench;
 pub mod capture;
 pub mod clients;
 pub mod frames;

@@ -1,11 +1,14 @@
-//! Project tasks: `cargo xtask setup | run | test`.
+//! Project tasks: `cargo xtask setup | run | test | differential | bench`.
 //!
 //! Layout:
 //! - `setup`: installs the toolchain parts and Debian packages the build and tests need (idempotent).
 //! - `run`: the embedded demo, or `lbd` for real with the arguments after `--`.
 //! - `test`: unit tests, the eBPF build and the privileged integration tests.
+//! - `differential`: the kernel-versus-model differential test at its full count.
+//! - `bench`: the benchmarks (release build), JSON reports under `target/bench/`.
 //! - `cmd`: small helpers for running child processes with readable errors.
 
+mod bench;
 mod cmd;
 mod run;
 mod setup;
@@ -30,6 +33,10 @@ enum Task {
     Run(run::Options),
     /// Run unit tests, the eBPF build and the privileged integration tests.
     Test(test::Options),
+    /// Run the kernel-versus-model differential test on 1,000,000 frames (CI runs fewer).
+    Differential(test::DifferentialOptions),
+    /// Run benchmarks; each prints a table and writes target/bench/<name>.json.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +45,8 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(&setup::Needs::all()),
         Task::Run(opts) => run::run(&opts),
         Task::Test(opts) => test::run(&opts),
+        Task::Differential(opts) => test::differential(&opts),
+        Task::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

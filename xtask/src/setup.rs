@@ -19,6 +19,8 @@ const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"
 /// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
 /// validate the Vagrantfile.
 const TEST_ONLY_PACKAGES: &[&str] = &["vagrant"];
+/// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
+const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 
 /// bpf-linker release known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -41,6 +43,11 @@ impl Needs {
     /// Running lbd on a real interface needs no Debian package.
     pub fn lbd() -> Self {
         Self { packages: Vec::new() }
+    }
+
+    /// The L4 benchmark: the demo's tools and the baselines it compares against.
+    pub fn bench_l4() -> Self {
+        Self { packages: [DEMO_PACKAGES, BENCH_L4_PACKAGES].concat() }
     }
 }
 

@@ -50,6 +50,29 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub struct DifferentialOptions {
+    /// Frames to run through the kernel program and the model.
+    #[arg(long, default_value_t = 1_000_000)]
+    packets: u64,
+    /// Seed of the frame sequence (the test's default when absent).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// The differential test alone, at a count of our choosing (`cargo xtask test` runs it small).
+pub fn differential(opts: &DifferentialOptions) -> Result<()> {
+    setup::run(&setup::Needs::lbd())?;
+    let mut cargo = cmd::cargo()?;
+    cargo
+        .args(["test", "-p", "lb-tests", "--test", "differential", "--", "--nocapture"])
+        .env("LB_DIFF_PACKETS", opts.packets.to_string());
+    if let Some(seed) = opts.seed {
+        cargo.env("LB_DIFF_SEED", seed.to_string());
+    }
+    cmd::run(&mut cargo)
+}
+
 #[derive(Default)]
 struct Summary {
     suites: u32,

@@ -98,7 +98,7 @@ pub fn choose<'a, T: Tables>(
 ) -> Result<(), Counter> {
     let (vip, flow, flags) = (&s.target.vip, &s.target.flow, s.target.flags);
     let now = t.now_ns();
-    let tracked = tracked(t, node, flow);
+    let tracked = tracked(t, node, flow, now);
     if let Tracked::Live(id, backend, e) = tracked {
         let state = next_state(e.state, flow.proto, flags);
         if state != e.state || now.saturating_sub(e.last_seen) >= REFRESH_NS {
@@ -180,11 +180,11 @@ pub enum Tracked<'a> {
     Unknown,
 }
 
-/// What connection tracking knows of `flow`. Nothing is refreshed.
+/// What connection tracking knows of `flow` at time `now`. Nothing is refreshed.
 #[inline(always)]
-pub fn tracked<'a, T: Tables>(t: &'a T, node: &NodeConfig, flow: &FlowKey) -> Tracked<'a> {
+pub fn tracked<'a, T: Tables>(t: &'a T, node: &NodeConfig, flow: &FlowKey, now: u64) -> Tracked<'a> {
     let Some(e) = t.ct_get(flow) else { return Tracked::Unknown };
-    if expired(node, e.last_seen, e.state, t.now_ns()) {
+    if expired(node, e.last_seen, e.state, now) {
         return Tracked::Unknown;
     }
     match t.backend(e.backend) {
