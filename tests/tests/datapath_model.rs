@@ -197,6 +197,23 @@ fn nat_ports_are_unique_per_backend_and_exhaustion_drops_until_one_frees() {
 }
 
 #[test]
+fn nat_finds_a_free_port_in_a_range_four_fifths_in_use() {
+    // 1000 ports towards nat6's single backend; 800 flows take 800 distinct ports. Probes that
+    // followed a fixed stride would cluster and start failing near half occupancy.
+    let p = make_plan(&scenario::registry(THREE, "20000-20999", ""), &Ids::default());
+    let m = Model::from_plan(&p);
+    m.set_now(1000 * SEC);
+    let mut ports = BTreeSet::new();
+    for i in 0..800u16 {
+        let client = format!("2001:db8:7::{:x}", i / 100);
+        let out = tx(&m, &udp(&client, "2001:db8:100::4", 40_000 + i % 100, 80));
+        assert!(ports.insert(u16::from_be_bytes([out[54], out[55]])), "flow {i} got a port in use");
+    }
+    assert!(ports.iter().all(|p| (20_000..=20_999).contains(p)));
+    assert_eq!(m.counter(Counter::DropNatPortsExhausted), 0);
+}
+
+#[test]
 fn tracked_flows_survive_table_changes_until_their_backend_leaves() {
     let (mut m, p1) = model();
     let flows: Vec<u16> = (0..60).collect();

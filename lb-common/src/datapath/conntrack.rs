@@ -17,12 +17,29 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 pub const REFRESH_NS: u64 = NS_PER_SEC;
 /// All fragments of one datagram must arrive within this of the first.
 pub const FRAG_TIMEOUT_NS: u64 = 30 * NS_PER_SEC;
-/// NAT source ports tried for a new flow before it is dropped: with probes spread evenly, a
-/// range 90% in use still finds a port 97% of the time.
+/// NAT source ports tried for a new flow before it is dropped. Probes are independent (each
+/// port drawn by its own hash), so a range 90% in use still finds a port 97% of the time; a
+/// range of at most this many ports is tried port by port, so a free one is always found.
 pub const NAT_PROBES: u32 = 32;
-/// Distance between the ports tried: a prime above any range size, so the probes never repeat
-/// a port before they have tried `min(NAT_PROBES, range)` distinct ones.
-const NAT_PROBE_STEP: u32 = 65_521;
+
+/// Offset into the NAT port range for probe `i` of a flow with hash `hash`. Independent draws
+/// rather than a fixed stride: strided probes cluster like linear probing, and a range half in
+/// use then already turns flows away.
+#[inline(always)]
+#[must_use]
+pub const fn nat_probe(hash: u32, i: u32, range: u32) -> u32 {
+    if range <= NAT_PROBES {
+        return hash.wrapping_add(i) % range;
+    }
+    // murmur3's 32-bit finaliser over the flow hash and the probe number.
+    let mut x = hash ^ i.wrapping_mul(0x9e37_79b9);
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^= x >> 16;
+    x % range
+}
 
 /// The backend a packet goes to.
 #[derive(Default)]
@@ -238,7 +255,7 @@ fn allocate_port<T: Tables>(
     };
     s.nat_key = nat_key(&node_addr, flow, backend, [0; 2]);
     for i in 0..NAT_PROBES {
-        if claim(t, node, s, hash.wrapping_add(i.wrapping_mul(NAT_PROBE_STEP))) {
+        if claim(t, node, s, hash, i) {
             s.entry.nat_port = s.nat_key.dport;
             return Ok(());
         }
@@ -246,15 +263,15 @@ fn allocate_port<T: Tables>(
     Err(Counter::DropNatPortsExhausted)
 }
 
-/// Claims the NAT port that `probe` selects for `s.nat`'s flow: free, expired, or already this
-/// flow's (its tracking entry was lost; reusing the port keeps one connection towards the
-/// backend). Not inlined, so the unrolled probe loop keeps almost nothing live.
+/// Claims the NAT port that probe `i` selects for `s.nat`'s flow (hash `hash`): free, expired,
+/// or already this flow's (its tracking entry was lost; reusing the port keeps one connection
+/// towards the backend). Not inlined, so the unrolled probe loop keeps almost nothing live.
 #[inline(never)]
-fn claim<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch, probe: u32) -> bool {
+fn claim<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch, hash: u32, i: u32) -> bool {
     let min = u32::from(node.nat_port_min);
     // At least 1 by construction: no division by zero (and no panic path in BPF code).
     let range = u32::from(node.nat_port_max).saturating_sub(min) + 1;
-    s.nat_key.dport = u16::try_from(min + probe % range).unwrap_or(u16::MAX).to_be_bytes();
+    s.nat_key.dport = u16::try_from(min + nat_probe(hash, i, range)).unwrap_or(u16::MAX).to_be_bytes();
     let (key, entry) = (&s.nat_key, &s.nat);
     if t.nat_insert_new(key, entry) {
         return true;
