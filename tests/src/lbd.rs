@@ -278,6 +278,12 @@ impl Lbd {
         self.0.log()
     }
 
+    /// The process id (for the commands the demo prints).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.0.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Sends SIGHUP and waits for the reload to end (`RELOADING=1`, then `READY=1`); returns
     /// the `STATUS=` lbd reported with it (`reloaded` or `reload failed`).
     ///

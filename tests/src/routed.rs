@@ -93,8 +93,11 @@ impl Node {
     }
 }
 
+/// `fd20:NET::HOST`, the host part written with the IPv4 host number's digits (10 -> `::10`),
+/// so a host's two addresses read alike.
 fn v6(net: u16, host: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd20, 0, 0, 0, 0, 0, 0, host) | Ipv6Addr::new(0, net, 0, 0, 0, 0, 0, 0)
+    let host = u16::from_str_radix(&host.to_string(), 16).expect("digits");
+    Ipv6Addr::new(0xfd20, net, 0, 0, 0, 0, 0, host)
 }
 
 /// A host namespace plugged into `bridge` with `v4`/24 and `v6`/64 (no duplicate address

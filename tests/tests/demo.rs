@@ -79,10 +79,24 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
             .to_owned()
     };
 
-    let answers = paste(&command("for i in"));
-    let backends: BTreeSet<&str> = answers.lines().filter(|l| l.starts_with("backend-")).collect();
-    assert_eq!(answers.lines().count(), 12, "every request is answered:\n{answers}");
-    assert!(backends.len() >= 2, "requests must be spread over backends:\n{answers}");
+    let containing = |part: &str| -> String {
+        let line = banner.iter().find(|l| l.contains(part));
+        line.unwrap_or_else(|| panic!("no command with `{part}` in the banner:\n{}", banner.join("\n")))
+            .trim()
+            .to_owned()
+    };
+    // Each mode's loop is answered 12 times, by more than one backend of its own set.
+    for (part, set) in
+        [("100.1/;", "backend l"), ("100.1:8080/;", "backend r"), ("[fd20:100::1]/;", "backend r")]
+    {
+        let answers = paste(&containing(part));
+        let backends: BTreeSet<&str> = answers.lines().filter(|l| l.starts_with(set)).collect();
+        assert_eq!(answers.lines().count(), 12, "every request is answered:\n{answers}");
+        assert!(
+            backends.len() >= 2 && answers.lines().all(|l| l.starts_with(set)),
+            "`{part}` must be spread over {set}*:\n{answers}"
+        );
+    }
     assert_eq!(paste(&command("echo hello-tcp")).trim(), "hello-tcp");
     assert_eq!(paste(&command("echo hello-udp")).trim(), "hello-udp");
     assert!(paste(&command("ip netns exec")).starts_with("the lb node itself"));

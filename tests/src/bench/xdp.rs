@@ -56,7 +56,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { runs: 1_000_000, new_flow_runs: 50_000, repeat: 1_000_000 }
+        Self { runs: 1_000_000, new_flow_runs: 20_000, repeat: 1_000_000 }
     }
 }
 

@@ -1,15 +1,16 @@
-//! The demo behind `cargo xtask run`: a client, an lb node and three backends in network
-//! namespaces, lbd balancing an embedded registry, and commands to paste. Ctrl-C stops lbd and
-//! removes every namespace, process and file it made.
+//! The demo behind `cargo xtask run`: a client behind a router, an lb node, three backends on
+//! the lb's segment and three more one router hop away, all in network namespaces; lbd balancing
+//! an embedded registry in every forwarding mode over IPv4 and IPv6; commands to paste. Ctrl-C
+//! stops lbd and removes every namespace, process and file it made.
 
-use std::process::ExitCode;
+use std::{fmt::Write as _, process::ExitCode};
 
 use anyhow::{Result, bail};
 use clap::Parser;
 use lb_tests::{
-    lbd::{Lbd, TempDir, sibling_binary},
+    lbd::{Decap, Lbd, TempDir, sibling_binary},
+    routed::{Node, RoutedTopology, VIP4, VIP6},
     servers::{Ports, Servers},
-    topology::{DsrTopology, LB_IP, VIP, dsr_registry},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -18,6 +19,49 @@ const ECHO: u16 = 7;
 const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 /// The line that ends the banner; tests wait for it.
 const BANNER_END: &str = "Ctrl-C stops lbd and removes the namespaces.";
+
+/// The embedded registry: one service per mode, an IPv6 VIP among them.
+fn registry(topo: &RoutedTopology) -> String {
+    let list = |nodes: &[Node], v6: bool, port: u16| {
+        let mut s = String::new();
+        for n in nodes {
+            let _ = writeln!(s, "      - {{host: \"{}\", port: {port}}}", n.addr(v6));
+        }
+        s
+    };
+    format!(
+        "\
+# The lb demo: one VIP in three forwarding modes, and an IPv6 VIP.
+version: 1
+tcp:
+  web:                # HTTP by direct server return to backends on lb's own segment
+    vip: {VIP4}
+    port: 80
+    mode: dsr-l2
+    backends:
+{l2}  web-nat:            # HTTP by full NAT to backends behind a router: nothing runs on them
+    vip: {VIP4}
+    port: 8080
+    mode: nat
+    backends:
+{nat}  echo:               # TCP and UDP echo through IPIP tunnels, unwrapped by lb-decap
+    vip: {VIP4}
+    port: {ECHO}
+    mode: dsr-ipip
+    protocols: [tcp, udp]
+    backends:
+{ipip}  web6:               # HTTP on an IPv6 VIP through IP6IP6 tunnels
+    vip: \"{VIP6}\"
+    port: 80
+    mode: dsr-ipip
+    backends:
+{ipip6}",
+        l2 = list(&topo.l2_backends, false, 80),
+        nat = list(&topo.routed_backends, false, 80),
+        ipip = list(&topo.routed_backends, false, ECHO),
+        ipip6 = list(&topo.routed_backends, true, 80),
+    )
+}
 
 #[derive(Parser)]
 #[command(about = "lb demo topology (run it through `cargo xtask run`)")]
@@ -52,20 +96,23 @@ fn run(args: &Args) -> Result<()> {
     let prefix = args.prefix.as_str();
 
     eprintln!("lb-demo: building the topology (namespaces {prefix}-*)...");
-    let topo = DsrTopology::new(prefix, BACKENDS);
-    let servers: Vec<Servers> = (topo.backends.iter().enumerate())
-        .map(|(i, b)| {
-            Servers::start(&b.ns, &format!("backend-{} ({})", i + 1, b.ip), PORTS, &[b.ip.into(), VIP.into()])
-        })
-        .collect();
+    let topo = RoutedTopology::new(prefix, BACKENDS, BACKENDS);
+    let start = |n: &Node, name: &str| {
+        let label = format!("backend {name} ({})", n.v4);
+        Servers::start(&n.ns, &label, PORTS, &[n.v4.into(), VIP4.into()])
+    };
+    let mut servers: Vec<Servers> =
+        topo.l2_backends.iter().enumerate().map(|(i, n)| start(n, &format!("l{}", i + 1))).collect();
+    servers.extend(topo.routed_backends.iter().enumerate().map(|(i, n)| start(n, &format!("r{}", i + 1))));
     let own = Servers::start(
         &topo.lb.ns,
-        &format!("the lb node itself ({LB_IP}), not balanced"),
+        &format!("the lb node itself ({}), not balanced", topo.lb.v4),
         PORTS,
-        &[LB_IP.into()],
+        &[topo.lb.v4.into()],
     );
     let dir = TempDir::new(&format!("demo-{prefix}"));
-    let reg = dir.write("services.yaml", &dsr_registry(BACKENDS, PORTS.http, ECHO));
+    let decaps: Vec<Decap> = topo.routed_backends.iter().map(|n| Decap::start(&n.ns, &dir, "eth0")).collect();
+    let reg = dir.write("services.yaml", &registry(&topo));
     let status = std::process::Command::new(&lb_ctl).args(["config", "validate"]).arg(&reg).status()?;
     if !status.success() {
         bail!("the embedded registry does not validate");
@@ -77,32 +124,38 @@ fn run(args: &Args) -> Result<()> {
     let lb = topo.lb.ns.name();
     println!(
         "
-lb is balancing {VIP} (ports {http}/tcp and {echo}/tcp+udp) over {BACKENDS} backends by XDP direct server return.
+lb is balancing {VIP4} and {VIP6} in XDP on {lb} (client -> router -> lb -> backends):
+  web      {VIP4}:80        dsr-l2    -> l1-l3, on lb's segment, answering the client directly
+  web-nat  {VIP4}:8080      nat       -> r1-r3:80, a router away, answering through lb
+  echo     {VIP4}:{ECHO} tcp+udp dsr-ipip  -> r1-r3, through IPIP tunnels they unwrap with lb-decap
+  web6     [{VIP6}]:80      dsr-ipip  -> r1-r3, through IP6IP6 tunnels
 Paste these in another terminal (as root):
 
-  # HTTP: each new connection is hashed to a backend
-  for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP}/; done
+  # each new connection is hashed to a backend (weighted Maglev) and tracked
+  for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP4}/; done
+  for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP4}:8080/; done
+  for i in $(seq 12); do ip netns exec {client} curl -s -g http://[{VIP6}]/; done
 
-  # TCP and UDP echo through the VIP
-  echo hello-tcp | ip netns exec {client} nc -N {VIP} {echo}
-  echo hello-udp | ip netns exec {client} nc -u -w1 {VIP} {echo}
+  # TCP and UDP echo through the tunnels
+  echo hello-tcp | ip netns exec {client} nc -N {VIP4} {ECHO}
+  echo hello-udp | ip netns exec {client} nc -u -w1 {VIP4} {ECHO}
 
   # the lb node's own address is not balanced: its own server answers
-  ip netns exec {client} curl -s http://{LB_IP}/
+  ip netns exec {client} curl -s http://{lb_ip}/
+
+  # edit the registry (weight: 0 drains a backend; add one), then reload without dropping a flow
+  {lb_ctl} config validate {reg} && kill -HUP {pid}
 
   # the program on the lb's interface ('xdp' = native mode) and the live lbd log
   ip -n {lb} link show dev eth0
   tail -f {log}
 
-  # the registry lbd is serving, checked by the operator CLI
-  {lb_ctl} config validate {reg}
-
 {BANNER_END}",
-        http = PORTS.http,
-        echo = ECHO,
+        lb_ip = topo.lb.v4,
         log = dir.path().join("lbd.log").display(),
         lb_ctl = lb_ctl.display(),
         reg = reg.display(),
+        pid = lbd.pid(),
     );
 
     rt.block_on(async {
@@ -117,7 +170,7 @@ Paste these in another terminal (as root):
         stopped.log.lines().filter(|l| l.contains("forwarded") || l.contains("counters")).collect();
     eprintln!("{}", summary.join("\n"));
     // Servers run on threads inside the namespaces: stop them before the namespaces go.
-    drop((servers, own));
+    drop((servers, own, decaps));
     drop(topo);
     eprintln!("lb-demo: done; no {prefix}-* namespace is left.");
     if !stopped.status.success() {
