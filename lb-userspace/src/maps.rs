@@ -194,6 +194,16 @@ impl DataplaneMaps {
         sum(&self.vip_stats, id, names::VIP_STATS)
     }
 
+    /// The kernel's id of the table map in `slot`, if any: a table replaced by a reload gets a
+    /// new id, one left alone keeps its id.
+    pub fn table_map_id(&self, slot: u32) -> Result<Option<u32>, MapsError> {
+        match self.tables.get(&slot, 0) {
+            Ok(inner) => Ok(Some(inner.info().map_err(access("read info of", names::TABLES))?.id())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(access("get", names::TABLES)(e)),
+        }
+    }
+
     /// Traffic forwarded to backend `id`, summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<Traffic, MapsError> {
         sum(&self.backend_stats, id, names::BACKEND_STATS)
