@@ -37,7 +37,7 @@ fn a_reload_swaps_only_the_changed_services_table() {
         }
     }
     // The new table is complete and in use: new flows reach only the two remaining backends.
-    let macs: std::collections::BTreeSet<[u8; 6]> = (0..200u16)
+    let reached: std::collections::BTreeSet<[u8; 6]> = (0..200u16)
         .map(|i| {
             let mut f = Frame::new(
                 "10.9.0.10".parse().unwrap(),
@@ -55,5 +55,5 @@ fn a_reload_swaps_only_the_changed_services_table() {
         .collect();
     let remaining: std::collections::BTreeSet<[u8; 6]> =
         ["10.9.0.11", "10.9.0.12"].iter().map(|a| scenario::backend_mac(a.parse().unwrap())).collect();
-    assert_eq!(macs, remaining);
+    assert_eq!(reached, remaining);
 }
