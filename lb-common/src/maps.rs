@@ -34,12 +34,17 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// Decapsulation program: local addresses whose tunnelled packets it unwraps.
 pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
 
-/// Number of virtual services (VIP, port, protocol) the data plane holds.
+/// VIP entries (VIP, port, protocol) a registry may hold.
 pub const MAX_VIPS: u32 = 1024;
-/// Maglev tables: one per VIP, plus room to build a resized table beside the live one.
-pub const MAX_TABLES: u32 = 2 * MAX_VIPS;
-/// Number of backend records across all services.
+/// Backends (distinct `host:port`) a registry may hold.
 pub const MAX_BACKENDS: u32 = 4096;
+/// Id spaces in the maps: twice the registry limits, because the ids a reload frees stay
+/// reserved until it is done (old tables and VIP records point at them meanwhile), so a reload
+/// that replaces everything needs the old ids and the new ones at once.
+pub const VIP_IDS: u32 = 2 * MAX_VIPS;
+pub const BACKEND_IDS: u32 = 2 * MAX_BACKENDS;
+/// Maglev tables: one per service (at most one per VIP entry), old and new during a reload.
+pub const MAX_TABLES: u32 = 2 * MAX_VIPS;
 /// Default connection-tracking capacity in flows (about 120 bytes of kernel memory each);
 /// lbd's `--conntrack-size` changes it.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 18;
@@ -165,7 +170,7 @@ impl AddrKey {
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Stats slot; below [`MAX_VIPS`].
+    /// Stats slot; below [`VIP_IDS`].
     pub id: u32,
     /// Slot of this VIP's Maglev table in the outer [`TABLES`] map.
     pub table: u32,
@@ -277,7 +282,9 @@ pub struct CtEntry {
     pub nat_port: [u8; 2],
     /// `TCP_*` / `UDP_ACTIVE`.
     pub state: u8,
-    pub _pad: u8,
+    /// The VIP's `MODE_*` when the flow was tracked: a reload that changes the mode re-balances
+    /// the flow rather than send it on with state the new mode lacks (a NAT port).
+    pub mode: u8,
     /// Link-layer source of the client's frames: NAT replies are sent back to it.
     pub peer_mac: [u8; 6],
     pub _pad2: [u8; 2],

@@ -139,6 +139,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         notify_quietly("RELOADING=1");
         match reload(&opts, link, &node, &mut maps).await {
             Ok(()) => notify_quietly("READY=1\nSTATUS=reloaded"),
+            // Neither plan is in the maps: serving on from them would forward by accident.
+            Err(DaemonError::Maps(e @ MapsError::Inconsistent { .. })) => {
+                notify_quietly("STOPPING=1\nSTATUS=data plane inconsistent");
+                balancer.detach()?;
+                return Err(DaemonError::Maps(e));
+            }
             Err(e) => {
                 error!(error = %error_chain(&e), "reload failed; the previous registry keeps serving");
                 notify_quietly("READY=1\nSTATUS=reload failed");

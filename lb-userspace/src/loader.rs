@@ -156,8 +156,10 @@ impl Balancer {
     /// Loads the object (tracking up to `conntrack_size` flows) and the balancer program, and
     /// takes its maps out for the caller.
     pub fn load(conntrack_size: u32) -> Result<(Self, DataplaneMaps), LoaderError> {
-        let sizes =
-            StateSizes { conntrack: conntrack_size, nat: DEFAULT_NAT_SIZE, fragments: FRAGMENTS_SIZE };
+        // Every NAT flow has a tracking entry and a reply entry: a smaller reply map would evict
+        // live flows' entries first.
+        let nat = conntrack_size.max(DEFAULT_NAT_SIZE);
+        let sizes = StateSizes { conntrack: conntrack_size, nat, fragments: FRAGMENTS_SIZE };
         let mut ebpf = load_object(sizes)?;
         load_xdp(&mut ebpf, PROG_BALANCER)?;
         let maps = DataplaneMaps::take(&mut ebpf)?;

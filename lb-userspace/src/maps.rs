@@ -4,7 +4,9 @@
 //! what changed, in an order that keeps every packet consistent:
 //! node -> backend records -> Maglev tables (each a new inner map, swapped into its slot in one
 //! update) -> VIP entries -> removals (VIPs, tables, then backends marked not alive, so their
-//! tracked flows move to live backends).
+//! tracked flows move to live backends). New tables are built before anything is written, and a
+//! write that fails is undone by writing the previous plan back, so a failed apply leaves the
+//! maps as they were.
 
 use std::{
     collections::BTreeMap,
@@ -53,6 +55,13 @@ pub enum MapsError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    /// An apply failed and writing the previous plan back failed too: the maps hold neither.
+    #[error("applying the plan failed ({apply}), and so did restoring the previous one")]
+    Inconsistent {
+        apply: Box<MapsError>,
+        #[source]
+        undo: Box<MapsError>,
     },
     /// Creating or filling a Maglev table failed.
     #[error("building the Maglev table of service `{service}`")]
@@ -117,14 +126,53 @@ impl DataplaneMaps {
         self.applied.as_ref()
     }
 
-    /// Makes the maps hold `plan`, writing only what differs from the last applied plan.
+    /// Makes the maps hold `plan`, writing only what differs from the last applied plan. On
+    /// failure the maps hold the last applied plan again, or, if even that cannot be written
+    /// back, [`MapsError::Inconsistent`] says so.
     pub fn apply(&mut self, plan: &DataPlan) -> Result<(), MapsError> {
         let prev = self.applied.take();
-        let (no_backends, no_tables) = (BTreeMap::new(), BTreeMap::new());
-        let prev_backends: &BTreeMap<u32, Backend> = prev.as_ref().map_or(&no_backends, |p| &p.backends);
-        let prev_tables: &BTreeMap<u32, TablePlan> = prev.as_ref().map_or(&no_tables, |p| &p.tables);
+        let tables = match build_tables(prev.as_ref(), plan) {
+            Ok(t) => t,
+            Err(e) => {
+                self.applied = prev;
+                return Err(e);
+            }
+        };
+        // The tables being replaced or removed, to put back if a later write fails.
+        let removed = prev.iter().flat_map(|p| p.tables.keys()).filter(|s| !plan.tables.contains_key(s));
+        let replaced: Vec<(u32, MapData)> = (tables.iter().map(|(slot, _)| slot).chain(removed))
+            .filter_map(|slot| Some((*slot, self.tables.get(slot, 0).ok()?)))
+            .collect();
+        match self.write(prev.as_ref(), plan, &tables) {
+            Ok(()) => {
+                self.applied = Some(plan.clone());
+                Ok(())
+            }
+            Err(e) => {
+                let Some(mut prev) = prev else { return Err(e) };
+                if let Err(undo) = self.write(Some(plan), &prev, &replaced) {
+                    return Err(MapsError::Inconsistent { apply: Box::new(e), undo: Box::new(undo) });
+                }
+                prev.ids.merge_generations(&plan.ids);
+                self.applied = Some(prev);
+                Err(e)
+            }
+        }
+    }
 
-        if prev.as_ref().is_none_or(|p| p.node != plan.node) {
+    /// Writes what `plan` holds and `prev` does not (all of it without `prev`), the new tables
+    /// given ready-built, then removes what only `prev` holds. Removals tolerate entries that are
+    /// already gone, so writing back after a half-done write works.
+    fn write(
+        &mut self,
+        prev: Option<&DataPlan>,
+        plan: &DataPlan,
+        tables: &[(u32, MapData)],
+    ) -> Result<(), MapsError> {
+        let no_backends = BTreeMap::new();
+        let prev_backends: &BTreeMap<u32, Backend> = prev.map_or(&no_backends, |p| &p.backends);
+
+        if prev.is_none_or(|p| p.node != plan.node) {
             self.node.set(0, plan.node, 0).map_err(access("set", names::NODE))?;
         }
         for (&id, b) in &plan.backends {
@@ -135,12 +183,8 @@ impl DataplaneMaps {
                 self.backends.set(id, b, 0).map_err(access("set", names::BACKENDS))?;
             }
         }
-        for (&slot, table) in &plan.tables {
-            if prev_tables.get(&slot) != Some(table) {
-                let inner = build_table(&table.slots)
-                    .map_err(|source| MapsError::Table { service: table.service.clone(), source })?;
-                self.tables.set(slot, &inner, 0).map_err(access("set", names::TABLES))?;
-            }
+        for (slot, inner) in tables {
+            self.tables.set(*slot, inner, 0).map_err(access("set", names::TABLES))?;
         }
         let prev_vips: BTreeMap<VipKey, VipInfo> =
             prev.iter().flat_map(|p| &p.vips).map(|v| (v.key, v.info)).collect();
@@ -153,18 +197,18 @@ impl DataplaneMaps {
             self.vips.insert(v.key, v.info, 0).map_err(access("insert", names::VIPS))?;
         }
         for a in &plan.vip_addrs {
-            if prev.as_ref().is_none_or(|p| !p.vip_addrs.contains(a)) {
+            if prev.is_none_or(|p| !p.vip_addrs.contains(a)) {
                 self.vip_addrs.insert(a, 0, 0).map_err(access("insert", names::VIP_ADDRS))?;
             }
         }
 
         // Removals, after everything new is in place.
-        if let Some(prev) = &prev {
+        if let Some(prev) = prev {
             for v in prev.vips.iter().filter(|v| !plan.vips.iter().any(|n| n.key == v.key)) {
-                self.vips.remove(&v.key).map_err(access("remove", names::VIPS))?;
+                gone_ok(self.vips.remove(&v.key)).map_err(access("remove", names::VIPS))?;
             }
             for a in prev.vip_addrs.difference(&plan.vip_addrs) {
-                self.vip_addrs.remove(a).map_err(access("remove", names::VIP_ADDRS))?;
+                gone_ok(self.vip_addrs.remove(a)).map_err(access("remove", names::VIP_ADDRS))?;
             }
             for slot in prev.tables.keys().filter(|s| !plan.tables.contains_key(s)) {
                 delete_elem(&self.tables_fd, *slot).map_err(|e| syscall_error("delete", names::TABLES, e))?;
@@ -174,7 +218,6 @@ impl DataplaneMaps {
                 self.backends.set(id, gone, 0).map_err(access("set", names::BACKENDS))?;
             }
         }
-        self.applied = Some(plan.clone());
         Ok(())
     }
 
@@ -224,6 +267,28 @@ fn zero_stats(map: &mut PerCpuArray<MapData, Traffic>, id: u32, name: &'static s
     let zeroes =
         PerCpuValues::try_from(vec![Traffic::default(); cpus]).map_err(|e| syscall_error("zero", name, e))?;
     map.set(id, zeroes, 0).map_err(access("zero", name))
+}
+
+/// The tables `plan` holds that `prev` does not hold the same, built (each a new map).
+fn build_tables(prev: Option<&DataPlan>, plan: &DataPlan) -> Result<Vec<(u32, MapData)>, MapsError> {
+    let same = |slot: &u32, table: &TablePlan| prev.and_then(|p| p.tables.get(slot)) == Some(table);
+    (plan.tables.iter())
+        .filter(|(slot, table)| !same(slot, table))
+        .map(|(&slot, table)| {
+            build_table(&table.slots)
+                .map(|inner| (slot, inner))
+                .map_err(|source| MapsError::Table { service: table.service.clone(), source })
+        })
+        .collect()
+}
+
+/// A removal of something already gone is a success.
+fn gone_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
 }
 
 /// A new inner table map holding `slots`: created with `BPF_MAP_CREATE` and filled through an
@@ -303,5 +368,7 @@ fn delete_elem(map: &OwnedFd, index: u32) -> io::Result<()> {
     // SAFETY: a valid bpf_attr for BPF_MAP_DELETE_ELEM; `index` outlives the call.
     let rc =
         unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &raw const attr, size_of::<MapElem>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let err = io::Error::last_os_error();
+    // An empty slot is already what a delete wants.
+    if rc < 0 && err.raw_os_error() != Some(libc::ENOENT) { Err(err) } else { Ok(()) }
 }

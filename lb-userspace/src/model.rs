@@ -14,8 +14,8 @@ use std::{
 use lb_common::{
     datapath::{self, Action, Counter, Scratch, Tables},
     maps::{
-        AddrKey, Backend, CtEntry, FlowKey, FragEntry, FragKey, MAX_BACKENDS, MAX_VIPS, NatEntry, NodeConfig,
-        Traffic, VipInfo, VipKey,
+        AddrKey, BACKEND_IDS, Backend, CtEntry, FlowKey, FragEntry, FragKey, NatEntry, NodeConfig, Traffic,
+        VIP_IDS, VipInfo, VipKey,
     },
     packet::{BytesPacket, XDP_HEADROOM},
 };
@@ -47,7 +47,7 @@ impl Default for Model {
             vips: HashMap::new(),
             vip_addrs: HashSet::new(),
             tables: HashMap::new(),
-            backends: vec![Backend::default(); MAX_BACKENDS as usize],
+            backends: vec![Backend::default(); BACKEND_IDS as usize],
             ct: RefCell::default(),
             nat: RefCell::default(),
             frags: RefCell::default(),
@@ -118,6 +118,12 @@ impl Model {
     #[must_use]
     pub fn conntrack(&self, key: &FlowKey) -> Option<CtEntry> {
         self.ct.borrow().get(key).copied()
+    }
+
+    /// Drops NAT reply entry `key`, as the kernel's LRU may when the map is full; true if it
+    /// was there.
+    pub fn evict_nat(&self, key: &FlowKey) -> bool {
+        self.nat.borrow_mut().remove(key).is_some()
     }
 }
 
@@ -201,10 +207,10 @@ impl Tables for Model {
     }
 
     fn count_vip(&self, vip_id: u32, bytes: u64) {
-        add(&self.vip_stats, vip_id, MAX_VIPS, bytes);
+        add(&self.vip_stats, vip_id, VIP_IDS, bytes);
     }
 
     fn count_backend(&self, backend: u32, bytes: u64) {
-        add(&self.backend_stats, backend, MAX_BACKENDS, bytes);
+        add(&self.backend_stats, backend, BACKEND_IDS, bytes);
     }
 }

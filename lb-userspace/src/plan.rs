@@ -12,8 +12,8 @@ use std::{
 };
 
 use lb_common::maps::{
-    AddrKey, BACKEND_ALIVE, Backend, MAX_BACKENDS, MAX_TABLES, MAX_VIPS, NO_BACKEND, NODE_HAS_V4,
-    NODE_HAS_V6, NodeConfig, VipInfo, VipKey, addr_of,
+    AddrKey, BACKEND_ALIVE, BACKEND_IDS, Backend, MAX_TABLES, NO_BACKEND, NODE_HAS_V4, NODE_HAS_V6,
+    NodeConfig, VIP_IDS, VipInfo, VipKey, addr_of,
 };
 
 use crate::{
@@ -57,6 +57,15 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// Takes the later of each backend id's generation from `other` (a plan that was tried and
+    /// undone): a generation once written to the maps is never issued again.
+    pub fn merge_generations(&mut self, other: &Ids) {
+        for (&id, &g) in &other.generations {
+            let mine = self.generations.entry(id).or_insert(g);
+            *mine = (*mine).max(g);
+        }
+    }
+
     /// The id of a backend identity, if it has one.
     #[must_use]
     pub fn backend(&self, identity: &str) -> Option<u32> {
@@ -186,6 +195,16 @@ pub fn plan(
         backends.insert(id, record);
     }
 
+    // The registry's limits leave ids for everything (see `VIP_IDS`); should they not, the
+    // service or entry is left out and reported rather than panic.
+    services.retain(|(name, _, _)| {
+        let has_slot = ids.tables.contains_key(name.as_str());
+        if !has_slot {
+            skipped
+                .push(Skipped { service: (*name).clone(), reason: "no free Maglev table slot".to_owned() });
+        }
+        has_slot
+    });
     let mut tables = BTreeMap::new();
     let mut planned_services = BTreeMap::new();
     for (name, svc, vip) in &services {
@@ -221,11 +240,23 @@ pub fn plan(
         vip_addrs.insert(AddrKey::new(*vip));
         for proto in &svc.protocols {
             let key = VipKey::new(*vip, svc.port, proto.number());
-            let info = VipInfo { id: ids.vips[&key], table, table_size, mode: svc.mode.code(), _pad: [0; 3] };
+            let Some(&id) = ids.vips.get(&key) else {
+                skipped.push(Skipped { service: (*name).clone(), reason: "no free VIP id".to_owned() });
+                continue;
+            };
+            let info = VipInfo { id, table, table_size, mode: svc.mode.code(), _pad: [0; 3] };
             vips.push(VipPlan { service: (*name).clone(), key, info });
         }
     }
 
+    let node_config = node_config(reg, node);
+    let plan =
+        DataPlan { node: node_config, vips, vip_addrs, tables, backends, services: planned_services, ids };
+    (plan, skipped)
+}
+
+/// The node record: this node's addresses and MAC, and the registry's datapath settings.
+fn node_config(reg: &Registry, node: &NodeFacts) -> NodeConfig {
     let d = &reg.datapath;
     let secs = |t: std::time::Duration| u32::try_from(t.as_secs()).unwrap_or(u32::MAX);
     let mut node_config = NodeConfig {
@@ -247,13 +278,12 @@ pub fn plan(
         node_config.addr_v6 = a.octets();
         node_config.has_addr |= NODE_HAS_V6;
     }
-    let plan =
-        DataPlan { node: node_config, vips, vip_addrs, tables, backends, services: planned_services, ids };
-    (plan, skipped)
+    node_config
 }
 
-/// Keeps every id that continues from `prev` and gives new ones the lowest free numbers. A
-/// backend id given to a new identity, or whose address changed, gets the next generation.
+/// Keeps every id that continues from `prev` and gives new ones the lowest numbers `prev` did
+/// not hold. A backend id given to a new identity, or whose address changed, gets the next
+/// generation.
 fn assign_ids(
     services: &[(&String, &L4Service, IpAddr)],
     resolved: &Resolutions,
@@ -276,12 +306,15 @@ fn assign_ids(
             ids.backends.insert(identity.clone(), (id, generation, *addr));
         }
     }
-    let mut used: BTreeSet<u32> = ids.backends.values().map(|b| b.0).collect();
+    // Ids that `prev` held stay out of reach for one reload, even those it frees: until the
+    // reload's removals run, old tables and VIP records still point at them, and a packet
+    // would meet the new owner under the old service (and get tracked to it).
+    let mut used: BTreeSet<u32> = prev.backends.values().map(|b| b.0).collect();
     for (identity, addr) in &wanted {
         if ids.backends.contains_key(identity) {
             continue;
         }
-        let Some(id) = lowest_free(&used, MAX_BACKENDS) else { break };
+        let Some(id) = lowest_free(&used, BACKEND_IDS) else { break };
         used.insert(id);
         let generation = bump(&mut ids.generations, id);
         ids.backends.insert(identity.clone(), (id, generation, *addr));
@@ -291,16 +324,16 @@ fn assign_ids(
         .flat_map(|(_, svc, vip)| svc.protocols.iter().map(|p| VipKey::new(*vip, svc.port, p.number())))
         .collect();
     ids.vips = keys.iter().filter_map(|k| prev.vips.get(k).map(|id| (*k, *id))).collect();
-    let mut used: BTreeSet<u32> = ids.vips.values().copied().collect();
+    let mut used: BTreeSet<u32> = prev.vips.values().copied().collect();
     for k in keys {
         if !ids.vips.contains_key(&k)
-            && let Some(id) = lowest_free(&used, MAX_VIPS)
+            && let Some(id) = lowest_free(&used, VIP_IDS)
         {
             used.insert(id);
             ids.vips.insert(k, id);
         }
     }
-    let mut used: BTreeSet<u32> = BTreeSet::new();
+    let mut used: BTreeSet<u32> = prev.tables.values().map(|t| t.0).collect();
     let mut pending = Vec::new();
     for (name, _, _) in services {
         match prev.tables.get(name.as_str()) {
@@ -507,18 +540,38 @@ tcp:
     }
 
     #[test]
-    fn a_freed_id_given_to_a_new_backend_gets_a_new_generation() {
+    fn a_freed_id_waits_one_reload_then_goes_to_a_new_backend_under_a_new_generation() {
+        let backends = |hosts: &[&str]| {
+            let list: Vec<String> = hosts.iter().map(|h| format!("{{host: {h}, port: 7}}")).collect();
+            registry(&format!(
+                "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 7\n    backends: [{}]\n",
+                list.join(", ")
+            ))
+        };
+        let (p1, _) = plan(&backends(&["10.0.0.11"]), &node(), &resolutions(), &Ids::default());
+        let (p2, _) = plan(&backends(&["10.0.0.12"]), &node(), &resolutions(), &p1.ids);
+        let (p3, _) = plan(&backends(&["10.0.0.12", "10.9.0.5"]), &node(), &resolutions(), &p2.ids);
+        let freed = p1.ids.backend("10.0.0.11:7").unwrap();
+        assert_ne!(p2.ids.backend("10.0.0.12:7"), Some(freed), "not reused in the reload that frees it");
+        assert_eq!(p3.ids.backend("10.9.0.5:7"), Some(freed), "the lowest free id is reused later...");
+        assert_ne!(
+            p1.backends[&freed].generation, p3.backends[&freed].generation,
+            "...under a new generation"
+        );
+    }
+
+    #[test]
+    fn a_removed_services_table_slot_is_not_given_to_a_new_service_in_the_same_reload() {
         let one = registry(
             "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 7\n    backends: [{host: 10.0.0.11, port: 7}]\n",
         );
         let other = registry(
-            "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 7\n    backends: [{host: 10.0.0.12, port: 7}]\n",
+            "version: 1\ntcp:\n  b:\n    vip: 10.100.0.2\n    port: 7\n    backends: [{host: 10.0.0.11, port: 7}]\n",
         );
         let (p1, _) = plan(&one, &node(), &resolutions(), &Ids::default());
         let (p2, _) = plan(&other, &node(), &resolutions(), &p1.ids);
-        let (id1, id2) = (p1.ids.backend("10.0.0.11:7").unwrap(), p2.ids.backend("10.0.0.12:7").unwrap());
-        assert_eq!(id1, id2, "the lowest free id is reused");
-        assert_ne!(p1.backends[&id1].generation, p2.backends[&id2].generation, "...under a new generation");
+        assert_ne!(p1.ids.tables["a"].0, p2.ids.tables["b"].0);
+        assert_ne!(p1.vips[0].info.id, p2.vips[0].info.id, "nor a removed VIP's stats slot");
     }
 
     #[test]

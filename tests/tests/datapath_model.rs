@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use lb_common::{
     datapath::{Action, Counter},
-    maps::{PROTO_TCP, PROTO_UDP},
+    maps::{FlowKey, PROTO_TCP, PROTO_UDP},
     packet::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6},
 };
 use lb_tests::{
@@ -187,13 +187,44 @@ fn nat_ports_are_unique_per_backend_and_exhaustion_drops_until_one_frees() {
         ports.insert(u16::from_be_bytes([out[54], out[55]]));
     }
     assert_eq!(ports.len(), 10, "ten flows, ten distinct ports out of ten");
-    // Eight probes over a full range find nothing: the new flow is dropped and counted.
+    // A range this small is probed port by port: every port is taken, so the new flow is
+    // dropped and counted.
     let (action, _) = m.run(&udp("2001:db8::10", "2001:db8:100::4", 51000, 80).build());
     assert_eq!(action, Action::Drop);
     assert_eq!(m.counter(Counter::DropNatPortsExhausted), 1);
     // Once the idle flows expire (30s UDP timeout), their ports serve new flows.
     m.set_now(1000 * SEC + 31 * SEC);
     tx(&m, &udp("2001:db8::10", "2001:db8:100::4", 51000, 80));
+}
+
+#[test]
+fn a_nat_reply_entry_evicted_under_a_live_flow_is_put_back() {
+    let (m, _) = model();
+    let node: std::net::Ipv4Addr = scenario::NODE_V4.parse().unwrap();
+    let out = tx(&m, &udp("10.9.0.10", "10.9.100.4", 40000, 80));
+    let (backend, port) = (std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]), [out[34], out[35]]);
+    let reply = || {
+        let mut r =
+            Frame::new(backend.into(), ip(scenario::NODE_V4), PROTO_UDP, 8080, u16::from_be_bytes(port), 16);
+        r.src_mac = backend_mac(backend.into());
+        r.build()
+    };
+    assert_eq!(m.run(&reply()).0, Action::Tx, "a reply goes back to the client");
+    let key = FlowKey {
+        src: lb_common::maps::addr_v4(backend.octets()),
+        dst: lb_common::maps::addr_v4(node.octets()),
+        sport: 8080u16.to_be_bytes(),
+        dport: port,
+        proto: PROTO_UDP,
+        family: lb_common::maps::FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    assert!(m.evict_nat(&key), "the reply entry's key");
+    assert_eq!(m.run(&reply()).0, Action::Pass, "without it a reply is not ours");
+    // The client's next packet, past the refresh interval, puts it back.
+    m.set_now(1000 * SEC + 2 * SEC);
+    assert_eq!(tx(&m, &udp("10.9.0.10", "10.9.100.4", 40000, 80))[34..36], port, "same port");
+    assert_eq!(m.run(&reply()).0, Action::Tx, "replies flow again");
 }
 
 #[test]
@@ -226,7 +257,6 @@ fn tracked_flows_survive_table_changes_until_their_backend_leaves() {
     let drained = THREE
         .replace("port: 80}\n      - {host: 10.9.0.13", "port: 80, weight: 0}\n      - {host: 10.9.0.13")
         + "      - {host: 10.9.0.14, port: 80}\n";
-    let drained = drained.replace("{host: 10.9.0.11, port: 80, weight: 0}", "{host: 10.9.0.11, port: 80}");
     let p2 = make_plan(&registry(&drained), &p1.ids);
     assert_eq!(p2.services["l2"][1].weight, 0, "10.9.0.12 drained");
     m.apply(&p2);
@@ -258,6 +288,24 @@ fn tracked_flows_survive_table_changes_until_their_backend_leaves() {
     assert_eq!(m.counter(Counter::CtMissEstablished), 0, "moved flows had entries...");
     let moved = before.iter().filter(|mac| **mac == gone).count() as u64;
     assert_eq!(m.counter(Counter::CtRebalanced), moved, "...and each was balanced again once");
+}
+
+#[test]
+fn a_reload_that_changes_the_mode_rebalances_tracked_flows_into_the_new_mode() {
+    let (mut m, p1) = model();
+    let ack = tcp("10.9.0.10", "10.9.100.1", 40000, 80, TCP_ACK);
+    tx(&m, &tcp("10.9.0.10", "10.9.100.1", 40000, 80, TCP_SYN));
+    let as_nat = registry(THREE).replacen("    port: 80\n", "    port: 80\n    mode: nat\n", 1);
+    let p2 = make_plan(&as_nat, &p1.ids);
+    m.apply(&p2);
+    let out = tx(&m, &ack);
+    // Now translated: from the node's address and a NAT port, not sent on with port 0.
+    let node: std::net::Ipv4Addr = scenario::NODE_V4.parse().unwrap();
+    assert_eq!(out[26..30], node.octets(), "the source is the node's address");
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    assert!((61_000..=61_009).contains(&sport), "NAT source port {sport}");
+    assert_eq!(m.counter(Counter::CtRebalanced), 1, "the dsr-l2 entry did not carry over");
+    assert_eq!(tx(&m, &ack), out, "and the flow is tracked in its new mode");
 }
 
 #[test]
@@ -353,6 +401,16 @@ fn later_fragments_follow_their_first_fragment() {
         let mut stray = later.clone();
         stray.fragment = Fragment::Later(id + 1, 32);
         assert_eq!(m.run(&stray.build()).0, Action::Drop, "a later fragment of an unseen datagram");
+        // The node's own fragmented traffic is not ours: all of it goes to the stack.
+        let node = if ip(client).is_ipv6() { scenario::NODE_V6 } else { scenario::NODE_V4 };
+        let mut own = Frame::new(ip(client), ip(node), PROTO_UDP, 40000, 53, 64);
+        own.fragment = Fragment::First(id);
+        let mut own_later = own.clone();
+        own_later.fragment = Fragment::Later(id, 32);
+        for f in [own, own_later] {
+            let frame = f.build();
+            assert_eq!(m.run(&frame), (Action::Pass, frame), "the node's own fragments pass unchanged");
+        }
     }
     // NAT: a later fragment has its addresses translated (and the IPv4 header checksum).
     let mut first = Frame::new(ip("10.9.0.10"), ip("10.9.100.4"), PROTO_UDP, 40002, 80, 64);

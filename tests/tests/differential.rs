@@ -6,6 +6,8 @@
 //! VIP, ARP, VLAN-tagged and IPv6-extension frames, frames for another MAC, and deterministic
 //! mutations of all of them (truncations, bit flips, length fields).
 //!
+//! Halfway through, both take the same reload (a backend leaves, one joins, one is drained).
+//!
 //! `LB_DIFF_PACKETS` sets the count (CI runs the default; `cargo xtask differential` runs
 //! 1,000,000). `LB_DIFF_SEED` changes the sequence.
 
@@ -177,7 +179,14 @@ fn kernel_program_and_model_agree_on_every_frame() {
     let timeouts = "  udp_timeout: 1h\n  tcp_syn_timeout: 1h\n  tcp_closing_timeout: 1h";
     let src = scenario::registry(THREE, &format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1), timeouts);
     let plan = scenario::plan(&src, &Ids::default());
-    let model = Model::from_plan(&plan);
+    // Halfway, a reload: one `l2` backend leaves, one joins, one is drained. Tracked flows of
+    // the one that left are balanced again; the others keep their backends.
+    let changed = "      - {host: 10.9.0.11, port: 80}\n      - {host: 10.9.0.12, port: 80, weight: 0}\n      - {host: 10.9.0.14, port: 80}\n";
+    let reloaded = scenario::plan(
+        &scenario::registry(changed, &format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1), timeouts),
+        &plan.ids,
+    );
+    let mut model = Model::from_plan(&plan);
     let (mut balancer, mut maps) = Balancer::load(CONNTRACK_SIZE).expect("load the XDP object");
     maps.apply(&plan).expect("fill the maps");
     assert_eq!(plan.node.mac, NODE_MAC);
@@ -185,6 +194,10 @@ fn kernel_program_and_model_agree_on_every_frame() {
     let mut generator = Gen { rng: Rng::new(seed) };
     let started = std::time::Instant::now();
     for n in 0..packets {
+        if n == packets / 2 {
+            maps.apply(&reloaded).expect("apply the reload");
+            model.apply(&reloaded);
+        }
         let frame = generator.frame();
         model.set_now(monotonic_ns());
         let kernel = balancer.test_run(&frame, 1).unwrap_or_else(|e| panic!("frame {n}: test run: {e:?}"));
@@ -204,10 +217,10 @@ fn kernel_program_and_model_agree_on_every_frame() {
     }
     let verdicts: u64 = counters.iter().filter(|(c, _)| c.is_verdict()).map(|(_, n)| n).sum();
     assert_eq!(verdicts, packets as u64, "every frame has exactly one verdict");
-    for vip in &plan.vips {
+    for vip in &reloaded.vips {
         assert_eq!(maps.vip_stats(vip.info.id).unwrap(), model.vip_stats(vip.info.id), "{}", vip.service);
     }
-    for &id in plan.backends.keys() {
+    for &id in plan.backends.keys().chain(reloaded.backends.keys()) {
         assert_eq!(maps.backend_stats(id).unwrap(), model.backend_stats(id), "backend {id}");
     }
     for c in [
@@ -222,6 +235,7 @@ fn kernel_program_and_model_agree_on_every_frame() {
         Counter::PassVlan,
         Counter::PassIpv6Ext,
         Counter::CtMissEstablished,
+        Counter::CtRebalanced,
     ] {
         assert!(model.counter(c) > 0, "the frames must exercise {}", c.name());
     }

@@ -8,8 +8,8 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -171,7 +171,8 @@ fn every_mode_carries_tcp_and_udp_over_ipv4_and_ipv6_to_every_backend() {
 /// A TCP connection that keeps sending chunks and checking their echoes on a thread until
 /// told to stop; then it closes and returns everything it sent.
 struct Stream {
-    rounds: Arc<AtomicU64>,
+    /// Rounds completed, signalled on each.
+    rounds: Arc<(Mutex<u64>, Condvar)>,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<Vec<u8>>,
 }
@@ -184,7 +185,7 @@ impl Stream {
     /// Connects to `addr` from the client and completes one round before returning, so the
     /// backend has accepted the connection.
     fn open(topo: &RoutedTopology, addr: SocketAddr, tag: String) -> Self {
-        let rounds = Arc::new(AtomicU64::new(0));
+        let rounds = Arc::new((Mutex::new(0), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (rounds.clone(), stop.clone());
         let thread = topo.client.ns.spawn("stream", move || {
@@ -203,7 +204,8 @@ impl Stream {
                 conn.read_exact(&mut back).unwrap_or_else(|e| panic!("{tag}: echo of round {round}: {e}"));
                 assert_eq!(back, chunk, "{tag}: round {round} must come back intact");
                 sent.extend_from_slice(&chunk);
-                r.fetch_add(1, Ordering::Release);
+                *r.0.lock().expect("lock") += 1;
+                r.1.notify_all();
             }
             conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
             let mut rest = Vec::new();
@@ -216,22 +218,22 @@ impl Stream {
         stream
     }
 
+    /// Rounds completed so far.
+    fn rounds(&self) -> u64 {
+        *self.rounds.0.lock().expect("lock")
+    }
+
     /// Waits until the stream has completed `n` rounds in all (bounded by the stream's own
     /// limits: a stream that stops early fails here).
     fn wait_rounds(&self, n: u64) {
         let deadline = Instant::now() + STREAM_MAX_TIME;
-        while self.rounds.load(Ordering::Acquire) < n {
-            assert!(
-                !self.thread.is_finished(),
-                "the stream ended after {} rounds",
-                self.rounds.load(Ordering::Acquire)
-            );
-            assert!(
-                Instant::now() < deadline,
-                "the stream stalled at {} rounds",
-                self.rounds.load(Ordering::Acquire)
-            );
-            std::thread::yield_now();
+        let (count, signal) = &*self.rounds;
+        let mut done = count.lock().expect("lock");
+        while *done < n {
+            assert!(!self.thread.is_finished(), "the stream ended after {} rounds", *done);
+            assert!(Instant::now() < deadline, "the stream stalled at {} rounds", *done);
+            // Woken by each round; the timeout only re-checks that the stream thread lives.
+            done = signal.wait_timeout(done, Duration::from_millis(100)).expect("lock").0;
         }
     }
 
@@ -281,7 +283,7 @@ fn long_lived_streams_keep_flowing_while_a_backend_is_added_and_theirs_is_draine
         (0..3).map(|i| (i, u32::from(i != d))).collect()
     });
     std::fs::write(&reg, text).expect("write registry");
-    let rounds_at_reload: Vec<u64> = streams.iter().map(|s| s.4.rounds.load(Ordering::Acquire)).collect();
+    let rounds_at_reload: Vec<u64> = streams.iter().map(|s| s.4.rounds()).collect();
     assert_eq!(lbd.reload(), "reloaded", "{}", lbd.log());
     // Every stream keeps flowing after the new tables are in place.
     for (s, at) in streams.iter().zip(&rounds_at_reload) {

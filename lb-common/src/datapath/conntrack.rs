@@ -115,7 +115,7 @@ pub fn choose<'a, T: Tables>(
 ) -> Result<(), Counter> {
     let (vip, flow, flags) = (&s.target.vip, &s.target.flow, s.target.flags);
     let now = t.now_ns();
-    let tracked = tracked(t, node, flow, now);
+    let tracked = tracked(t, node, flow, now, vip.mode);
     if let Tracked::Live(id, backend, e) = tracked {
         let state = next_state(e.state, flow.proto, flags);
         if state != e.state || now.saturating_sub(e.last_seen) >= REFRESH_NS {
@@ -124,7 +124,8 @@ pub fn choose<'a, T: Tables>(
                 c.last_seen = now;
             });
             if vip.mode == MODE_NAT {
-                refresh_nat_entry(t, node, s, backend, &(e.nat_port, state, now));
+                let fresh = CtEntry { state, last_seen: now, ..e };
+                refresh_nat_entry(t, node, s, backend, &fresh);
             }
         }
         choice.id = id;
@@ -148,6 +149,7 @@ pub fn choose<'a, T: Tables>(
         generation: backend.generation,
         vip_id: vip.id,
         state: initial_state(flow.proto, flags),
+        mode: vip.mode,
         peer_mac: s.frame.eth_src,
         ..CtEntry::default()
     };
@@ -191,21 +193,31 @@ pub fn from_table<'a, T: Tables>(t: &'a T, vip: &VipInfo, hash: u32) -> Result<(
 pub enum Tracked<'a> {
     /// Tracked to a live backend: `(id, backend, entry)`.
     Live(u32, &'a Backend, CtEntry),
-    /// Tracked to a backend that has left (or whose id now names another backend).
+    /// Tracked to a backend that has left (or whose id now names another backend), or under
+    /// another forwarding mode than the VIP's now.
     BackendGone,
     /// Not tracked, or its entry has expired.
     Unknown,
 }
 
-/// What connection tracking knows of `flow` at time `now`. Nothing is refreshed.
+/// What connection tracking knows of `flow` at time `now`, for a VIP in `mode`. Nothing is
+/// refreshed.
 #[inline(always)]
-pub fn tracked<'a, T: Tables>(t: &'a T, node: &NodeConfig, flow: &FlowKey, now: u64) -> Tracked<'a> {
+pub fn tracked<'a, T: Tables>(
+    t: &'a T,
+    node: &NodeConfig,
+    flow: &FlowKey,
+    now: u64,
+    mode: u8,
+) -> Tracked<'a> {
     let Some(e) = t.ct_get(flow) else { return Tracked::Unknown };
     if expired(node, e.last_seen, e.state, now) {
         return Tracked::Unknown;
     }
     match t.backend(e.backend) {
-        Some(b) if b.is_alive() && b.generation == e.generation => Tracked::Live(e.backend, b, e),
+        Some(b) if b.is_alive() && b.generation == e.generation && e.mode == mode => {
+            Tracked::Live(e.backend, b, e)
+        }
         _ => Tracked::BackendGone,
     }
 }
@@ -288,21 +300,39 @@ fn claim<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch, hash: u32, i: u32
     false
 }
 
-/// Keeps a NAT flow's reply entry as fresh as its tracking entry: `(port, state, last_seen)`.
+/// Keeps a NAT flow's reply entry as fresh as its tracking entry `e` (state and time already
+/// updated). A reply entry the LRU evicted while its flow lives is put back, unless another
+/// flow has claimed the port since.
 #[inline(never)]
-fn refresh_nat_entry<T: Tables>(
-    t: &T,
-    node: &NodeConfig,
-    s: &mut Scratch,
-    backend: &Backend,
-    to: &([u8; 2], u8, u64),
-) {
-    let Some(node_addr) = node.addr(s.target.flow.family) else { return };
-    s.nat_key = nat_key(&node_addr, &s.target.flow, backend, to.0);
-    t.nat_update(&s.nat_key, |r| {
-        r.state = to.1;
-        r.last_seen = to.2;
+fn refresh_nat_entry<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch, backend: &Backend, e: &CtEntry) {
+    let flow = &s.target.flow;
+    let Some(node_addr) = node.addr(flow.family) else { return };
+    s.nat_key = nat_key(&node_addr, flow, backend, e.nat_port);
+    let refreshed = t.nat_update(&s.nat_key, |r| {
+        r.state = e.state;
+        r.last_seen = e.last_seen;
     });
+    if !refreshed {
+        s.nat = NatEntry {
+            last_seen: e.last_seen,
+            client: flow.src,
+            vip: flow.dst,
+            client_port: flow.sport,
+            vip_port: flow.dport,
+            peer_mac: e.peer_mac,
+            state: e.state,
+            backend: e.backend,
+            vip_id: e.vip_id,
+            ..NatEntry::default()
+        };
+        t.nat_insert_new(&s.nat_key, &s.nat);
+    }
+}
+
+/// Whether `key` is the reply direction of a live NAT flow. Nothing is refreshed.
+#[inline(always)]
+pub fn nat_reply_live<T: Tables>(t: &T, node: &NodeConfig, key: &FlowKey) -> bool {
+    t.nat_get(key).is_some_and(|e| !expired(node, e.last_seen, e.state, t.now_ns()))
 }
 
 /// Finds the live reply entry for the backend's packet `s.target.flow` (with its TCP flags)

@@ -145,7 +145,7 @@ fn too_big<P: Packet, T: Tables>(pkt: &mut P, t: &T, s: &mut Scratch) -> Verdict
         _pad: [0; 2],
     };
     let flow = &target.flow;
-    let (backend, nat_port) = match conntrack::tracked(t, node, flow, t.now_ns()) {
+    let (backend, nat_port) = match conntrack::tracked(t, node, flow, t.now_ns(), vip.mode) {
         conntrack::Tracked::Live(_, b, e) => (b, e.nat_port),
         // A NAT flow cannot be translated without its state; a DSR flow's backend follows
         // from the table alone.

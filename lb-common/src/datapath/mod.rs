@@ -16,7 +16,8 @@
 //! - ICMP echo to a VIP address: answered; ICMP "fragmentation needed" / "packet too big" about
 //!   a balanced flow: forwarded to that flow's backend;
 //! - IPv4/IPv6 fragments: the first decides the backend, later ones follow it; a later
-//!   fragment whose first was never seen is dropped;
+//!   fragment to a VIP whose first was never seen is dropped (other unknown fragments go to the
+//!   stack);
 //! - VLAN-tagged, non-IP, IPv6 with extension headers other than a fragment header, and
 //!   everything not for a VIP: passed to the node's stack unchanged;
 //! - truncated or inconsistent headers: passed to the stack (which drops and counts them),
@@ -345,11 +346,16 @@ fn remember_first_fragment<T: Tables>(t: &T, s: &mut Scratch, id: u32, to: &(u8,
 fn later_fragment<P: Packet, T: Tables>(pkt: &mut P, t: &T, s: &mut Scratch, id: u32) -> Verdict {
     let ip = &s.frame.ip;
     s.frag_key = FragKey { src: ip.src, dst: ip.dst, id, proto: ip.proto, family: ip.family, _pad: [0; 2] };
-    let Some(node) = node(t) else { return Counter::DropFragmentUnknown };
     match t.frag_get(&s.frag_key) {
         Some(e) if !conntrack::frag_expired(&e, t.now_ns()) => s.frag = e,
-        _ => return Counter::DropFragmentUnknown,
+        // Only a VIP's fragments are ours to drop; the node's own (a large datagram to its
+        // address, say) go to its stack like the first fragment did.
+        _ if t.is_vip_addr(&AddrKey { addr: ip.dst, family: ip.family, _pad: [0; 3] }) => {
+            return Counter::DropFragmentUnknown;
+        }
+        _ => return Counter::PassNotVip,
     }
+    let Some(node) = node(t) else { return Counter::DropFragmentUnknown };
     if s.frame.eth_dst != node.mac {
         return Counter::PassNotForNode;
     }
@@ -381,11 +387,13 @@ fn nat_reply<P: Packet, T: Tables>(pkt: &mut P, t: &T, s: &mut Scratch) -> Verdi
     if node.addr(ip.family) != Some(ip.dst) || port < node.nat_port_min || port > node.nat_port_max {
         return Counter::PassNotVip;
     }
+    // A frame for another host is not ours to translate, and refreshes nothing.
+    if s.frame.eth_dst != node.mac {
+        let ours = conntrack::nat_reply_live(t, node, key);
+        return if ours { Counter::PassNotForNode } else { Counter::PassNotVip };
+    }
     if !conntrack::nat_reply_entry(t, node, s) {
         return Counter::PassNotVip;
-    }
-    if s.frame.eth_dst != node.mac {
-        return Counter::PassNotForNode;
     }
     if let Frag::First(id) = s.frame.ip.frag {
         remember_reply_fragment(t, s, id);
