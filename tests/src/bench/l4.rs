@@ -333,8 +333,8 @@ fn wait_listening(client: &NetNs, addr: SocketAddr) -> Result<()> {
 }
 
 fn measure(topo: &RoutedTopology, t: &Target, opts: Options, out: &mut Scenario) -> Result<()> {
-    eprintln!("l4 bench: {}", t.name);
     let (rate, failed) = connections(&topo.client.ns, &t.echo, opts.threads, opts.seconds);
+    eprintln!("l4 bench: {}: {rate:.0} connections/s ({failed} failed)", t.name);
     out.connections_per_s_samples.push(round(rate, 0));
     out.failed_connections += failed;
     let sink = t.sink[out.bulk_gbit_per_s_samples.len() % t.sink.len()];
@@ -357,9 +357,8 @@ pub fn run(opts: Options) -> Result<Report> {
             )
         })
         .collect();
-    let _sinks = (start_sinks(&topo.l2_backends), start_sinks(&topo.routed_backends));
-    let _decaps: Vec<Decap> =
-        topo.routed_backends.iter().map(|n| Decap::start(&n.ns, &dir, "eth0")).collect();
+    let _sinks = start_sinks(&topo.l2_backends);
+    let _decaps: Vec<Decap> = topo.l2_backends.iter().map(|n| Decap::start(&n.ns, &dir, "eth0")).collect();
     // Many short connections from one client: reuse its TIME_WAIT ports, use all of them.
     topo.client.ns.sysctl("net/ipv4/tcp_tw_reuse", "1");
     topo.client.ns.sysctl("net/ipv4/ip_local_port_range", "1024 65535");
