@@ -86,15 +86,14 @@ const fn initial_state(proto: u8, flags: u8) -> u8 {
     }
 }
 
-/// A tracked flow's state after a packet (either direction).
+/// A tracked flow's state after a packet (either direction): what the packet alone says,
+/// except that a segment of an ordinary kind moves a flow on only from SYN-seen to established
+/// (on an ACK) and otherwise leaves it where it is (a closing flow stays closing).
 #[inline(always)]
 const fn next_state(state: u8, proto: u8, flags: u8) -> u8 {
-    if proto != PROTO_TCP {
-        UDP_ACTIVE
-    } else if flags & (TCP_FIN | TCP_RST) != 0 {
-        TCP_CLOSING
-    } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
-        TCP_SYN_SEEN
+    let said = initial_state(proto, flags);
+    if said != TCP_ESTABLISHED {
+        said
     } else if state == TCP_SYN_SEEN && flags & TCP_ACK != 0 {
         TCP_ESTABLISHED
     } else {
@@ -222,6 +221,23 @@ pub fn tracked<'a, T: Tables>(
     }
 }
 
+/// The reply entry of the client flow `flow` tracked as `e`.
+#[inline(always)]
+fn reply_entry(flow: &FlowKey, e: &CtEntry) -> NatEntry {
+    NatEntry {
+        last_seen: e.last_seen,
+        client: flow.src,
+        vip: flow.dst,
+        client_port: flow.sport,
+        vip_port: flow.dport,
+        peer_mac: e.peer_mac,
+        state: e.state,
+        backend: e.backend,
+        vip_id: e.vip_id,
+        ..NatEntry::default()
+    }
+}
+
 /// The reply-side key of a NAT flow: backend -> this node's NAT address and port.
 #[inline(always)]
 fn nat_key(node_addr: &Addr, flow: &FlowKey, backend: &Backend, port: [u8; 2]) -> FlowKey {
@@ -253,18 +269,7 @@ fn allocate_port<T: Tables>(
         return Err(Counter::DropNatPortsExhausted);
     }
     let hash = flow_hash(flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
-    s.nat = NatEntry {
-        last_seen: e.last_seen,
-        client: flow.src,
-        vip: flow.dst,
-        client_port: flow.sport,
-        vip_port: flow.dport,
-        peer_mac: e.peer_mac,
-        state: e.state,
-        backend: e.backend,
-        vip_id: e.vip_id,
-        ..NatEntry::default()
-    };
+    s.nat = reply_entry(flow, e);
     s.nat_key = nat_key(&node_addr, flow, backend, [0; 2]);
     for i in 0..NAT_PROBES {
         if claim(t, node, s, hash, i) {
@@ -313,18 +318,7 @@ fn refresh_nat_entry<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch, backe
         r.last_seen = e.last_seen;
     });
     if !refreshed {
-        s.nat = NatEntry {
-            last_seen: e.last_seen,
-            client: flow.src,
-            vip: flow.dst,
-            client_port: flow.sport,
-            vip_port: flow.dport,
-            peer_mac: e.peer_mac,
-            state: e.state,
-            backend: e.backend,
-            vip_id: e.vip_id,
-            ..NatEntry::default()
-        };
+        s.nat = reply_entry(flow, e);
         t.nat_insert_new(&s.nat_key, &s.nat);
     }
 }
@@ -373,4 +367,31 @@ pub fn nat_reply_entry<T: Tables>(t: &T, node: &NodeConfig, s: &mut Scratch) -> 
         });
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::PROTO_UDP;
+
+    #[test]
+    fn tcp_states_follow_the_flags() {
+        let (syn, ack, fin, rst) = (TCP_SYN, TCP_ACK, TCP_FIN, TCP_RST);
+        for (state, flags, next) in [
+            (TCP_SYN_SEEN, ack, TCP_ESTABLISHED),
+            (TCP_SYN_SEEN, syn | ack, TCP_ESTABLISHED),
+            (TCP_SYN_SEEN, 0, TCP_SYN_SEEN),
+            (TCP_ESTABLISHED, ack, TCP_ESTABLISHED),
+            (TCP_ESTABLISHED, fin | ack, TCP_CLOSING),
+            (TCP_ESTABLISHED, rst, TCP_CLOSING),
+            (TCP_ESTABLISHED, syn, TCP_SYN_SEEN),
+            (TCP_CLOSING, ack, TCP_CLOSING),
+            (TCP_CLOSING, syn, TCP_SYN_SEEN),
+        ] {
+            assert_eq!(next_state(state, PROTO_TCP, flags), next, "state {state} flags {flags:#04x}");
+        }
+        assert_eq!(next_state(UDP_ACTIVE, PROTO_UDP, 0), UDP_ACTIVE);
+        assert_eq!(initial_state(PROTO_TCP, ack), TCP_ESTABLISHED, "a mid-flow segment");
+        assert_eq!(initial_state(PROTO_TCP, syn), TCP_SYN_SEEN);
+    }
 }
