@@ -77,6 +77,10 @@ pub const MODE_NAT: u8 = 3;
 /// [`Backend::flags`]: the backend may receive traffic (resolved, healthy, in the registry).
 /// Flows tracked to a backend without it are re-balanced.
 pub const BACKEND_ALIVE: u8 = 1;
+/// [`Backend::flags`]: its health check fails. Tracked flows continue (a check can be wrong
+/// while connections work), but a connection opening again (a pure SYN) is re-balanced: a
+/// retransmitted SYN, or a reused source port, must not wait on a dead backend.
+pub const BACKEND_DOWN: u8 = 2;
 
 /// [`CtEntry::state`] of a TCP flow.
 pub const TCP_SYN_SEEN: u8 = 1;
@@ -211,6 +215,11 @@ impl Backend {
     #[must_use]
     pub const fn is_alive(&self) -> bool {
         self.flags & BACKEND_ALIVE != 0
+    }
+
+    #[must_use]
+    pub const fn is_down(&self) -> bool {
+        self.flags & BACKEND_DOWN != 0
     }
 }
 

@@ -2,23 +2,31 @@
 //! detach.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
 
-use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing::{error, info, warn};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{info, warn};
 
 use crate::{
-    config::{self, ConfigError, Registry},
+    admin::{self, Answer, Ask},
+    config::{self, ConfigError},
+    control::{Controller, Outcome, SETTLE},
+    health::Checker,
     loader::{AttachMode, Balancer, LoaderError},
     logging::error_chain,
     maps::{DataplaneMaps, MapsError},
-    netlink::{self, Link, NetlinkError},
+    netlink::{self, NetlinkError},
     notify,
-    plan::{self, DataPlan, Ids, NodeFacts},
-    resolve,
+    plan::{self, NodeFacts},
+    report,
+    watch::Watcher,
 };
 
 /// What lbd needs to run.
@@ -34,6 +42,14 @@ pub struct Options {
     /// Source addresses for `dsr-ipip` and `nat`; default: the interface's first global ones.
     pub source_v4: Option<Ipv4Addr>,
     pub source_v6: Option<Ipv6Addr>,
+    /// Where the admin API listens.
+    pub admin: SocketAddr,
+    /// Allow a non-loopback admin address.
+    pub admin_allow_public: bool,
+    /// This node's name (default: the registry's `node`).
+    pub node: Option<String>,
+    /// Reload when the registry's files change.
+    pub watch: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +76,22 @@ pub enum DaemonError {
     /// The stop and reload signals could not be subscribed to.
     #[error("installing signal handlers")]
     Signal(#[source] std::io::Error),
+    /// The admin API could not listen.
+    #[error("admin API on {addr}: {reason}")]
+    Admin { addr: SocketAddr, reason: String },
+    /// The registry file could not be replaced.
+    #[error("{}: cannot write the registry", file.display())]
+    Write {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry watcher could not start.
+    #[error("watching the registry")]
+    Watch(#[source] std::io::Error),
+    /// A request named something that does not exist.
+    #[error("{0}")]
+    Unknown(String),
 }
 
 /// SIGTERM, SIGINT and SIGHUP, subscribed before lbd reports ready so a signal that follows
@@ -102,8 +134,12 @@ fn notify_quietly(state: &str) {
 /// Runs lbd until SIGINT or SIGTERM. Nothing is attached if anything before the attach fails.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut signals = Signals::install().map_err(DaemonError::Signal)?;
-    let registry = config::load_file(&opts.config)?;
-    info!(file = %opts.config.display(), http = registry.http.len(), tcp = registry.tcp.len(), "registry loaded");
+    let admin_error = |reason: String| DaemonError::Admin { addr: opts.admin, reason };
+    admin::check_bind(opts.admin, opts.admin_allow_public).map_err(admin_error)?;
+    let admin_listener = TcpListener::bind(opts.admin).await.map_err(|e| admin_error(e.to_string()))?;
+    let loaded = config::load(&opts.config)?;
+    let reg = &loaded.registry;
+    info!(file = %opts.config.display(), files = loaded.files.len(), http = reg.http.len(), tcp = reg.tcp.len(), "registry loaded");
 
     let iface = opts.iface.clone();
     let interface = |source| DaemonError::Interface { iface: opts.iface.clone(), source };
@@ -124,101 +160,154 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     info!(iface = %opts.iface, source_v4 = ?node.addr_v4, source_v6 = ?node.addr_v6, "node facts");
 
-    let plan = build_plan(&registry, &opts, link, &node, &Ids::default()).await?;
-    // Maps are filled before the program is attached: the first packet sees the whole plan.
-    let (mut balancer, mut maps) = Balancer::load(opts.conntrack_size)?;
-    maps.apply(&plan)?;
-    balancer.attach(&opts.iface, opts.xdp_mode)?;
-    notify_quietly("READY=1\nSTATUS=serving");
-    info!(iface = %opts.iface, vips = plan.vips.len(), backends = plan.backends.len(), "lbd ready");
+    let (health_tx, mut health_rx) = mpsc::channel(HEALTH_QUEUE);
+    let (watch_tx, mut watch_rx) = mpsc::channel(1);
+    let (neigh_tx, mut neigh_rx) = mpsc::channel(1);
+    let (admin_tx, mut admin_rx) = mpsc::channel(ADMIN_QUEUE);
+    let watcher = if opts.watch {
+        Some(Watcher::spawn(loaded.dirs.clone(), watch_tx).map_err(DaemonError::Watch)?)
+    } else {
+        None
+    };
+    netlink::follow_neighbours(neigh_tx).map_err(DaemonError::Resolve)?;
 
-    loop {
-        if let Event::Stop = signals.next().await {
-            break;
+    // Maps are filled before the program is attached: the first packet sees the whole plan.
+    let (mut balancer, maps) = Balancer::load(opts.conntrack_size)?;
+    let mut ctl = Controller::start(opts.clone(), link, node, maps, loaded, Checker::new(health_tx)).await?;
+    balancer.attach(&opts.iface, opts.xdp_mode)?;
+    tokio::spawn(admin::serve(admin_listener, admin_tx));
+    notify_quietly("READY=1\nSTATUS=serving");
+    let plan = ctl.maps().applied().map(|p| (p.vips.len(), p.backends.len())).unwrap_or_default();
+    info!(iface = %opts.iface, vips = plan.0, backends = plan.1, admin = %opts.admin, "lbd ready");
+
+    let result = loop {
+        let step = tokio::select! {
+            event = signals.next() => match event {
+                Event::Stop => break Ok(()),
+                Event::Reload => reload(&mut ctl, "SIGHUP").await,
+            },
+            Some(()) = watch_rx.recv() => {
+                // Writes often come in a burst (an editor, several included files).
+                tokio::time::sleep(SETTLE).await;
+                while watch_rx.try_recv().is_ok() {}
+                reload(&mut ctl, "file change").await
+            }
+            Some(report) = health_rx.recv() => ctl.on_report(&report),
+            Some(()) = neigh_rx.recv() => ctl.refresh_neighbours().await,
+            Some(req) = admin_rx.recv() => answer(&mut ctl, req).await,
+        };
+        if let Some(w) = &watcher {
+            w.set_dirs(ctl.loaded().dirs.clone());
         }
-        notify_quietly("RELOADING=1");
-        match reload(&opts, link, &node, &mut maps).await {
-            Ok(()) => notify_quietly("READY=1\nSTATUS=reloaded"),
+        match step {
             // Neither plan is in the maps: serving on from them would forward by accident.
-            Err(DaemonError::Maps(e @ MapsError::Inconsistent { .. })) => {
+            Err(DaemonError::Maps(e)) if e.is_inconsistent() => {
                 notify_quietly("STOPPING=1\nSTATUS=data plane inconsistent");
                 balancer.detach()?;
                 return Err(DaemonError::Maps(e));
             }
-            Err(e) => {
-                error!(error = %error_chain(&e), "reload failed; the previous registry keeps serving");
-                notify_quietly("READY=1\nSTATUS=reload failed");
-            }
+            Err(e) => warn!(error = %error_chain(&e), "request failed"),
+            Ok(_) => {}
         }
-    }
+    };
     notify_quietly("STOPPING=1");
-    log_traffic(&maps)?;
+    log_traffic(ctl.maps())?;
     balancer.detach()?;
-    Ok(())
+    result
 }
 
-/// Reads the registry again and moves the maps to its plan, keeping ids and flow state.
-async fn reload(
-    opts: &Options,
-    link: Link,
-    node: &NodeFacts,
-    maps: &mut DataplaneMaps,
-) -> Result<(), DaemonError> {
-    let registry = config::load_file(&opts.config)?;
-    let prev = maps.applied().map(|p| p.ids.clone()).unwrap_or_default();
-    let plan = build_plan(&registry, opts, link, node, &prev).await?;
-    maps.apply(&plan)?;
-    info!(vips = plan.vips.len(), backends = plan.backends.len(), "registry reloaded");
-    Ok(())
-}
-
-async fn build_plan(
-    reg: &Registry,
-    opts: &Options,
-    link: Link,
-    node: &NodeFacts,
-    prev: &Ids,
-) -> Result<DataPlan, DaemonError> {
-    let hosts = plan::xdp_backend_hosts(reg);
-    let resolved = resolve::backends(&hosts, &opts.iface, link, opts.resolve_timeout)
-        .await
-        .map_err(DaemonError::Resolve)?;
-    let (plan, skipped) = plan::plan(reg, node, &resolved, prev);
-    for s in &skipped {
-        info!(service = %s.service, reason = %s.reason, "service not in the XDP data plane");
+/// A reload with the supervisor told before and after. Failures are recorded by the
+/// controller; only an inconsistent data plane comes back as an error.
+async fn reload(ctl: &mut Controller, cause: &str) -> Result<Outcome, DaemonError> {
+    notify_quietly("RELOADING=1");
+    let r = ctl.reload(cause).await;
+    match &r {
+        Err(DaemonError::Maps(e)) if e.is_inconsistent() => return r,
+        Ok(_) => notify_quietly("READY=1\nSTATUS=reloaded"),
+        Err(_) => notify_quietly("READY=1\nSTATUS=reload failed"),
     }
-    log_plan(&plan);
-    Ok(plan)
+    Ok(r.unwrap_or(Outcome::Unchanged))
 }
 
-fn entry_name(vip: &plan::VipPlan) -> String {
-    let proto = if vip.key.proto == lb_common::maps::PROTO_UDP { "udp" } else { "tcp" };
-    let ip = vip.key.ip();
-    if ip.is_ipv6() {
-        format!("[{ip}]:{}/{proto}", u16::from_be_bytes(vip.key.port))
-    } else {
-        format!("{ip}:{}/{proto}", u16::from_be_bytes(vip.key.port))
-    }
-}
-
-fn log_plan(plan: &DataPlan) {
-    for (service, backends) in &plan.services {
-        for b in backends {
-            match &b.unusable {
-                None => {
-                    info!(%service, backend = %b.identity, id = ?b.id, weight = b.weight, "backend planned");
-                }
-                Some(reason) => warn!(%service, backend = %b.identity, %reason, "backend takes no new flows"),
+/// Answers one admin request.
+async fn answer(ctl: &mut Controller, env: admin::Envelope) -> Result<Outcome, DaemonError> {
+    let mut outcome = Ok(Outcome::Unchanged);
+    let reply = match env.ask {
+        Ask::Alive => Answer::text(200, "ok\n"),
+        Ask::Ready => Answer::text(200, "ready\n"),
+        Ask::Status => match ctl.snapshot() {
+            Ok(s) => Answer::json(200, &report::status(&s)),
+            Err(e) => Answer::error(500, &error_chain(&e)),
+        },
+        Ask::Metrics => match ctl.snapshot() {
+            Ok(s) => Answer {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: report::metrics(&s),
+            },
+            Err(e) => Answer::error(500, &error_chain(&e)),
+        },
+        Ask::Lookup(q) => match ctl.lookup(&q) {
+            Ok(v) => Answer::json(200, &v),
+            Err(e @ DaemonError::Unknown(_)) => Answer::error(404, &e.to_string()),
+            Err(e) => Answer::error(500, &error_chain(&e)),
+        },
+        Ask::Config => match std::fs::read_to_string(&ctl.loaded().files[0]) {
+            Ok(text) => Answer { status: 200, content_type: "application/yaml", body: text },
+            Err(e) => Answer::error(500, &e.to_string()),
+        },
+        Ask::Apply { text, validate_only } => {
+            notify_quietly("RELOADING=1");
+            let r = ctl.apply_text(&text, validate_only).await;
+            notify_quietly("READY=1");
+            let a = match &r {
+                Ok(o) => Answer::json(
+                    200,
+                    &serde_json::json!({
+                        "valid": true,
+                        "applied": !validate_only,
+                        "changed": *o == Outcome::Changed,
+                        "generation": ctl.generation(),
+                    }),
+                ),
+                Err(DaemonError::Config(e)) => Answer::json(
+                    422,
+                    &serde_json::json!({
+                        "valid": false,
+                        "error": e.to_string(),
+                        "problems": e.problems().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    }),
+                ),
+                Err(e) => Answer::error(500, &error_chain(e)),
+            };
+            if let Err(e) = r
+                && matches!(&e, DaemonError::Maps(m) if m.is_inconsistent())
+            {
+                outcome = Err(e);
             }
+            a
         }
-        if backends.iter().all(|b| b.weight == 0) {
-            warn!(%service, "no backend can take new flows: the service's new connections are dropped");
-        }
-    }
-    for vip in &plan.vips {
-        info!(service = %vip.service, entry = %entry_name(vip), mode = vip.info.mode, "VIP planned");
-    }
+        Ask::Drain { service, backend, drained } => match ctl.set_drained(&service, &backend, drained) {
+            Ok(o) => Answer::json(
+                200,
+                &serde_json::json!({ "service": service, "backend": backend, "drained": drained, "changed": o == Outcome::Changed }),
+            ),
+            Err(e @ DaemonError::Unknown(_)) => Answer::error(404, &e.to_string()),
+            Err(e) => {
+                let a = Answer::error(500, &error_chain(&e));
+                outcome = Err(e);
+                a
+            }
+        },
+    };
+    let _ = env.reply.send(reply);
+    outcome
 }
+
+/// Health results waiting for the controller.
+const HEALTH_QUEUE: usize = 4096;
+/// Admin requests waiting for the controller.
+const ADMIN_QUEUE: usize = 64;
 
 fn log_traffic(maps: &DataplaneMaps) -> Result<(), MapsError> {
     if let Some(plan) = maps.applied() {
@@ -237,4 +326,14 @@ fn log_traffic(maps: &DataplaneMaps) -> Result<(), MapsError> {
         maps.counters()?.into_iter().map(|(c, n)| format!("{}={n}", c.name())).collect();
     info!(counters = %counters.join(" "), "data plane counters");
     Ok(())
+}
+
+fn entry_name(vip: &plan::VipPlan) -> String {
+    let proto = if vip.key.proto == lb_common::maps::PROTO_UDP { "udp" } else { "tcp" };
+    let ip = vip.key.ip();
+    if ip.is_ipv6() {
+        format!("[{ip}]:{}/{proto}", u16::from_be_bytes(vip.key.port))
+    } else {
+        format!("{ip}:{}/{proto}", u16::from_be_bytes(vip.key.port))
+    }
 }

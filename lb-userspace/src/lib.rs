@@ -10,12 +10,21 @@
 //! - [`loader`]: loading the XDP object, attaching and detaching it.
 //! - [`netlink`]: interfaces and the neighbour table over rtnetlink.
 //! - [`resolve`]: backend host -> address -> MAC.
-//! - [`daemon`]: lbd's lifecycle.
+//! - [`health`]: active health checks: rise/fall state (pure) and the probe tasks.
+//! - [`control`]: the controller, sole owner of lbd's state; every change goes through it.
+//! - [`report`]: `/lb-status` JSON and `/metrics` text from a snapshot (pure).
+//! - [`admin`]: the admin API's HTTP side; [`client`]: the blocking client lb-ctl uses.
+//! - [`watch`]: registry file watching (inotify).
+//! - [`daemon`]: lbd's lifecycle and event loop.
 //! - [`notify`]: readiness (`sd_notify`) for supervisors, tests and the demo.
 //! - [`logging`]: human or JSON log lines.
 
+pub mod admin;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
+pub mod health;
 pub mod loader;
 pub mod logging;
 pub mod maglev;
@@ -24,4 +33,6 @@ pub mod model;
 pub mod netlink;
 pub mod notify;
 pub mod plan;
+pub mod report;
 pub mod resolve;
+pub mod watch;

@@ -20,7 +20,10 @@ use aya::{
 };
 use lb_common::{
     datapath::Counter,
-    maps::{self as names, AddrKey, BPF_F_INNER_MAP, Backend, NodeConfig, Traffic, VipInfo, VipKey},
+    maps::{
+        self as names, AddrKey, BPF_F_INNER_MAP, Backend, CtEntry, FlowKey, NodeConfig, Traffic, VipInfo,
+        VipKey,
+    },
 };
 
 use crate::plan::{DataPlan, TablePlan};
@@ -77,6 +80,15 @@ fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) 
     T::try_from(map).map_err(|source| MapsError::Layout { name, source })
 }
 
+impl MapsError {
+    /// The maps hold neither the plan asked for nor the one before: serving on would forward
+    /// by accident.
+    #[must_use]
+    pub const fn is_inconsistent(&self) -> bool {
+        matches!(self, Self::Inconsistent { .. })
+    }
+}
+
 fn access(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Access { op, name, source }
 }
@@ -93,6 +105,8 @@ pub struct DataplaneMaps {
     counters: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
+    /// Read only (the datapath writes it): for lookups.
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
     applied: Option<DataPlan>,
 }
 
@@ -116,6 +130,7 @@ impl DataplaneMaps {
             counters: take(ebpf, names::COUNTERS)?,
             vip_stats: take(ebpf, names::VIP_STATS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
+            conntrack: take(ebpf, names::CONNTRACK)?,
             applied: None,
         })
     }
@@ -244,6 +259,15 @@ impl DataplaneMaps {
             Ok(inner) => Ok(Some(inner.info().map_err(access("read info of", names::TABLES))?.id())),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(access("get", names::TABLES)(e)),
+        }
+    }
+
+    /// The conntrack entry of `flow`, if tracked (expired entries included).
+    pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<CtEntry>, MapsError> {
+        match self.conntrack.get(flow, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(access("get", names::CONNTRACK)(e)),
         }
     }
 

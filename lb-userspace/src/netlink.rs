@@ -381,3 +381,31 @@ fn drain(s: &Socket) {
     // SAFETY: `buf` is valid for writes of its length; the socket is non-blocking.
     while unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
 }
+
+/// Follows the neighbour table: every batch of changes sends one `()` on `tx` (never blocking;
+/// one pending notice covers later changes). Runs on its own thread until `tx` closes.
+pub fn follow_neighbours(tx: tokio::sync::mpsc::Sender<()>) -> Result<(), NetlinkError> {
+    let events = neighbour_events()?;
+    std::thread::Builder::new()
+        .name("lbd-neigh".into())
+        .spawn(move || {
+            loop {
+                match wait_readable(&events, Duration::from_secs(1)) {
+                    Ok(true) => {
+                        drain(&events);
+                        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                            return;
+                        }
+                    }
+                    Ok(false) if tx.is_closed() => return,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "neighbour events: giving up following MAC changes");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(NetlinkError::Io)?;
+    Ok(())
+}

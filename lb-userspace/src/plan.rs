@@ -12,14 +12,57 @@ use std::{
 };
 
 use lb_common::maps::{
-    AddrKey, BACKEND_ALIVE, BACKEND_IDS, Backend, MAX_TABLES, NO_BACKEND, NODE_HAS_V4, NODE_HAS_V6,
-    NodeConfig, VIP_IDS, VipInfo, VipKey, addr_of,
+    AddrKey, BACKEND_ALIVE, BACKEND_DOWN, BACKEND_IDS, Backend, MAX_TABLES, NO_BACKEND, NODE_HAS_V4,
+    NODE_HAS_V6, NodeConfig, VIP_IDS, VipInfo, VipKey, addr_of,
 };
 
 use crate::{
-    config::{L4Service, Mode, Registry},
+    config::{AllDown, BackendSpec, L4Service, Mode, Registry},
     maglev,
 };
+
+/// What the daemon knows of backends beyond the registry: failing health checks and operator
+/// drains, by (service, backend identity).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Backends whose health check fails, with the last error.
+    pub down: BTreeMap<(String, String), String>,
+    /// Backends an operator drained (`lb-ctl backend drain`).
+    pub drained: BTreeSet<(String, String)>,
+}
+
+/// A backend's place in its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    /// Takes new flows only while no primary can.
+    Fallback,
+}
+
+/// Which backends a service's table holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// Its usable primaries.
+    Primaries,
+    /// Every primary is down or drained: its usable fallbacks.
+    Fallback,
+    /// Every backend is down, and `when_all_down: fail-open` balances over them all anyway.
+    FailOpen,
+    /// No backend can take new flows: new flows are dropped.
+    Nothing,
+}
+
+impl Serving {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Primaries => "primaries",
+            Self::Fallback => "fallback",
+            Self::FailOpen => "fail-open",
+            Self::Nothing => "nothing",
+        }
+    }
+}
 
 /// Where a backend host was found from this node: its address, and the next hop's MAC (the
 /// backend's own on-link, else the gateway's, `via`).
@@ -93,6 +136,7 @@ pub struct VipPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceBackend {
     pub identity: String,
+    pub role: Role,
     pub id: Option<u32>,
     /// Weight in the table: the registry's, or 0 when drained or unusable.
     pub weight: u32,
@@ -110,8 +154,10 @@ pub struct DataPlan {
     pub tables: BTreeMap<u32, TablePlan>,
     /// Backend records by id (drained ones included: their tracked flows continue).
     pub backends: BTreeMap<u32, Backend>,
-    /// Per service, its backends as planned.
+    /// Per service, its backends as planned (primaries, then fallbacks).
     pub services: BTreeMap<String, Vec<ServiceBackend>>,
+    /// Per service, which backends its table holds.
+    pub serving: BTreeMap<String, Serving>,
     /// The ids this plan uses; pass them to the next plan.
     pub ids: Ids,
 }
@@ -130,7 +176,7 @@ pub fn xdp_backend_hosts(reg: &Registry) -> Vec<&str> {
         .tcp
         .values()
         .filter(|s| s.vip.is_some())
-        .flat_map(|s| s.backends.iter().map(|b| b.host.as_str()))
+        .flat_map(|s| s.backends.iter().chain(&s.fallback).map(|b| b.host.as_str()))
         .collect();
     hosts.sort_unstable();
     hosts.dedup();
@@ -158,13 +204,15 @@ fn node_addr(node: &NodeFacts, v4: bool) -> Option<IpAddr> {
     if v4 { node.addr_v4.map(IpAddr::V4) } else { node.addr_v6.map(IpAddr::V6) }
 }
 
-/// Builds the data plane contents for `reg` on this node, keeping ids from `prev`.
+/// Builds the data plane contents for `reg` on this node, keeping ids from `prev`; `over`
+/// takes failing and drained backends out of the tables.
 #[must_use]
 pub fn plan(
     reg: &Registry,
     node: &NodeFacts,
     resolved: &Resolutions,
     prev: &Ids,
+    over: &Overrides,
 ) -> (DataPlan, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut services: Vec<(&String, &L4Service, IpAddr)> = Vec::new();
@@ -178,9 +226,12 @@ pub fn plan(
     }
     let ids = assign_ids(&services, resolved, prev, reg.datapath.maglev_table_size);
 
+    // Backends a health check has down in some service.
+    let down: BTreeSet<&str> = over.down.keys().map(|(_, b)| b.as_str()).collect();
     let mut backends = BTreeMap::new();
     for (identity, &(id, generation, _)) in &ids.backends {
-        let spec = services.iter().flat_map(|(_, s, _)| &s.backends).find(|b| &b.identity() == identity);
+        let spec = (services.iter().flat_map(|(_, s, _)| s.backends.iter().chain(&s.fallback)))
+            .find(|b| &b.identity() == identity);
         let (Some(spec), Some(Ok(r))) = (spec, spec.and_then(|b| resolved.get(&b.host))) else { continue };
         let (family, addr) = addr_of(r.addr);
         let record = Backend {
@@ -188,7 +239,11 @@ pub fn plan(
             mac: r.mac,
             port: spec.port.to_be_bytes(),
             family,
-            flags: BACKEND_ALIVE,
+            flags: if down.contains(identity.as_str()) {
+                BACKEND_ALIVE | BACKEND_DOWN
+            } else {
+                BACKEND_ALIVE
+            },
             _pad: [0; 2],
             generation,
         };
@@ -207,19 +262,10 @@ pub fn plan(
     });
     let mut tables = BTreeMap::new();
     let mut planned_services = BTreeMap::new();
+    let mut serving = BTreeMap::new();
     for (name, svc, vip) in &services {
-        let mut planned = Vec::new();
-        for b in &svc.backends {
-            let identity = b.identity();
-            let id = ids.backend(&identity);
-            let reason = match resolved.get(&b.host) {
-                Some(Ok(r)) => unusable(svc.mode, *vip, r, node),
-                Some(Err(e)) => Some(e.clone()),
-                None => Some("not resolved".to_owned()),
-            };
-            let weight = if reason.is_none() && id.is_some() { b.weight } else { 0 };
-            planned.push(ServiceBackend { identity, id, weight, unusable: reason });
-        }
+        let (planned, how) = service_backends(name, svc, *vip, node, resolved, &ids, over);
+        serving.insert((*name).clone(), how);
         let entries: Vec<maglev::Entry<'_>> =
             planned.iter().map(|p| maglev::Entry { identity: &p.identity, weight: p.weight }).collect();
         let (slot, size) = ids.tables[name.as_str()];
@@ -250,9 +296,89 @@ pub fn plan(
     }
 
     let node_config = node_config(reg, node);
-    let plan =
-        DataPlan { node: node_config, vips, vip_addrs, tables, backends, services: planned_services, ids };
+    let plan = DataPlan {
+        node: node_config,
+        vips,
+        vip_addrs,
+        tables,
+        backends,
+        services: planned_services,
+        serving,
+        ids,
+    };
     (plan, skipped)
+}
+
+/// One service's backends with the weight each gets in its table: usable primaries; else
+/// usable fallbacks; else, when health is all that stops them and the service fails open,
+/// every backend health took out.
+fn service_backends(
+    name: &str,
+    svc: &L4Service,
+    vip: IpAddr,
+    node: &NodeFacts,
+    resolved: &Resolutions,
+    ids: &Ids,
+    over: &Overrides,
+) -> (Vec<ServiceBackend>, Serving) {
+    // (backend, weight it would have if healthy)
+    let mut planned: Vec<(ServiceBackend, u32)> = Vec::new();
+    let specs = (svc.backends.iter().map(|b| (b, Role::Primary)))
+        .chain(svc.fallback.iter().map(|b| (b, Role::Fallback)));
+    for (b, role) in specs {
+        let identity = b.identity();
+        let id = ids.backend(&identity);
+        let key = (name.to_owned(), identity.clone());
+        let mut reason = match resolved.get(&b.host) {
+            Some(Ok(r)) => unusable(svc.mode, vip, r, node),
+            Some(Err(e)) => Some(e.clone()),
+            None => Some("not resolved".to_owned()),
+        };
+        if reason.is_none() && over.drained.contains(&key) {
+            reason = Some("drained by an operator".to_owned());
+        }
+        let healthy_weight = if reason.is_none() && id.is_some() { b.weight } else { 0 };
+        if reason.is_none()
+            && let Some(e) = over.down.get(&key)
+        {
+            reason = Some(format!("health check failing: {e}"));
+        }
+        let weight = if reason.is_none() { healthy_weight } else { 0 };
+        planned.push((ServiceBackend { identity, role, id, weight, unusable: reason }, healthy_weight));
+    }
+    let serves =
+        |role: Role, p: &[(ServiceBackend, u32)]| p.iter().any(|(b, _)| b.role == role && b.weight > 0);
+    let how = if serves(Role::Primary, &planned) {
+        Serving::Primaries
+    } else if serves(Role::Fallback, &planned) {
+        Serving::Fallback
+    } else if svc.when_all_down == AllDown::FailOpen && planned.iter().any(|(_, w)| *w > 0) {
+        Serving::FailOpen
+    } else {
+        Serving::Nothing
+    };
+    let table_role = |b: &ServiceBackend| match how {
+        Serving::Primaries => b.role == Role::Primary,
+        Serving::Fallback => b.role == Role::Fallback,
+        Serving::FailOpen | Serving::Nothing => true,
+    };
+    let out = planned
+        .into_iter()
+        .map(|(mut b, healthy_weight)| {
+            if how == Serving::FailOpen {
+                b.weight = healthy_weight;
+            } else if !table_role(&b) {
+                b.weight = 0;
+            }
+            b
+        })
+        .collect();
+    (out, how)
+}
+
+/// Every backend of a service, primaries first.
+pub fn all_backends(svc: &L4Service) -> impl Iterator<Item = &BackendSpec> {
+    svc.backends.iter().chain(&svc.fallback)
 }
 
 /// The node record: this node's addresses and MAC, and the registry's datapath settings.
@@ -294,7 +420,7 @@ fn assign_ids(
     // Backends: every resolved backend of an XDP service gets a record (drained ones too).
     let mut wanted: BTreeMap<String, IpAddr> = BTreeMap::new();
     for (_, svc, _) in services {
-        for b in &svc.backends {
+        for b in all_backends(svc) {
             if let Some(Ok(r)) = resolved.get(&b.host) {
                 wanted.insert(b.identity(), r.addr);
             }
@@ -443,7 +569,8 @@ tcp:
 
     #[test]
     fn services_with_a_vip_become_entries_per_protocol_sharing_one_table() {
-        let (p, skipped) = plan(&registry(REG), &node(), &resolutions(), &Ids::default());
+        let (p, skipped) =
+            plan(&registry(REG), &node(), &resolutions(), &Ids::default(), &Overrides::default());
         let entries: Vec<(&str, u16, u8, u8)> = p
             .vips
             .iter()
@@ -471,7 +598,7 @@ tcp:
 
     #[test]
     fn weights_drain_and_unusable_backends_shape_each_table() {
-        let (p, _) = plan(&registry(REG), &node(), &resolutions(), &Ids::default());
+        let (p, _) = plan(&registry(REG), &node(), &resolutions(), &Ids::default(), &Overrides::default());
         let echo = identities(&p, "echo");
         let heavy = echo.iter().filter(|i| i.as_deref() == Some("10.0.0.12:7")).count();
         assert_eq!(heavy, crate::maglev::DEFAULT_TABLE_SIZE as usize * 3 / 4 + 1, "weight 3 of 4");
@@ -493,7 +620,7 @@ tcp:
         let reg = registry(
             "version: 1\ntcp:\n  a:\n    vip: 10.100.0.1\n    port: 80\n    backends: [{host: 10.9.0.5, port: 80}]\n",
         );
-        let (p, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        let (p, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
         assert!(p.services["a"][0].unusable.as_deref().unwrap().contains("behind router 10.0.0.1"));
         assert!(p.tables.values().next().unwrap().slots.iter().all(|&s| s == NO_BACKEND));
     }
@@ -501,14 +628,14 @@ tcp:
     #[test]
     fn the_same_registry_maps_every_slot_to_the_same_backend_whatever_the_ids() {
         let reg = registry(REG);
-        let (a, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        let (a, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
         // Another node that has seen other registries first numbers its backends differently.
         // It knew 10.9.0.5:443 first, which keeps id 0 there.
         let other = registry(
             "version: 1\ntcp:\n  z:\n    vip: 10.1.1.1\n    port: 443\n    mode: dsr-ipip\n    backends: [{host: 10.9.0.5, port: 443}]\n",
         );
-        let (first, _) = plan(&other, &node(), &resolutions(), &Ids::default());
-        let (b, _) = plan(&reg, &node(), &resolutions(), &first.ids);
+        let (first, _) = plan(&other, &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        let (b, _) = plan(&reg, &node(), &resolutions(), &first.ids, &Overrides::default());
         assert_ne!(a.services["echo"][0].id, b.services["echo"][0].id, "different ids...");
         for service in ["echo", "web", "tunnelled"] {
             assert_eq!(
@@ -522,8 +649,8 @@ tcp:
     #[test]
     fn reloads_keep_ids_and_generations_of_backends_that_stay() {
         let reg = registry(REG);
-        let (first, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
-        let (again, _) = plan(&reg, &node(), &resolutions(), &first.ids);
+        let (first, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        let (again, _) = plan(&reg, &node(), &resolutions(), &first.ids, &Overrides::default());
         assert_eq!(first.backends, again.backends);
         assert_eq!(first.vips, again.vips);
         assert_eq!(first.tables, again.tables);
@@ -533,7 +660,7 @@ tcp:
             "10.0.0.11".into(),
             Ok(Resolved { addr: "10.0.0.111".parse().unwrap(), mac: [2; 6], via: None }),
         );
-        let (after, _) = plan(&reg, &node(), &moved, &first.ids);
+        let (after, _) = plan(&reg, &node(), &moved, &first.ids, &Overrides::default());
         let id = first.ids.backend("10.0.0.11:7").unwrap();
         assert_eq!(after.ids.backend("10.0.0.11:7"), Some(id));
         assert_eq!(after.backends[&id].generation, first.backends[&id].generation + 1);
@@ -548,9 +675,17 @@ tcp:
                 list.join(", ")
             ))
         };
-        let (p1, _) = plan(&backends(&["10.0.0.11"]), &node(), &resolutions(), &Ids::default());
-        let (p2, _) = plan(&backends(&["10.0.0.12"]), &node(), &resolutions(), &p1.ids);
-        let (p3, _) = plan(&backends(&["10.0.0.12", "10.9.0.5"]), &node(), &resolutions(), &p2.ids);
+        let (p1, _) =
+            plan(&backends(&["10.0.0.11"]), &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        let (p2, _) =
+            plan(&backends(&["10.0.0.12"]), &node(), &resolutions(), &p1.ids, &Overrides::default());
+        let (p3, _) = plan(
+            &backends(&["10.0.0.12", "10.9.0.5"]),
+            &node(),
+            &resolutions(),
+            &p2.ids,
+            &Overrides::default(),
+        );
         let freed = p1.ids.backend("10.0.0.11:7").unwrap();
         assert_ne!(p2.ids.backend("10.0.0.12:7"), Some(freed), "not reused in the reload that frees it");
         assert_eq!(p3.ids.backend("10.9.0.5:7"), Some(freed), "the lowest free id is reused later...");
@@ -568,8 +703,8 @@ tcp:
         let other = registry(
             "version: 1\ntcp:\n  b:\n    vip: 10.100.0.2\n    port: 7\n    backends: [{host: 10.0.0.11, port: 7}]\n",
         );
-        let (p1, _) = plan(&one, &node(), &resolutions(), &Ids::default());
-        let (p2, _) = plan(&other, &node(), &resolutions(), &p1.ids);
+        let (p1, _) = plan(&one, &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        let (p2, _) = plan(&other, &node(), &resolutions(), &p1.ids, &Overrides::default());
         assert_ne!(p1.ids.tables["a"].0, p2.ids.tables["b"].0);
         assert_ne!(p1.vips[0].info.id, p2.vips[0].info.id, "nor a removed VIP's stats slot");
     }
@@ -577,10 +712,10 @@ tcp:
     #[test]
     fn a_resized_table_moves_to_a_new_slot() {
         let reg = registry(REG);
-        let (p1, _) = plan(&reg, &node(), &resolutions(), &Ids::default());
+        let (p1, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
         let resized =
             registry(&REG.replace("version: 1\n", "version: 1\ndatapath:\n  maglev_table_size: 131071\n"));
-        let (p2, _) = plan(&resized, &node(), &resolutions(), &p1.ids);
+        let (p2, _) = plan(&resized, &node(), &resolutions(), &p1.ids, &Overrides::default());
         let (s1, s2) = (p1.ids.tables["echo"], p2.ids.tables["echo"]);
         assert_eq!(s2.1, 131_071);
         assert_ne!(s1.0, s2.0, "a VIP switches to the resized table in one update");
@@ -593,5 +728,85 @@ tcp:
             xdp_backend_hosts(&registry(REG)),
             vec!["10.0.0.11", "10.0.0.12", "10.9.0.5", "gone.example"]
         );
+    }
+
+    fn down(pairs: &[(&str, &str)]) -> Overrides {
+        let mut o = Overrides::default();
+        for (svc, b) in pairs {
+            o.down.insert(((*svc).to_owned(), (*b).to_owned()), "connect: refused".to_owned());
+        }
+        o
+    }
+
+    const FALLBACK: &str = "\
+version: 1
+tcp:
+  echo:
+    vip: 10.100.0.1
+    port: 7
+    backends:
+      - {host: 10.0.0.11, port: 7}
+      - {host: 10.0.0.12, port: 7}
+    fallback:
+      - {host: 10.9.0.5, port: 7}
+    mode: nat
+";
+
+    #[test]
+    fn a_failing_backend_leaves_the_table_and_moves_only_its_own_slots() {
+        let reg = registry(REG);
+        let (healthy, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        let (sick, _) = plan(&reg, &node(), &resolutions(), &healthy.ids, &down(&[("echo", "10.0.0.12:7")]));
+        let b = &sick.services["echo"][1];
+        assert_eq!((b.weight, b.unusable.as_deref()), (0, Some("health check failing: connect: refused")));
+        assert!(sick.backends.contains_key(&b.id.unwrap()), "its record stays: tracked flows go on");
+        let (before, after) = (identities(&healthy, "echo"), identities(&sick, "echo"));
+        let ok = Some("10.0.0.11:7".to_owned());
+        assert!(after.iter().all(|i| *i == ok));
+        assert!(before.iter().zip(&after).all(|(b, a)| b == a || b.as_deref() == Some("10.0.0.12:7")));
+        assert_eq!(sick.serving["echo"], Serving::Primaries);
+        // The same backend in another service is not affected.
+        assert_eq!(sick.services["web"][0].weight, 1);
+    }
+
+    #[test]
+    fn fallbacks_serve_only_while_every_primary_is_down() {
+        let reg = registry(FALLBACK);
+        let (p, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        assert_eq!(p.serving["echo"], Serving::Primaries);
+        assert!(!identities(&p, "echo").contains(&Some("10.9.0.5:7".to_owned())));
+        let one = down(&[("echo", "10.0.0.11:7")]);
+        let (p, _) = plan(&reg, &node(), &resolutions(), &p.ids, &one);
+        assert_eq!(p.serving["echo"], Serving::Primaries);
+        let both = down(&[("echo", "10.0.0.11:7"), ("echo", "10.0.0.12:7")]);
+        let (p, _) = plan(&reg, &node(), &resolutions(), &p.ids, &both);
+        assert_eq!(p.serving["echo"], Serving::Fallback);
+        assert!(identities(&p, "echo").iter().all(|i| i.as_deref() == Some("10.9.0.5:7")));
+        assert_eq!(p.services["echo"][2].role, Role::Fallback);
+    }
+
+    #[test]
+    fn when_everything_is_down_the_policy_decides() {
+        let all = down(&[("echo", "10.0.0.11:7"), ("echo", "10.0.0.12:7"), ("echo", "10.9.0.5:7")]);
+        let (p, _) = plan(&registry(FALLBACK), &node(), &resolutions(), &Ids::default(), &all);
+        assert_eq!(p.serving["echo"], Serving::FailOpen);
+        let ids = identities(&p, "echo");
+        for b in ["10.0.0.11:7", "10.0.0.12:7", "10.9.0.5:7"] {
+            assert!(ids.contains(&Some(b.to_owned())), "fail-open balances over {b} too");
+        }
+        let closed = registry(&FALLBACK.replace("mode: nat", "mode: nat\n    when_all_down: fail-closed"));
+        let (p, _) = plan(&closed, &node(), &resolutions(), &Ids::default(), &all);
+        assert_eq!(p.serving["echo"], Serving::Nothing);
+        assert!(identities(&p, "echo").iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn an_operator_drain_is_not_undone_by_fail_open() {
+        let mut o = down(&[("echo", "10.0.0.11:7"), ("echo", "10.9.0.5:7")]);
+        o.drained.insert(("echo".to_owned(), "10.0.0.12:7".to_owned()));
+        let (p, _) = plan(&registry(FALLBACK), &node(), &resolutions(), &Ids::default(), &o);
+        assert_eq!(p.serving["echo"], Serving::FailOpen);
+        assert!(!identities(&p, "echo").contains(&Some("10.0.0.12:7".to_owned())));
+        assert_eq!(p.services["echo"][1].unusable.as_deref(), Some("drained by an operator"));
     }
 }

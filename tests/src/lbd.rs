@@ -101,6 +101,10 @@ fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
     let mut newest: Option<(SystemTime, PathBuf)> = None;
     for entry in fs::read_dir(dir).ok()?.flatten() {
         let p = entry.path();
+        // A crate's own tests are not part of its binaries.
+        if p.file_name().is_some_and(|n| n == "tests") {
+            continue;
+        }
         let candidate = if p.is_dir() { newest_file(&p) } else { Some((modified(&p), p)) };
         if let Some(c) = candidate
             && newest.as_ref().is_none_or(|n| c.0 > n.0)
@@ -292,6 +296,16 @@ impl Lbd {
     #[must_use]
     pub fn reload(&self) -> String {
         self.0.signal(libc::SIGHUP);
+        self.wait_reload()
+    }
+
+    /// Waits for a reload lbd started itself (a registry file changed, `lb-ctl config
+    /// apply`) to end; returns its `STATUS=`.
+    ///
+    /// # Panics
+    /// When lbd exits or no reload ends within [`READY_TIMEOUT`].
+    #[must_use]
+    pub fn wait_reload(&self) -> String {
         self.0.wait_for("RELOADING=1", |_| true);
         let msg = self.0.wait_for("READY=1", |_| true);
         msg.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or_default().to_owned()
@@ -330,4 +344,88 @@ impl Decap {
     pub fn stop(self) -> Stopped {
         self.0.stop(libc::SIGTERM)
     }
+}
+
+/// lbd's default admin API address, inside its namespace.
+pub const ADMIN: &str = "127.0.0.1:9180";
+/// How long a test waits for a state lbd reaches on its own (a health transition).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often such a wait reads `/lb-status`.
+const STATE_POLL: Duration = Duration::from_millis(50);
+
+/// One request to the admin API of the lbd in `ns`.
+///
+/// # Panics
+/// When the API cannot be reached.
+#[must_use]
+pub fn admin(ns: &NetNs, method: &str, path: &str, body: Option<&str>) -> lb_userspace::client::Reply {
+    let addr = ADMIN.parse().expect("admin address");
+    ns.run(|| lb_userspace::client::request(addr, method, path, body, Duration::from_secs(30)))
+        .unwrap_or_else(|e| panic!("admin API {method} {path}: {e}"))
+}
+
+/// `/lb-status` of the lbd in `ns`.
+///
+/// # Panics
+/// When it is not a 200 with JSON.
+#[must_use]
+pub fn status(ns: &NetNs) -> serde_json::Value {
+    let r = admin(ns, "GET", "/lb-status", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// Reads `/lb-status` until `done` holds (health changes have no readiness signal; this is
+/// the operator's view of them) and returns it.
+///
+/// # Panics
+/// After [`STATE_TIMEOUT`], with the last status.
+pub fn wait_status(ns: &NetNs, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = status(ns);
+        if done(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < STATE_TIMEOUT, "waited {STATE_TIMEOUT:?} for {what}; status:\n{s:#}");
+        std::thread::sleep(STATE_POLL);
+    }
+}
+
+/// A backend's entry in a status document.
+#[must_use]
+pub fn backend_status<'a>(
+    status: &'a serde_json::Value,
+    service: &str,
+    backend: &str,
+) -> Option<&'a serde_json::Value> {
+    status["services"].as_array()?.iter().find(|s| s["name"] == service)?["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["backend"] == backend)
+}
+
+/// Whether no backend waits for its first health check.
+#[must_use]
+pub fn all_checked(status: &serde_json::Value) -> bool {
+    let services = status["services"].as_array().map(Vec::as_slice).unwrap_or_default();
+    services
+        .iter()
+        .flat_map(|s| s["backends"].as_array().map(Vec::as_slice).unwrap_or_default())
+        .all(|b| b["health"] != "unknown" && !b["reason"].as_str().is_some_and(|r| r.contains("awaiting")))
+}
+
+/// Runs `lb-ctl ARGS` in `ns`; returns exit code, stdout and stderr.
+///
+/// # Panics
+/// When lb-ctl cannot be started.
+#[must_use]
+pub fn lb_ctl(ns: &NetNs, args: &[&str]) -> (i32, String, String) {
+    let out =
+        ns.command(sibling_binary("lb-ctl")).args(args).env("NO_COLOR", "1").output().expect("run lb-ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

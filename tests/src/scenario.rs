@@ -126,5 +126,5 @@ pub fn node() -> NodeFacts {
 #[must_use]
 pub fn plan(src: &str, prev: &Ids) -> DataPlan {
     let reg = config::parse(src, Path::new("scenario.yaml")).expect("valid registry");
-    plan::plan(&reg, &node(), &resolutions(), prev).0
+    plan::plan(&reg, &node(), &resolutions(), prev, &plan::Overrides::default()).0
 }

@@ -43,11 +43,13 @@ pub struct Received {
 /// What one host's servers received.
 #[derive(Default)]
 pub struct Served {
-    /// One entry per finished TCP echo connection: everything the client sent.
+    /// One entry per finished TCP echo connection that sent data: everything the client sent.
     pub tcp: Mutex<Vec<Received>>,
     /// One entry per UDP echo datagram.
     pub udp: Mutex<Vec<Received>>,
     pub http_requests: AtomicU64,
+    /// TCP echo connections that closed without sending anything (health checks).
+    pub probes: AtomicU64,
     /// Open TCP echo connections by local port.
     open: Mutex<BTreeMap<u16, usize>>,
 }
@@ -255,8 +257,13 @@ async fn echo_connection(mut conn: TcpStream, peer: SocketAddr, served: Arc<Serv
             }
         }
     }
-    // Recorded before the close: a client that saw the echo end can rely on the record.
-    served.tcp.lock().expect("lock").push(Received { peer, port, data });
+    // Recorded before the close: a client that saw the echo end can rely on the record. A
+    // connection that carried nothing is a health check's, counted apart.
+    if data.is_empty() {
+        served.probes.fetch_add(1, Ordering::Relaxed);
+    } else {
+        served.tcp.lock().expect("lock").push(Received { peer, port, data });
+    }
     served.opened(port, -1);
     let _ = conn.shutdown().await;
 }

@@ -291,6 +291,47 @@ fn tracked_flows_survive_table_changes_until_their_backend_leaves() {
 }
 
 #[test]
+fn a_connection_opening_again_leaves_a_closing_flow_or_a_failing_backend() {
+    let (mut m, p1) = model();
+    let (client, vip) = ("10.9.0.10", "10.9.100.1");
+    let sick = backend_mac(ip("10.9.0.12"));
+    // Flows on 10.9.0.12: one established, one whose SYN got no answer, one closed.
+    let ports: Vec<u16> = (0..400)
+        .filter(|p| dst_mac(&tx(&m, &tcp(client, vip, 30000 + p, 80, TCP_SYN))) == sick)
+        .take(3)
+        .collect();
+    assert_eq!(ports.len(), 3);
+    let (established, unanswered, closed) = (30000 + ports[0], 30000 + ports[1], 30000 + ports[2]);
+    tx(&m, &tcp(client, vip, established, 80, TCP_ACK));
+    tx(&m, &tcp(client, vip, closed, 80, TCP_ACK));
+    tx(&m, &tcp(client, vip, closed, 80, TCP_FIN | TCP_ACK));
+
+    // A reused port after a close is a new connection, balanced by the table (which still
+    // has 10.9.0.12, so it may land there again; it is counted as re-balanced).
+    tx(&m, &tcp(client, vip, closed, 80, TCP_SYN));
+    assert_eq!(m.counter(Counter::CtRebalanced), 1);
+
+    // 10.9.0.12 fails its health check.
+    let mut over = lb_userspace::plan::Overrides::default();
+    over.down.insert(("l2".to_owned(), "10.9.0.12:80".to_owned()), "refused".to_owned());
+    let reg = lb_userspace::config::parse(&registry(THREE), std::path::Path::new("t.yaml")).unwrap();
+    let p2 = lb_userspace::plan::plan(&reg, &scenario::node(), &scenario::resolutions(), &p1.ids, &over).0;
+    m.apply(&p2);
+    assert_eq!(
+        dst_mac(&tx(&m, &tcp(client, vip, established, 80, TCP_ACK))),
+        sick,
+        "established flows continue"
+    );
+    assert_ne!(
+        dst_mac(&tx(&m, &tcp(client, vip, unanswered, 80, TCP_SYN))),
+        sick,
+        "a retransmitted SYN moves"
+    );
+    assert_ne!(dst_mac(&tx(&m, &tcp(client, vip, established, 80, TCP_SYN))), sick, "so does a reused port");
+    assert_eq!(m.counter(Counter::CtRebalanced), 3);
+}
+
+#[test]
 fn a_reload_that_changes_the_mode_rebalances_tracked_flows_into_the_new_mode() {
     let (mut m, p1) = model();
     let ack = tcp("10.9.0.10", "10.9.100.1", 40000, 80, TCP_ACK);

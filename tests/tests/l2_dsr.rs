@@ -105,7 +105,7 @@ fn balanced_by_direct_server_return(tag: &str, mode: &str, stop_signal: libc::c_
     assert!(link.contains(shown), "lbd must attach in {mode} mode:\n{link}");
 
     // A second lbd on the same interface is refused and does not fall back to generic mode.
-    let second = Lbd::run_to_exit(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let second = Lbd::run_to_exit(&topo.lb.ns, &dir, &reg, "eth0", &["--admin", "127.0.0.1:9181"]);
     assert_eq!(second.status.code(), Some(1), "{}", second.log);
     assert!(second.log.contains("cannot attach XDP to `eth0`"), "{}", second.log);
     assert!(

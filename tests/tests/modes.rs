@@ -285,6 +285,8 @@ fn long_lived_streams_keep_flowing_while_a_backend_is_added_and_theirs_is_draine
     std::fs::write(&reg, text).expect("write registry");
     let rounds_at_reload: Vec<u64> = streams.iter().map(|s| s.4.rounds()).collect();
     assert_eq!(lbd.reload(), "reloaded", "{}", lbd.log());
+    // The added backend takes new flows once its first health check passes.
+    lb_tests::lbd::wait_status(&topo.lb.ns, "the added backend's first check", lb_tests::lbd::all_checked);
     // Every stream keeps flowing after the new tables are in place.
     for (s, at) in streams.iter().zip(&rounds_at_reload) {
         s.4.wait_rounds(at + 20);

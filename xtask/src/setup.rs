@@ -17,8 +17,9 @@ use crate::cmd;
 /// on veth senders, `nc` and `curl` for the commands it prints.
 const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"];
 /// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
-/// validate the Vagrantfile.
-const TEST_ONLY_PACKAGES: &[&str] = &["vagrant"];
+/// validate the Vagrantfile; Debian's Python with `jsonschema` and `yaml`, to check
+/// `lb-ctl schema` against registries the way an editor does.
+const TEST_ONLY_PACKAGES: &[&str] = &["vagrant", "python3-jsonschema", "python3-yaml"];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 

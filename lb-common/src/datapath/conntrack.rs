@@ -115,7 +115,15 @@ pub fn choose<'a, T: Tables>(
     let (vip, flow, flags) = (&s.target.vip, &s.target.flow, s.target.flags);
     let now = t.now_ns();
     let tracked = tracked(t, node, flow, now, vip.mode);
-    if let Tracked::Live(id, backend, e) = tracked {
+    // A connection opening again on a tracked 4-tuple (a pure SYN) leaves a closing flow or a
+    // backend whose health check fails: the source port was reused, or the backend never
+    // answered the first SYN.
+    let opening = flow.proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let reopened =
+        matches!(&tracked, Tracked::Live(_, b, e) if opening && (b.is_down() || e.state == TCP_CLOSING));
+    if let Tracked::Live(id, backend, e) = tracked
+        && !reopened
+    {
         let state = next_state(e.state, flow.proto, flags);
         if state != e.state || now.saturating_sub(e.last_seen) >= REFRESH_NS {
             t.ct_update(flow, |c| {
@@ -132,7 +140,7 @@ pub fn choose<'a, T: Tables>(
         choice.nat_port = e.nat_port;
         return Ok(());
     }
-    if matches!(tracked, Tracked::BackendGone) {
+    if reopened || matches!(tracked, Tracked::BackendGone) {
         t.count(Counter::CtRebalanced);
     } else if flow.proto == PROTO_TCP && flags & TCP_SYN == 0 {
         t.count(Counter::CtMissEstablished);

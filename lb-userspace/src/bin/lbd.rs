@@ -13,7 +13,10 @@ use lb_userspace::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "lb daemon: balances the registry's VIPs in XDP; SIGHUP reloads the registry")]
+#[command(
+    version,
+    about = "lb daemon: balances the registry's VIPs in XDP; file changes and SIGHUP reload the registry"
+)]
 struct Args {
     /// Service registry (YAML).
     #[arg(long, value_name = "FILE")]
@@ -39,6 +42,19 @@ struct Args {
     /// IPv6 source for dsr-ipip tunnels and nat (default: the interface's first global address).
     #[arg(long)]
     source_v6: Option<std::net::Ipv6Addr>,
+    /// Admin API address (`/lb-status`, `/metrics`, lb-ctl). Loopback unless
+    /// `--admin-allow-public`: the API is unauthenticated.
+    #[arg(long, default_value = "127.0.0.1:9180", env = "LB_ADMIN")]
+    admin: std::net::SocketAddr,
+    /// Allow a non-loopback `--admin` address.
+    #[arg(long)]
+    admin_allow_public: bool,
+    /// This node's name, matched against backends' `node` (default: the registry's `node`).
+    #[arg(long)]
+    node: Option<String>,
+    /// Do not reload when the registry's files change (SIGHUP and `lb-ctl config apply` still do).
+    #[arg(long)]
+    no_watch: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +68,10 @@ fn main() -> ExitCode {
         conntrack_size: args.conntrack_size,
         source_v4: args.source_v4,
         source_v6: args.source_v6,
+        admin: args.admin,
+        admin_allow_public: args.admin_allow_public,
+        node: args.node,
+        watch: !args.no_watch,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

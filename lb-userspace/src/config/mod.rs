@@ -10,37 +10,58 @@ mod schema;
 mod spans;
 mod validate;
 
-use std::path::Path;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 pub use error::{ConfigError, Problem};
 pub use schema::{
-    BackendSpec, Datapath, HttpService, L4Service, MAX_WEIGHT, Mode, PortRange, Protocol, REGISTRY_VERSION,
-    Registry,
+    AllDown, BackendSpec, Datapath, Fragment, HealthCheck, HttpCheck, HttpService, L4Service, MAX_WEIGHT,
+    Mode, PortRange, Protocol, REGISTRY_VERSION, Registry,
 };
-use spans::Spans;
+use serde::de::DeserializeOwned;
+use spans::{FieldPath, Seg, Spans};
 
-/// Reads, parses and validates the registry at `file`.
-pub fn load_file(file: &Path) -> Result<Registry, ConfigError> {
-    let src = std::fs::read_to_string(file)
-        .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
-    parse(&src, file)
+/// A registry and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub registry: Registry,
+    /// Every file read: the root first, then included ones.
+    pub files: Vec<PathBuf>,
+    /// Directories whose changes can change the registry (the root's and each include's).
+    pub dirs: Vec<PathBuf>,
 }
 
-/// Parses and validates registry text; `file` names it in errors.
-pub fn parse(src: &str, file: &Path) -> Result<Registry, ConfigError> {
-    let problem = |pos: spans::Pos, field: String, message: String, hint: Option<String>| Problem {
-        file: file.to_owned(),
-        line: pos.line,
-        column: pos.column,
-        field,
-        message,
-        hint,
-    };
-    let spans = Spans::index(src)
-        .map_err(|e| ConfigError::Invalid(vec![problem(e.pos, e.field.to_string(), e.message, None)]))?;
+/// Reads, parses and validates the registry at `file` and the files it includes.
+pub fn load_file(file: &Path) -> Result<Registry, ConfigError> {
+    load(file).map(|l| l.registry)
+}
 
+/// [`load_file`], also telling which files and directories the registry depends on.
+pub fn load(file: &Path) -> Result<Loaded, ConfigError> {
+    let src = std::fs::read_to_string(file)
+        .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+    load_str(&src, file)
+}
+
+/// Parses and validates registry text; `file` names it in errors, and `include:` paths are
+/// relative to its directory.
+pub fn parse(src: &str, file: &Path) -> Result<Registry, ConfigError> {
+    load_str(src, file).map(|l| l.registry)
+}
+
+fn problem_at(file: &Path, pos: spans::Pos, field: String, message: String, hint: Option<String>) -> Problem {
+    Problem { file: file.to_owned(), line: pos.line, column: pos.column, field, message, hint }
+}
+
+/// One YAML document into `T`, with the index of where its fields are.
+fn document<T: DeserializeOwned>(src: &str, file: &Path) -> Result<(T, Spans), ConfigError> {
+    let spans = Spans::index(src).map_err(|e| {
+        ConfigError::Invalid(vec![problem_at(file, e.pos, e.field.to_string(), e.message, None)])
+    })?;
     let de = serde_yaml_ng::Deserializer::from_str(src);
-    let registry: Registry = serde_path_to_error::deserialize(de).map_err(|e| {
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         let pos = inner
@@ -48,24 +69,158 @@ pub fn parse(src: &str, file: &Path) -> Result<Registry, ConfigError> {
             .map_or(spans::Pos { line: 1, column: 1 }, |l| spans::Pos { line: l.line(), column: l.column() });
         let message = serde_message(&inner, &field);
         let hint = hint_for(&message);
-        ConfigError::Invalid(vec![problem(
+        ConfigError::Invalid(vec![problem_at(
+            file,
             pos,
             if field == "." { String::new() } else { field },
             message,
             hint,
         )])
     })?;
+    Ok((value, spans))
+}
 
-    let findings = validate::validate(&registry);
-    if findings.is_empty() {
-        return Ok(registry);
+/// Parses and validates registry text as if read from `file` (includes are read relative to
+/// its directory).
+#[expect(clippy::too_many_lines, reason = "one pass over the root and its includes reads best whole")]
+pub fn load_str(src: &str, file: &Path) -> Result<Loaded, ConfigError> {
+    let (mut reg, root_spans) = document::<Registry>(src, file)?;
+    let base = file.parent().map_or_else(|| PathBuf::from("."), Path::to_owned);
+    let mut sources: Vec<(PathBuf, Spans)> = vec![(file.to_owned(), root_spans)];
+    let mut dirs = vec![base.clone()];
+    // (section, service) -> index in `sources` of the file defining it.
+    let mut origin: HashMap<(&'static str, String), usize> = HashMap::new();
+    origin.extend(reg.http.keys().map(|k| (("http", k.clone()), 0)));
+    origin.extend(reg.tcp.keys().map(|k| (("tcp", k.clone()), 0)));
+    let mut problems = Vec::new();
+
+    for (i, pattern) in reg.include.clone().iter().enumerate() {
+        let include_path = FieldPath::default().key("include").index(i);
+        let include_pos = sources[0].1.locate(&include_path);
+        let at = |message: String, hint: Option<&str>| {
+            problem_at(file, include_pos, include_path.to_string(), message, hint.map(str::to_owned))
+        };
+        let full = base.join(pattern);
+        if let Some(dir) = full.parent() {
+            dirs.push(dir.to_owned());
+        }
+        let paths = match expand(&full) {
+            Ok(paths) => paths,
+            Err(message) => {
+                problems.push(at(message, Some("paths and globs are relative to this file's directory")));
+                continue;
+            }
+        };
+        for path in paths {
+            // A glob such as `*.yaml` next to the root matches the root itself.
+            if sources.iter().any(|(f, _)| same_file(f, &path)) {
+                continue;
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(at(format!("cannot read {}: {e}", path.display()), None));
+                    continue;
+                }
+            };
+            let (frag, spans) = match document::<Fragment>(&text, &path) {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.extend(e.problems().iter().cloned());
+                    continue;
+                }
+            };
+            let idx = sources.len();
+            sources.push((path.clone(), spans));
+            let here = |p: FieldPath, message: String| {
+                problem_at(&path, sources[idx].1.locate(&p), p.to_string(), message, None)
+            };
+            if let Some(v) = frag.version.filter(|&v| v != REGISTRY_VERSION) {
+                problems.push(here(
+                    FieldPath::default().key("version"),
+                    format!("unsupported registry version {v}"),
+                ));
+            }
+            let mut merge = |section: &'static str, name: &String| -> bool {
+                if let Some(&first) = origin.get(&(section, name.clone())) {
+                    let (f, sp) = &sources[first];
+                    let pos = sp.locate(&FieldPath::default().key(section).key(name));
+                    let p = FieldPath::default().key(section).key(name);
+                    problems.push(here(
+                        p,
+                        format!(
+                            "service `{name}` is already defined at {}:{}:{}",
+                            f.display(),
+                            pos.line,
+                            pos.column
+                        ),
+                    ));
+                    return false;
+                }
+                origin.insert((section, name.clone()), idx);
+                true
+            };
+            for (name, svc) in frag.http {
+                if merge("http", &name) {
+                    reg.http.insert(name, svc);
+                }
+            }
+            for (name, svc) in frag.tcp {
+                if merge("tcp", &name) {
+                    reg.tcp.insert(name, svc);
+                }
+            }
+        }
     }
-    let mut problems: Vec<Problem> = findings
-        .into_iter()
-        .map(|f| problem(spans.locate(&f.path), f.path.to_string(), f.message, f.hint))
-        .collect();
-    problems.sort_by_key(|p| (p.line, p.column));
-    Err(ConfigError::Invalid(problems))
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems));
+    }
+
+    let findings = validate::validate(&reg);
+    if !findings.is_empty() {
+        let mut problems: Vec<Problem> = findings
+            .into_iter()
+            .map(|f| {
+                let idx = match f.path.0.as_slice() {
+                    [Seg::Key(section), Seg::Key(name), ..] => {
+                        let section = if section == "http" { "http" } else { "tcp" };
+                        origin.get(&(section, name.clone())).copied().unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                let (f_file, spans) = &sources[idx];
+                problem_at(f_file, spans.locate(&f.path), f.path.to_string(), f.message, f.hint)
+            })
+            .collect();
+        problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        return Err(ConfigError::Invalid(problems));
+    }
+    dirs.sort();
+    dirs.dedup();
+    Ok(Loaded { registry: reg, files: sources.into_iter().map(|(f, _)| f).collect(), dirs })
+}
+
+/// The files an include names: a glob's matches in name order, or the one literal path.
+fn expand(full: &Path) -> Result<Vec<PathBuf>, String> {
+    let text = full.to_string_lossy();
+    if !text.contains(['*', '?', '[']) {
+        return if full.is_file() {
+            Ok(vec![full.to_owned()])
+        } else {
+            Err(format!("{} does not exist", full.display()))
+        };
+    }
+    let paths = glob::glob(&text).map_err(|e| format!("bad glob `{text}`: {e}"))?;
+    let mut out: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+    out.sort();
+    Ok(out)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// `serde_yaml`'s message without the path prefix and position suffix it adds itself (both are
@@ -137,7 +292,7 @@ mod tests {
         let p = one("version: 1\ntcp:\n  a:\n    port: 1\n    backends:\n      - host: x\n        prot: 3\n");
         assert_eq!((p.line, p.column), (7, 9));
         assert_eq!(p.field, "tcp.a.backends[0].prot");
-        assert_eq!(p.message, "unknown field `prot`, expected one of `host`, `port`, `weight`");
+        assert_eq!(p.message, "unknown field `prot`, expected one of `host`, `port`, `weight`, `node`");
         assert_eq!(p.file, PathBuf::from("services.yaml"));
         assert!(
             p.to_string().starts_with("services.yaml:7:9: field `tcp.a.backends[0].prot`: unknown field")
@@ -251,5 +406,115 @@ tcp:
         let spans = Spans::index(SEED_003).unwrap();
         let pos = spans.locate(&FieldPath::default().key("tcp").key("redis-main").key("port"));
         assert_eq!(SEED_003.lines().nth(pos.line - 1).unwrap().trim(), "port: 6379");
+    }
+
+    /// A directory of registry files for include tests, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("lb-include-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(d.join("services.d")).unwrap();
+            Self(d)
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const SVC: &str = "tcp:\n  NAME:\n    port: 80\n    backends:\n      - {host: 10.0.0.1, port: 80}\n";
+
+    #[test]
+    fn includes_merge_globs_and_files_and_report_what_they_read() {
+        let d = Dir::new("merge");
+        d.write("services.d/10-a.yaml", &SVC.replace("NAME", "a"));
+        d.write("services.d/20-b.yaml", &format!("version: 1\n{}", SVC.replace("NAME", "b")));
+        d.write("services.d/notes.txt", "not yaml");
+        let root = d.write("services.yaml", "version: 1\ninclude: [\"services.d/*.yaml\"]\nhttp:\n  x.org:\n    backends: [{host: a, port: 1}]\n");
+        let l = load(&root).unwrap();
+        assert_eq!(l.registry.tcp.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(l.files.len(), 3);
+        assert_eq!(l.dirs, vec![d.0.clone(), d.0.join("services.d")]);
+    }
+
+    #[test]
+    fn problems_in_included_files_name_those_files() {
+        let d = Dir::new("problems");
+        let a = d.write("services.d/a.yaml", &SVC.replace("NAME", "a"));
+        let b = d.write(
+            "services.d/b.yaml",
+            &SVC.replace("NAME", "a").replace("port: 80\n    b", "port: 0\n    b"),
+        );
+        let root = d.write("services.yaml", "version: 1\ninclude: [services.d/*.yaml]\n");
+        let p = load(&root).unwrap_err().problems().to_vec();
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!((p[0].file.clone(), p[0].line, p[0].field.as_str()), (b.clone(), 2, "tcp.a"));
+        assert!(
+            p[0].message.contains(&format!("already defined at {}:2:3", a.display())),
+            "{}",
+            p[0].message
+        );
+
+        // A semantic problem is located in the file that defines the service.
+        std::fs::remove_file(&a).unwrap();
+        let p = load(&root).unwrap_err().problems().to_vec();
+        assert_eq!((p[0].file.clone(), p[0].line, p[0].field.as_str()), (b, 3, "tcp.a.port"));
+
+        // A syntax error in an included file, and a missing literal include.
+        d.write("services.d/b.yaml", "tcp: [\n");
+        let root2 = d.write("two.yaml", "version: 1\ninclude:\n  - services.d/*.yaml\n  - missing.yaml\n");
+        let p = load(&root2).unwrap_err().problems().to_vec();
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(p[0].file.ends_with("services.d/b.yaml") && p[0].message.starts_with("YAML syntax error"));
+        assert_eq!((p[1].file.clone(), p[1].line, p[1].field.as_str()), (root2, 4, "include[1]"));
+        assert!(p[1].message.ends_with("missing.yaml does not exist"), "{}", p[1].message);
+    }
+
+    #[test]
+    fn included_files_may_not_include_or_set_other_sections() {
+        let d = Dir::new("nested");
+        d.write("services.d/a.yaml", "include: [x.yaml]\n");
+        let root = d.write("services.yaml", "version: 1\ninclude: [services.d/a.yaml]\n");
+        let p = load(&root).unwrap_err().problems().to_vec();
+        assert!(p[0].message.starts_with("unknown field `include`"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn health_checks_and_fallbacks_are_checked() {
+        let p = problems(
+            "version: 1\ntcp:\n  a:\n    port: 80\n    backends: [{host: x, port: 80}]\n    fallback: [{host: x, port: 80}]\n    health:\n      interval: 1s\n      timeout: 2s\n      rise: 0\n      http: {path: health}\n      send: PING\n",
+        );
+        let at: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "tcp.a.fallback[0]",
+                "tcp.a.health.timeout",
+                "tcp.a.health.rise",
+                "tcp.a.health.http",
+                "tcp.a.health.http.path"
+            ],
+            "{p:#?}"
+        );
+        let r = parse(
+            "version: 1\ntcp:\n  redis:\n    port: 6379\n    backends: [{host: r1, port: 6379, node: node1}]\n    health: {send: 'PING\\r\\n', expect: '+PONG', interval: 1s, timeout: 200ms}\n    when_all_down: fail-closed\n",
+            Path::new("s.yaml"),
+        )
+        .unwrap();
+        let svc = &r.tcp["redis"];
+        assert_eq!(svc.health.send.as_deref(), Some("PING\\r\\n"));
+        assert_eq!((svc.health.fall, svc.health.rise), (3, 2), "seed 003's defaults");
+        assert_eq!(svc.when_all_down, AllDown::FailClosed);
+        assert_eq!(svc.backends[0].node.as_deref(), Some("node1"));
     }
 }

@@ -5,17 +5,26 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
 /// The only registry format version.
 pub const REGISTRY_VERSION: u32 = 1;
 
 /// A service registry: which services exist and where their backends are.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Registry {
     /// Format version; must be 1.
     pub version: u32,
+    /// This node's name, matched against backends' `node` (lbd's `--node` overrides it). Useful
+    /// when each node has its own registry file.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// More registry files to merge in: paths or globs, relative to this file's directory.
+    /// Included files hold `http:` and `tcp:` sections; a service defined twice is an error.
+    #[serde(default)]
+    pub include: Vec<String>,
     /// Data plane settings shared by every node.
     #[serde(default)]
     pub datapath: Datapath,
@@ -29,7 +38,7 @@ pub struct Registry {
 
 /// Data plane settings. They must be the same on every node: nodes with different table sizes
 /// pick different backends for the same flow.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Datapath {
     /// Slots of each VIP's Maglev table: a prime. Balance stays within 1% of the weights while
@@ -37,18 +46,23 @@ pub struct Datapath {
     pub maglev_table_size: u32,
     /// Source ports `nat` services use towards backends, `"min-max"`. Keep it clear of this
     /// node's own ephemeral ports (`net.ipv4.ip_local_port_range`).
+    #[schemars(with = "String")]
     pub nat_ports: PortRange,
     /// Idle time after which a tracked UDP flow is forgotten.
     #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
     pub udp_timeout: Duration,
     /// Idle time after which an established TCP flow is forgotten.
     #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
     pub tcp_timeout: Duration,
     /// Idle time after which a TCP flow that only sent its SYN is forgotten.
     #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
     pub tcp_syn_timeout: Duration,
     /// How long a TCP flow is kept after its FIN or RST.
     #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
     pub tcp_closing_timeout: Duration,
 }
 
@@ -98,14 +112,33 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// The part of a registry an `include:` file may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fragment {
+    /// Accepted so a file can be used both alone and included; must be 1 when present.
+    #[serde(default)]
+    pub version: Option<u32>,
+    #[serde(default)]
+    pub http: BTreeMap<String, HttpService>,
+    #[serde(default)]
+    pub tcp: BTreeMap<String, L4Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpService {
     pub backends: Vec<BackendSpec>,
+    /// Backends that take the traffic while every backend in `backends` is down.
+    #[serde(default)]
+    pub fallback: Vec<BackendSpec>,
+    /// Active health check of every backend; default: TCP connect every 2 s.
+    #[serde(default)]
+    pub health: HealthCheck,
 }
 
 /// A layer-4 service. With a `vip`, the XDP program balances it in the kernel.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct L4Service {
     /// Service port clients connect to.
@@ -121,10 +154,109 @@ pub struct L4Service {
     #[serde(default = "default_protocols")]
     pub protocols: Vec<Protocol>,
     pub backends: Vec<BackendSpec>,
+    /// Backends that take new flows while every backend in `backends` is down.
+    #[serde(default)]
+    pub fallback: Vec<BackendSpec>,
+    /// Active health check of every backend; default: TCP connect every 2 s. Probes run over
+    /// TCP: a UDP-only service is not checked.
+    #[serde(default)]
+    pub health: HealthCheck,
+    /// What happens to new flows when every backend (fallbacks included) is down.
+    #[serde(default)]
+    pub when_all_down: AllDown,
+}
+
+/// The policy when no backend of a service passes its health check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllDown {
+    /// Balance over every backend as if all were up (a health check that fails everywhere is
+    /// more often wrong than the whole service). Logged as an error on every transition.
+    #[default]
+    FailOpen,
+    /// Drop new flows (tracked ones continue).
+    FailClosed,
+}
+
+impl AllDown {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FailOpen => "fail-open",
+            Self::FailClosed => "fail-closed",
+        }
+    }
+}
+
+/// An active health check. Without `http` or `send`/`expect` it is a TCP connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    /// `false` turns checking off: every backend counts as up.
+    pub enabled: bool,
+    /// Time between probes of one backend.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub interval: Duration,
+    /// Bound on one probe (connect, send, and the answer).
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// Consecutive failures that mark a backend down.
+    pub fall: u32,
+    /// Consecutive successes that bring it back.
+    pub rise: u32,
+    /// Port to probe; default the backend's.
+    pub port: Option<u16>,
+    /// HTTP GET check.
+    pub http: Option<HttpCheck>,
+    /// Bytes to send after connecting (escapes `\r`, `\n`, `\t`, `\\` are understood).
+    pub send: Option<String>,
+    /// Text the answer must contain, e.g. `+PONG` for Redis's `PING`.
+    pub expect: Option<String>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_millis(500),
+            fall: 3,
+            rise: 2,
+            port: None,
+            http: None,
+            send: None,
+            expect: None,
+        }
+    }
+}
+
+/// An HTTP health check: `GET path` must answer `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    /// Request path, e.g. `/health`.
+    #[serde(default = "default_http_path")]
+    pub path: String,
+    /// Expected status code.
+    #[serde(default = "default_http_status")]
+    pub status: u16,
+    /// `Host` header; default the backend's host.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+fn default_http_path() -> String {
+    "/".to_owned()
+}
+
+const fn default_http_status() -> u16 {
+    200
 }
 
 /// Forwarding mode of a layer-4 service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Direct server return on one L2 segment: only the destination MAC changes; backends
@@ -167,7 +299,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -197,7 +329,7 @@ fn default_protocols() -> Vec<Protocol> {
 }
 
 /// Where one copy of a service listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     /// IP address or DNS name.
@@ -207,6 +339,9 @@ pub struct BackendSpec {
     /// tracked flows stay). Default 1.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Name of the node this backend runs on (see the registry's `node`).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// Largest backend weight: keeps weight ratios meaningful for the table size.

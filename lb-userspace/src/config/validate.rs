@@ -8,7 +8,9 @@ use std::{
 use lb_common::maps::{MAX_BACKENDS, MAX_VIPS};
 
 use super::{
-    schema::{BackendSpec, Datapath, L4Service, MAX_WEIGHT, Mode, REGISTRY_VERSION, Registry},
+    schema::{
+        BackendSpec, Datapath, HealthCheck, L4Service, MAX_WEIGHT, Mode, Protocol, REGISTRY_VERSION, Registry,
+    },
     spans::FieldPath,
 };
 use crate::maglev::{MAX_TABLE_SIZE, is_prime};
@@ -45,7 +47,10 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
     }
     datapath(&root.key("datapath"), &reg.datapath, &mut out);
     for (name, svc) in &reg.http {
-        backends(&root.key("http").key(name).key("backends"), &svc.backends, &mut out);
+        let path = root.key("http").key(name);
+        backends(&path.key("backends"), &svc.backends, &mut out);
+        fallback(&path, &svc.backends, &svc.fallback, &mut out);
+        health(&path.key("health"), &svc.health, true, &mut out);
     }
     let mut vips: HashMap<(IpAddr, u16, u8), &str> = HashMap::new();
     for (name, svc) in &reg.tcp {
@@ -87,6 +92,8 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
         out.push(finding(path.key("port"), "port 0 is not a service port", None));
     }
     backends(&path.key("backends"), &svc.backends, out);
+    fallback(path, &svc.backends, &svc.fallback, out);
+    health(&path.key("health"), &svc.health, svc.protocols.contains(&Protocol::Tcp), out);
     let mut protos = HashSet::new();
     for (i, p) in svc.protocols.iter().enumerate() {
         if !protos.insert(*p) {
@@ -108,8 +115,9 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
     if let Some(problem) = vip_problem(vip) {
         out.push(finding(path.key("vip"), problem, Some("a VIP is a unicast address routed to this node")));
     }
-    for (i, b) in svc.backends.iter().enumerate() {
-        let bpath = path.key("backends").index(i);
+    let all = (svc.backends.iter().enumerate().map(|(i, b)| (path.key("backends").index(i), b)))
+        .chain(svc.fallback.iter().enumerate().map(|(i, b)| (path.key("fallback").index(i), b)));
+    for (bpath, b) in all {
         if svc.mode.keeps_ports() && b.port != svc.port {
             let hint = format!(
                 "{} forwards packets with their ports unchanged, so backends must listen on the service port; mode nat translates ports",
@@ -131,6 +139,76 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
                 ),
             ));
         }
+    }
+}
+
+/// Fallback backends: well-formed, and none also a primary.
+fn fallback(path: &FieldPath, primary: &[BackendSpec], list: &[BackendSpec], out: &mut Vec<Finding>) {
+    if list.is_empty() {
+        return;
+    }
+    backends(&path.key("fallback"), list, out);
+    for (i, b) in list.iter().enumerate() {
+        if primary.iter().any(|p| p.host == b.host && p.port == b.port) {
+            out.push(finding(
+                path.key("fallback").index(i),
+                format!("backend {}:{} is both a primary and a fallback", b.host, b.port),
+                Some("a fallback takes traffic only while every primary is down; list it once"),
+            ));
+        }
+    }
+}
+
+/// Health check bounds. Services without TCP are not checked (probes run over TCP).
+fn health(path: &FieldPath, h: &HealthCheck, tcp: bool, out: &mut Vec<Finding>) {
+    if !h.enabled || !tcp {
+        return;
+    }
+    if h.interval < std::time::Duration::from_millis(100) {
+        out.push(finding(path.key("interval"), "the interval must be at least 100ms", None));
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        out.push(finding(
+            path.key("timeout"),
+            format!("timeout {:?} must be above 0 and at most the interval {:?}", h.timeout, h.interval),
+            Some("a probe must end before the next one starts"),
+        ));
+    }
+    for (field, n) in [("fall", h.fall), ("rise", h.rise)] {
+        if n == 0 || n > 100 {
+            out.push(finding(path.key(field), format!("{field} {n} is not between 1 and 100"), None));
+        }
+    }
+    if h.port == Some(0) {
+        out.push(finding(path.key("port"), "port 0 can not be probed", None));
+    }
+    if h.http.is_some() && (h.send.is_some() || h.expect.is_some()) {
+        out.push(finding(
+            path.key("http"),
+            "an HTTP check can not also have `send`/`expect`",
+            Some("pick one kind of check per service"),
+        ));
+    }
+    if let Some(http) = &h.http {
+        if !http.path.starts_with('/')
+            || http.path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            out.push(finding(
+                path.key("http").key("path"),
+                format!("`{}` is not a request path", http.path),
+                Some("write an absolute path such as /health"),
+            ));
+        }
+        if !(100..=599).contains(&http.status) {
+            out.push(finding(
+                path.key("http").key("status"),
+                format!("{} is not an HTTP status", http.status),
+                None,
+            ));
+        }
+    }
+    if h.send.as_deref() == Some("") {
+        out.push(finding(path.key("send"), "nothing to send", Some("remove `send` for a connect check")));
     }
 }
 

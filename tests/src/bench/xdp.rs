@@ -295,7 +295,7 @@ fn fixed_point_plan() -> DataPlan {
     for r in res.values_mut().flatten() {
         r.mac = NODE_MAC;
     }
-    plan::plan(&reg, &scenario::node(), &res, &Ids::default()).0
+    plan::plan(&reg, &scenario::node(), &res, &Ids::default(), &plan::Overrides::default()).0
 }
 
 /// The measured paths, their flows established where they need one.

@@ -1,0 +1,470 @@
+//! What `/lb-status` and `/metrics` show, rendered from a [`Snapshot`] of the controller's
+//! state. Pure: no I/O.
+
+use std::{
+    fmt::Write as _,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{Value, json};
+
+use crate::config::Problem;
+
+/// The outcome of the last reload.
+#[derive(Debug, Clone)]
+pub struct ReloadRecord {
+    pub at: SystemTime,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Located registry problems, when the registry was invalid.
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendReport {
+    pub backend: String,
+    pub role: &'static str,
+    pub node: Option<String>,
+    /// The registry's weight.
+    pub weight: u32,
+    /// Weight in the Maglev table now (XDP services).
+    pub table_weight: Option<u32>,
+    /// Why it takes no new flows.
+    pub reason: Option<String>,
+    /// `up`, `down`, `unknown` (not probed yet) or `unchecked`.
+    pub health: &'static str,
+    pub drained: bool,
+    pub checks: u64,
+    pub check_failures: u64,
+    pub last_check_latency: Option<Duration>,
+    pub last_error: Option<String>,
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceReport {
+    pub name: String,
+    /// `tcp` (layer 4) or `http`.
+    pub kind: &'static str,
+    pub vip: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub protocols: Vec<&'static str>,
+    pub mode: Option<&'static str>,
+    /// Which backends the table holds (XDP services).
+    pub serving: Option<&'static str>,
+    pub when_all_down: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendReport>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub config_file: String,
+    pub files: Vec<String>,
+    pub iface: String,
+    pub node: Option<String>,
+    pub uptime: Duration,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_reload: Option<ReloadRecord>,
+    pub services: Vec<ServiceReport>,
+    /// Data plane counters by name.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// A lookup: which backend gets the flow `src:sport -> dst:dport/proto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupQuery {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: String,
+}
+
+impl LookupQuery {
+    /// Parses `src=..&sport=..&dst=..&dport=..&proto=..` (proto defaults to tcp).
+    pub fn parse(query: &str) -> Result<Self, String> {
+        let mut src = None;
+        let mut sport = None;
+        let mut dst = None;
+        let mut dport = None;
+        let mut proto = "tcp".to_owned();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "src" => src = Some(v.parse().map_err(|_| format!("src `{v}` is not an IP address"))?),
+                "dst" => dst = Some(v.parse().map_err(|_| format!("dst `{v}` is not an IP address"))?),
+                "sport" => sport = Some(v.parse().map_err(|_| format!("sport `{v}` is not a port"))?),
+                "dport" => dport = Some(v.parse().map_err(|_| format!("dport `{v}` is not a port"))?),
+                "proto" => proto = v,
+                other => return Err(format!("unknown parameter `{other}`")),
+            }
+        }
+        Ok(Self {
+            src: src.ok_or("missing src")?,
+            sport: sport.ok_or("missing sport")?,
+            dst: dst.ok_or("missing dst")?,
+            dport: dport.ok_or("missing dport")?,
+            proto,
+        })
+    }
+}
+
+/// `%XX` and `+` decoding of a query value.
+#[must_use]
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                if let Some(b) = hex {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn problem_json(p: &Problem) -> Value {
+    json!({
+        "file": p.file.display().to_string(),
+        "line": p.line,
+        "column": p.column,
+        "field": p.field,
+        "message": p.message,
+        "hint": p.hint,
+        "text": p.to_string(),
+    })
+}
+
+/// `/lb-status`.
+#[must_use]
+pub fn status(s: &Snapshot) -> Value {
+    let last_reload = s.last_reload.as_ref().map(|r| {
+        json!({
+            "ok": r.error.is_none(),
+            "at_unix": unix_secs(r.at),
+            "error": r.error,
+            "problems": r.problems.iter().map(problem_json).collect::<Vec<_>>(),
+        })
+    });
+    let services: Vec<Value> = s
+        .services
+        .iter()
+        .map(|svc| {
+            let backends: Vec<Value> = svc
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "backend": b.backend,
+                        "role": b.role,
+                        "node": b.node,
+                        "weight": b.weight,
+                        "table_weight": b.table_weight,
+                        "reason": b.reason,
+                        "health": b.health,
+                        "drained": b.drained,
+                        "checks": b.checks,
+                        "check_failures": b.check_failures,
+                        "last_check_ms": b.last_check_latency.map(|d| d.as_secs_f64() * 1e3),
+                        "last_error": b.last_error,
+                        "packets": b.packets,
+                        "bytes": b.bytes,
+                    })
+                })
+                .collect();
+            json!({
+                "name": svc.name,
+                "kind": svc.kind,
+                "vip": svc.vip.map(|v| v.to_string()),
+                "port": svc.port,
+                "protocols": svc.protocols,
+                "mode": svc.mode,
+                "serving": svc.serving,
+                "when_all_down": svc.when_all_down,
+                "packets": svc.packets,
+                "bytes": svc.bytes,
+                "backends": backends,
+            })
+        })
+        .collect();
+    let counters: serde_json::Map<String, Value> =
+        s.counters.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+    json!({
+        "generation": s.generation,
+        "config_file": s.config_file,
+        "files": s.files,
+        "iface": s.iface,
+        "node": s.node,
+        "uptime_s": s.uptime.as_secs_f64(),
+        "reloads": {"ok": s.reloads_ok, "failed": s.reloads_failed},
+        "last_reload": last_reload,
+        "services": services,
+        "counters": counters,
+    })
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
+}
+
+struct Metrics(String);
+
+impl Metrics {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", label(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// `/metrics`, in the Prometheus text format (0.0.4).
+#[must_use]
+pub fn metrics(s: &Snapshot) -> String {
+    let mut m = Metrics(String::with_capacity(4096));
+    m.family("lb_config_generation", "gauge", "Registry generation serving now; +1 per applied change.");
+    m.sample("lb_config_generation", &[], s.generation);
+    m.family("lb_config_reloads_total", "counter", "Registry reloads by result.");
+    m.sample("lb_config_reloads_total", &[("result", "success")], s.reloads_ok);
+    m.sample("lb_config_reloads_total", &[("result", "failure")], s.reloads_failed);
+    m.family("lb_config_last_reload_success", "gauge", "1 when the last reload applied, 0 when it failed.");
+    let ok = s.last_reload.as_ref().is_none_or(|r| r.error.is_none());
+    m.sample("lb_config_last_reload_success", &[], u8::from(ok));
+    m.family(
+        "lb_config_error_info",
+        "gauge",
+        "The last reload's registry problems (the last good registry keeps serving).",
+    );
+    if let Some(r) = s.last_reload.as_ref().filter(|r| r.error.is_some()) {
+        if r.problems.is_empty() {
+            m.sample("lb_config_error_info", &[("message", r.error.as_deref().unwrap_or(""))], 1);
+        }
+        for p in &r.problems {
+            let (line, column) = (p.line.to_string(), p.column.to_string());
+            let file = p.file.display().to_string();
+            m.sample(
+                "lb_config_error_info",
+                &[
+                    ("file", &file),
+                    ("line", &line),
+                    ("column", &column),
+                    ("field", &p.field),
+                    ("message", &p.message),
+                ],
+                1,
+            );
+        }
+    }
+    m.family("lb_service_packets_total", "counter", "Packets forwarded by XDP per layer-4 service.");
+    for svc in s.services.iter().filter(|s| s.vip.is_some()) {
+        m.sample("lb_service_packets_total", &[("service", &svc.name)], svc.packets);
+    }
+    m.family("lb_service_bytes_total", "counter", "Bytes forwarded by XDP per layer-4 service.");
+    for svc in s.services.iter().filter(|s| s.vip.is_some()) {
+        m.sample("lb_service_bytes_total", &[("service", &svc.name)], svc.bytes);
+    }
+    m.family(
+        "lb_service_serving",
+        "gauge",
+        "Which backends each service's table holds (1 for the current one).",
+    );
+    for svc in &s.services {
+        if let Some(serving) = svc.serving {
+            m.sample("lb_service_serving", &[("service", &svc.name), ("serving", serving)], 1);
+        }
+    }
+    let backends = || s.services.iter().flat_map(|svc| svc.backends.iter().map(move |b| (svc, b)));
+    m.family("lb_backend_packets_total", "counter", "Packets forwarded by XDP to each backend.");
+    for (svc, b) in backends() {
+        if let Some(p) = b.packets {
+            m.sample("lb_backend_packets_total", &[("service", &svc.name), ("backend", &b.backend)], p);
+        }
+    }
+    m.family("lb_backend_bytes_total", "counter", "Bytes forwarded by XDP to each backend.");
+    for (svc, b) in backends() {
+        if let Some(p) = b.bytes {
+            m.sample("lb_backend_bytes_total", &[("service", &svc.name), ("backend", &b.backend)], p);
+        }
+    }
+    m.family("lb_backend_up", "gauge", "1 when the backend passes its health check (or is not checked).");
+    for (svc, b) in backends() {
+        let up = u8::from(b.health != "down");
+        m.sample("lb_backend_up", &[("service", &svc.name), ("backend", &b.backend), ("role", b.role)], up);
+    }
+    m.family("lb_backend_weight", "gauge", "Weight in the service's Maglev table now (0: no new flows).");
+    for (svc, b) in backends() {
+        if let Some(w) = b.table_weight {
+            m.sample("lb_backend_weight", &[("service", &svc.name), ("backend", &b.backend)], w);
+        }
+    }
+    m.family("lb_health_checks_total", "counter", "Health check probes by result.");
+    for (svc, b) in backends().filter(|(_, b)| b.health != "unchecked") {
+        let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str()), ("result", "success")];
+        m.sample("lb_health_checks_total", &l, b.checks - b.check_failures);
+        let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str()), ("result", "failure")];
+        m.sample("lb_health_checks_total", &l, b.check_failures);
+    }
+    m.family("lb_health_check_latency_seconds", "gauge", "Duration of the last successful health check.");
+    for (svc, b) in backends() {
+        if let Some(d) = b.last_check_latency {
+            let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str())];
+            m.sample("lb_health_check_latency_seconds", &l, d.as_secs_f64());
+        }
+    }
+    m.family(
+        "lb_datapath_events_total",
+        "counter",
+        "XDP data plane counters (conntrack misses, drops, passes).",
+    );
+    for (name, v) in &s.counters {
+        m.sample("lb_datapath_events_total", &[("event", name)], v);
+    }
+    m.0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            generation: 3,
+            config_file: "/etc/lb/services.yaml".into(),
+            files: vec!["/etc/lb/services.yaml".into()],
+            iface: "eth0".into(),
+            node: Some("node1".into()),
+            uptime: Duration::from_secs(5),
+            reloads_ok: 2,
+            reloads_failed: 1,
+            last_reload: Some(ReloadRecord {
+                at: SystemTime::UNIX_EPOCH,
+                error: Some("invalid".into()),
+                problems: vec![Problem {
+                    file: PathBuf::from("/etc/lb/services.yaml"),
+                    line: 7,
+                    column: 9,
+                    field: "tcp.a.backends[0].prot".into(),
+                    message: "unknown field `prot`, expected one of \"host\"".into(),
+                    hint: None,
+                }],
+            }),
+            services: vec![ServiceReport {
+                name: "web".into(),
+                kind: "tcp",
+                vip: Some("10.0.0.1".parse().unwrap()),
+                port: Some(80),
+                protocols: vec!["tcp"],
+                mode: Some("nat"),
+                serving: Some("primaries"),
+                when_all_down: "fail-open",
+                packets: 10,
+                bytes: 1000,
+                backends: vec![BackendReport {
+                    backend: "10.0.0.11:80".into(),
+                    role: "primary",
+                    node: None,
+                    weight: 1,
+                    table_weight: Some(0),
+                    reason: Some("health check failing: refused".into()),
+                    health: "down",
+                    drained: false,
+                    checks: 5,
+                    check_failures: 3,
+                    last_check_latency: Some(Duration::from_millis(2)),
+                    last_error: Some("refused".into()),
+                    packets: Some(10),
+                    bytes: Some(1000),
+                }],
+            }],
+            counters: vec![("ct_miss_established", 4)],
+        }
+    }
+
+    #[test]
+    fn metrics_show_the_reload_error_with_its_line_and_escape_labels() {
+        let text = metrics(&snapshot());
+        assert!(text.contains("lb_config_last_reload_success 0\n"), "{text}");
+        assert!(
+            text.contains(r#"lb_config_error_info{file="/etc/lb/services.yaml",line="7",column="9",field="tcp.a.backends[0].prot",message="unknown field `prot`, expected one of \"host\""} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"lb_backend_up{service="web",backend="10.0.0.11:80",role="primary"} 0"#));
+        assert!(
+            text.contains(
+                r#"lb_health_checks_total{service="web",backend="10.0.0.11:80",result="failure"} 3"#
+            )
+        );
+        assert!(text.contains(r#"lb_datapath_events_total{event="ct_miss_established"} 4"#));
+        // Every sample belongs to a family declared before it.
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(declared.contains(name), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn status_carries_generation_health_and_the_error() {
+        let v = status(&snapshot());
+        assert_eq!(v["generation"], 3);
+        assert_eq!(v["last_reload"]["ok"], false);
+        assert_eq!(v["last_reload"]["problems"][0]["line"], 7);
+        assert_eq!(v["services"][0]["backends"][0]["health"], "down");
+        assert_eq!(v["counters"]["ct_miss_established"], 4);
+    }
+
+    #[test]
+    fn lookup_queries_parse_and_refuse_bad_values() {
+        let q = LookupQuery::parse("src=10.0.0.5&sport=4000&dst=10.20.100.1&dport=80").unwrap();
+        assert_eq!((q.sport, q.dport, q.proto.as_str()), (4000, 80, "tcp"));
+        let q = LookupQuery::parse("src=fd00%3A%3A5&sport=1&dst=fd20::1&dport=80&proto=udp").unwrap();
+        assert_eq!(q.src, "fd00::5".parse::<IpAddr>().unwrap());
+        assert!(LookupQuery::parse("src=x&sport=1&dst=10.0.0.1&dport=80").unwrap_err().contains("src"));
+        assert_eq!(LookupQuery::parse("src=10.0.0.1&sport=1&dport=80").unwrap_err(), "missing dst");
+        assert_eq!(percent_decode("a%2Fb+c%"), "a/b c%");
+    }
+}

@@ -1,0 +1,496 @@
+//! The control plane with real processes and real traffic: health checks take a killed backend
+//! out of the table and bring it back; an invalid registry keeps the last good one serving
+//! and is reported; operator drains, lookups and rollouts, all under client load.
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    clients::payload,
+    lbd::{Lbd, TempDir, admin, all_checked, backend_status, lb_ctl, status, wait_status},
+    netns::NetNs,
+    privileged,
+    servers::{Ports, Servers},
+    topology::{DsrTopology, VIP, backend_ip},
+    unique_prefix,
+};
+
+const ECHO: u16 = 7;
+const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
+/// Health check timing of the tests' registries.
+const INTERVAL: Duration = Duration::from_millis(200);
+const FALL: u32 = 3;
+const RISE: u32 = 2;
+/// Bound on the load loops.
+const MAX_EXCHANGES: usize = 20_000;
+const MAX_LOAD_TIME: Duration = Duration::from_secs(90);
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn identity(i: usize) -> String {
+    format!("{}:{ECHO}", backend_ip(i))
+}
+
+fn registry(backends: &[usize]) -> String {
+    let mut list = String::new();
+    for &i in backends {
+        let _ = writeln!(list, "      - {{host: {}, port: {ECHO}}}", backend_ip(i));
+    }
+    format!(
+        "version: 1\ntcp:\n  echo:\n    vip: {VIP}\n    port: {ECHO}\n    health: {{interval: {}ms, timeout: 150ms, fall: {FALL}, rise: {RISE}}}\n    backends:\n{list}",
+        INTERVAL.as_millis()
+    )
+}
+
+fn echo_addr() -> SocketAddr {
+    SocketAddr::from((VIP, ECHO))
+}
+
+/// One TCP echo exchange that reports failure rather than panic.
+fn try_exchange(data: &[u8]) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&echo_addr(), IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    s.write_all(data).map_err(|e| format!("send: {e}"))?;
+    s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back == data {
+        Ok(())
+    } else {
+        Err(format!("echo of {} bytes came back as {}", data.len(), back.len()))
+    }
+}
+
+/// Which backends (indexes into `servers`) received payloads starting with `tag`.
+fn receivers(servers: &[Option<Servers>], tag: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        if let Some(s) = s {
+            let n = s.served.tcp_received().iter().filter(|r| r.data.starts_with(tag.as_bytes())).count();
+            out.extend(std::iter::repeat_n(i, n));
+        }
+    }
+    out
+}
+
+/// A client loop of short TCP echo exchanges in the client namespace, recording when each
+/// ended and whether it failed. Bounded in count and time.
+/// When each exchange ended, and how.
+type Results = Vec<(Instant, Result<(), String>)>;
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Results>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(client: &NetNs, tag: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let (s, r, tag) = (stop.clone(), results.clone(), tag.to_owned());
+        let thread = client.spawn("load", move || {
+            let start = Instant::now();
+            for i in 0..MAX_EXCHANGES {
+                if s.load(Ordering::Relaxed) || start.elapsed() > MAX_LOAD_TIME {
+                    break;
+                }
+                let res = try_exchange(&payload(&tag, i, 200));
+                r.lock().expect("lock").push((Instant::now(), res));
+            }
+        });
+        Self { stop, results, thread: Some(thread) }
+    }
+
+    fn count(&self) -> usize {
+        self.results.lock().expect("lock").len()
+    }
+
+    /// Waits until `n` more exchanges have ended.
+    fn wait_more(&self, n: usize) {
+        let target = self.count() + n;
+        let start = Instant::now();
+        while self.count() < target {
+            assert!(start.elapsed() < MAX_LOAD_TIME, "the load loop stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish(mut self) -> Results {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.results.lock().expect("lock"))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A long-lived TCP connection to the echo service, opened in the client namespace.
+struct Stream(TcpStream);
+
+impl Stream {
+    fn open(client: &NetNs) -> Self {
+        let s = client.run(|| TcpStream::connect_timeout(&echo_addr(), IO_TIMEOUT)).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        Self(s)
+    }
+
+    fn port(&self) -> u16 {
+        self.0.local_addr().expect("addr").port()
+    }
+
+    /// One round trip; `Err` when the connection broke.
+    fn echo(&mut self, round: usize) -> Result<(), String> {
+        let data = payload("stream", round, 100);
+        self.0.write_all(&data).map_err(|e| e.to_string())?;
+        let mut back = vec![0; data.len()];
+        self.0.read_exact(&mut back).map_err(|e| e.to_string())?;
+        if back == data { Ok(()) } else { Err("corrupted echo".into()) }
+    }
+}
+
+/// The backend lbd says a stream's flow goes to, by `lb-ctl lookup`.
+fn looked_up(ns: &NetNs, stream: &Stream) -> serde_json::Value {
+    let src = format!("{}:{}", lb_tests::topology::CLIENT_IP, stream.port());
+    let dst = echo_addr().to_string();
+    let (code, out, err) = lb_ctl(ns, &["lookup", "--src", &src, "--dst", &dst]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).expect("lookup JSON")
+}
+
+fn health(ns: &NetNs, i: usize) -> String {
+    backend_status(&status(ns), "echo", &identity(i))
+        .map(|b| b["health"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+struct Setup {
+    topo: DsrTopology,
+    servers: Vec<Option<Servers>>,
+    dir: TempDir,
+}
+
+fn setup(tag: &str, backends: usize) -> Setup {
+    let topo = DsrTopology::new(&unique_prefix(tag), backends);
+    let servers = (topo.backends.iter().enumerate())
+        .map(|(i, b)| {
+            Some(Servers::start(&b.ns, &format!("backend-{}", i + 1), PORTS, &[b.ip.into(), VIP.into()]))
+        })
+        .collect();
+    let dir = TempDir::new(tag);
+    Setup { topo, servers, dir }
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn a_killed_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
+    if !privileged("a_killed_backend_leaves_within_interval_times_fall_and_returns_after_rise") {
+        return;
+    }
+    let mut s = setup("hc-kill", 3);
+    let reg = s.dir.write("services.yaml", &registry(&[0, 1, 2]));
+    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &[]);
+    let lb = &s.topo.lb.ns;
+    wait_status(lb, "every backend up", |st| {
+        (0..3).all(|i| backend_status(st, "echo", &identity(i)).is_some_and(|b| b["health"] == "up"))
+    });
+
+    // Long-lived streams; lbd's lookup says where each went (checked against the servers at
+    // the end).
+    let mut streams: Vec<(Stream, usize)> = (0..9)
+        .map(|_| {
+            let mut st = Stream::open(&s.topo.client.ns);
+            st.echo(0).expect("first echo");
+            let found = looked_up(lb, &st);
+            assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
+            let b = (0..3).find(|&i| found["backend"] == identity(i)).expect("a backend");
+            (st, b)
+        })
+        .collect();
+    let victim = streams[0].1;
+    let load = Load::start(&s.topo.client.ns, "load");
+    load.wait_more(50);
+
+    // Kill the victim's servers (its listener and connections).
+    let killed = Instant::now();
+    drop(s.servers[victim].take());
+    wait_status(lb, "the victim marked down", |st| {
+        backend_status(st, "echo", &identity(victim)).is_some_and(|b| b["health"] == "down")
+    });
+    let to_down = killed.elapsed();
+    let bound = INTERVAL * FALL + INTERVAL + Duration::from_secs(1);
+    assert!(to_down <= bound, "down after {to_down:?}; interval x fall is {:?}", INTERVAL * FALL);
+    let down_at = Instant::now();
+    let metrics = admin(lb, "GET", "/metrics", None).body;
+    let up_line =
+        format!("lb_backend_up{{service=\"echo\",backend=\"{}\",role=\"primary\"}} 0", identity(victim));
+    assert!(metrics.contains(&up_line), "{metrics}");
+    let st = status(lb);
+    let b = backend_status(&st, "echo", &identity(victim)).unwrap();
+    assert_eq!(b["table_weight"], 0, "{b:#}");
+    load.wait_more(200);
+
+    // Streams on the other backends never noticed.
+    for (round, (st, b)) in streams.iter_mut().enumerate().filter(|(_, (_, b))| *b != victim) {
+        st.echo(round + 1).unwrap_or_else(|e| panic!("a stream on backend {b} broke: {e}"));
+    }
+
+    // Back: servers restarted; up again after `rise` successes, and new flows reach it.
+    let t = &s.topo.backends[victim];
+    s.servers[victim] = Some(Servers::start(&t.ns, "backend-again", PORTS, &[t.ip.into(), VIP.into()]));
+    let restarted = Instant::now();
+    wait_status(lb, "the victim up again", |st| {
+        backend_status(st, "echo", &identity(victim)).is_some_and(|b| b["health"] == "up")
+    });
+    assert!(
+        restarted.elapsed() <= INTERVAL * RISE + INTERVAL + Duration::from_secs(1),
+        "up after {:?}",
+        restarted.elapsed()
+    );
+    load.wait_more(200);
+    let results = load.finish();
+    let after_down: Vec<String> = (results.iter().filter(|(t, _)| *t > down_at))
+        .filter_map(|(t, r)| {
+            r.as_ref().err().map(|e| format!("{e} at {:?} after the kill", t.duration_since(killed)))
+        })
+        .collect();
+    eprintln!(
+        "down seen at {:?}, restarted at {:?}",
+        down_at.duration_since(killed),
+        restarted.duration_since(killed)
+    );
+    assert!(
+        after_down.is_empty(),
+        "{} exchanges failed after the backend left the table: {:?}\n{}",
+        after_down.len(),
+        &after_down[..after_down.len().min(5)],
+        admin(lb, "GET", "/metrics", None)
+            .body
+            .lines()
+            .filter(|l| l.starts_with("lb_datapath_events_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let back_on_victim = receivers(&s.servers, "load").iter().filter(|&&i| i == victim).count();
+    assert!(back_on_victim > 0, "the returned backend takes new flows again");
+    let (ok, failed) =
+        results.iter().fold((0, 0), |(o, f), (_, r)| if r.is_ok() { (o + 1, f) } else { (o, f + 1) });
+    eprintln!(
+        "load: {ok} exchanges ok, {failed} failed (all before the backend was marked down, {to_down:?} after the kill)"
+    );
+
+    // Lookups matched where the streams really were.
+    for (round, (st, b)) in streams.iter_mut().enumerate().filter(|(_, (_, b))| *b != victim) {
+        st.echo(round + 100).expect("stream still whole");
+        let port = st.port();
+        st.0.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        let _ = st.0.read_to_end(&mut rest);
+        let holder =
+            s.servers[*b].as_ref().unwrap().served.tcp_received().iter().any(|r| r.peer.port() == port);
+        assert!(holder, "lookup said backend {b} holds the stream from port {port}");
+    }
+    let (code, out, _) = lb_ctl(lb, &["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("echo") && out.contains(" up "), "{out}");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(
+        stopped.log.contains("event=\"health\"") || stopped.log.contains("backend down"),
+        "{}",
+        stopped.log
+    );
+}
+
+#[test]
+fn an_invalid_registry_keeps_the_last_good_one_serving_and_is_reported() {
+    if !privileged("an_invalid_registry_keeps_the_last_good_one_serving_and_is_reported") {
+        return;
+    }
+    let s = setup("bad-reg", 3);
+    let reg = s.dir.write("services.yaml", &registry(&[0, 1]));
+    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &[]);
+    let lb = &s.topo.lb.ns;
+    wait_status(lb, "first checks", all_checked);
+
+    // An unknown key on line 9, written over the good file: the watcher reloads, and fails.
+    let broken = registry(&[0, 1]).replace("      - {host: 10.10.0.12", "      - {hots: 10.10.0.12");
+    std::fs::write(&reg, &broken).expect("write");
+    assert_eq!(lbd.wait_reload(), "reload failed", "{}", lbd.log());
+    s.topo.client.ns.run(|| {
+        for i in 0..20 {
+            try_exchange(&payload("old", i, 100)).expect("the old registry keeps serving");
+        }
+    });
+    assert!(!receivers(&s.servers, "old").contains(&2));
+    let (code, out, err) = lb_ctl(lb, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    let place = format!("{}:9:10: field `tcp.echo.backends[1].hots`", reg.display());
+    assert!(out.contains("FAILED") && out.contains(&place), "{out}");
+    let metrics = admin(lb, "GET", "/metrics", None).body;
+    assert!(metrics.contains("lb_config_last_reload_success 0"), "{metrics}");
+    assert!(
+        metrics
+            .contains(&format!("lb_config_error_info{{file=\"{}\",line=\"9\",column=\"10\"", reg.display())),
+        "{metrics}"
+    );
+    assert!(metrics.contains("lb_config_reloads_total{result=\"failure\"} 1"), "{metrics}");
+    assert_eq!(status(lb)["generation"], 1);
+
+    // A good file: live, generation 2, and the new backend takes flows once checked.
+    std::fs::write(&reg, registry(&[0, 1, 2])).expect("write");
+    assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
+    assert_eq!(status(lb)["generation"], 2);
+    wait_status(lb, "the new backend's first check", all_checked);
+    s.topo.client.ns.run(|| {
+        for i in 0..60 {
+            try_exchange(&payload("new", i, 100)).expect("exchange");
+        }
+    });
+    assert!(receivers(&s.servers, "new").contains(&2), "the added backend takes flows");
+    assert!(admin(lb, "GET", "/metrics", None).body.contains("lb_config_last_reload_success 1"));
+
+    // lb-ctl config apply: validated, written over the registry atomically, live.
+    let next = s.dir.write("next.yaml", &registry(&[2]));
+    let (code, out, err) = lb_ctl(lb, &["config", "apply", "--file", next.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("applied: generation 3"), "{out}");
+    assert_eq!(std::fs::read_to_string(&reg).unwrap(), registry(&[2]));
+    let bad = s.dir.write("bad.yaml", &broken);
+    let (code, _, err) = lb_ctl(lb, &["config", "apply", "--file", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("{}:9:10", bad.display())), "{err}");
+    let (code, out, err) = lb_ctl(lb, &["config", "apply", "--validate", "--file", next.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("lbd accepts it (not applied)\n"), "{out}");
+    assert_eq!(status(lb)["generation"], 3);
+    s.topo.client.ns.run(|| {
+        for i in 0..20 {
+            try_exchange(&payload("last", i, 100)).expect("exchange");
+        }
+    });
+    assert_eq!(receivers(&s.servers, "last"), vec![2; 20]);
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
+
+#[test]
+fn drains_keep_long_lived_flows_and_rollouts_lose_no_request() {
+    if !privileged("drains_keep_long_lived_flows_and_rollouts_lose_no_request") {
+        return;
+    }
+    let s = setup("rollout", 3);
+    let reg = s.dir.write("services.yaml", &registry(&[0, 1]));
+    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &["--resolve-timeout", "1s"]);
+    let lb = &s.topo.lb.ns;
+    wait_status(lb, "first checks", all_checked);
+
+    // Drain the backend holding a long-lived stream: the stream goes on, new flows avoid it.
+    let mut stream = Stream::open(&s.topo.client.ns);
+    stream.echo(0).expect("echo");
+    let found = looked_up(lb, &stream);
+    let held = (0..2).find(|&i| found["backend"] == identity(i)).expect("a backend");
+    let (code, out, err) = lb_ctl(lb, &["backend", "drain", "echo", &identity(held)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("drained"), "{out}");
+    s.topo.client.ns.run(|| {
+        for i in 0..30 {
+            try_exchange(&payload("drained", i, 100)).expect("exchange");
+        }
+    });
+    assert!(!receivers(&s.servers, "drained").contains(&held), "a drained backend takes no new flows");
+    for round in 1..20 {
+        stream.echo(round).expect("the drained backend's stream goes on");
+    }
+    let st = status(lb);
+    assert_eq!(backend_status(&st, "echo", &identity(held)).unwrap()["drained"], true);
+    let (code, _, err) = lb_ctl(lb, &["backend", "drain", "echo", "10.9.9.9:7"]);
+    assert_eq!(code, 3, "an unknown backend: {err}");
+    let (code, _, err) = lb_ctl(lb, &["backend", "enable", "echo", &identity(held)]);
+    assert_eq!(code, 0, "{err}");
+    drop(stream);
+
+    // Roll the service from backends 0 and 1 to backend 2 under load: no request fails.
+    let load = Load::start(&s.topo.client.ns, "roll");
+    load.wait_more(50);
+    let (code, out, err) = lb_ctl(
+        lb,
+        &[
+            "rollout",
+            "start",
+            "--service",
+            "echo",
+            "--new-backends",
+            &identity(2),
+            "--batch-size",
+            "1",
+            "--interval",
+            "300ms",
+            "--health-timeout",
+            "10s",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", lbd.log());
+    load.wait_more(50);
+    let results = load.finish();
+    let failed: Vec<&String> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the rollout: {:?}",
+        failed.len(),
+        results.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let st = status(lb);
+    let now: Vec<&str> = st["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(now, vec![identity(2).as_str()], "{out}");
+    eprintln!("rollout: {} requests, none failed", results.len());
+
+    // A rollout to a backend that never gets healthy is aborted and the registry restored.
+    let dead = format!("{}:{ECHO}", backend_ip(5));
+    let before = std::fs::read_to_string(&reg).unwrap();
+    let (code, _, err) = lb_ctl(
+        lb,
+        &[
+            "rollout",
+            "start",
+            "--service",
+            "echo",
+            "--new-backends",
+            &dead,
+            "--interval",
+            "100ms",
+            "--health-timeout",
+            "2s",
+        ],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("rollout aborted, registry restored"), "{err}");
+    assert_eq!(std::fs::read_to_string(&reg).unwrap(), before);
+    s.topo.client.ns.run(|| try_exchange(&payload("after", 0, 100))).expect("serving after the abort");
+    assert_eq!(health(lb, 2), "up");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
