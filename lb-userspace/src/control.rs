@@ -202,27 +202,35 @@ impl Controller {
         self.checker.sync(targets);
     }
 
-    /// Applies one probe result; a state change re-plans the affected service.
-    pub fn on_report(&mut self, r: &Report) -> Result<Outcome, DaemonError> {
-        let Some(target) = self.checker.target(&r.key) else { return Ok(Outcome::Unchanged) };
+    /// Applies a batch of probe results (all that were waiting), then re-plans once if any
+    /// changed what a table may hold.
+    pub fn on_reports(&mut self, reports: &[Report]) -> Result<Outcome, DaemonError> {
+        let mut replan = false;
+        for r in reports {
+            replan |= self.record_report(r);
+        }
+        if replan { self.replan() } else { Ok(Outcome::Unchanged) }
+    }
+
+    /// Applies one probe result; true when a backend entered or left the down set.
+    fn record_report(&mut self, r: &Report) -> bool {
+        let Some(target) = self.checker.target(&r.key) else { return false };
         let (fall, rise) = (target.check.fall, target.check.rise);
         let status = self.health.entry(r.key.clone()).or_default();
-        let Some(state) = status.record(&r.result, fall, rise) else { return Ok(Outcome::Unchanged) };
+        let Some(state) = status.record(&r.result, fall, rise) else { return false };
         let pair = (r.key.service.clone(), r.key.backend.clone());
         match state {
             State::Down => {
                 let reason = status.last_error.clone().unwrap_or_default();
                 warn!(event = "health", service = %r.key.service, backend = %r.key.backend, state = "down", %reason, "backend down");
                 self.over.down.insert(pair, reason);
+                true
             }
             State::Up | State::Unknown => {
                 info!(event = "health", service = %r.key.service, backend = %r.key.backend, state = "up", "backend up");
-                if self.over.down.remove(&pair).is_none() {
-                    return Ok(Outcome::Unchanged);
-                }
+                self.over.down.remove(&pair).is_some()
             }
         }
-        self.replan()
     }
 
     /// Drains (`true`) or re-enables a backend of a service until lbd stops.
@@ -326,7 +334,8 @@ impl Controller {
                     Some(id) => Some(self.maps.backend_stats(id)?),
                     None => None,
                 };
-                backends.push(self.backend_report(
+                let mac = p.and_then(|p| p.id).and_then(|id| plan.backends.get(&id)).map(|b| b.mac);
+                let mut report = self.backend_report(
                     name,
                     &identity,
                     role,
@@ -334,7 +343,9 @@ impl Controller {
                     b.node.as_deref(),
                     p.map(|p| (p.weight, p.unusable.clone())),
                     traffic,
-                ));
+                );
+                report.next_hop_mac = mac;
+                backends.push(report);
             }
             services.push(ServiceReport {
                 name: name.clone(),
@@ -420,6 +431,7 @@ impl Controller {
             last_error: status.and_then(|s| s.last_error.clone()),
             packets: traffic.map(|t| t.packets),
             bytes: traffic.map(|t| t.bytes),
+            next_hop_mac: None,
         }
     }
 

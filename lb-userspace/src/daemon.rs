@@ -192,7 +192,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 while watch_rx.try_recv().is_ok() {}
                 reload(&mut ctl, "file change").await
             }
-            Some(report) = health_rx.recv() => ctl.on_report(&report),
+            Some(report) = health_rx.recv() => {
+                // Results arrive in bursts (at start, when a host dies): one plan for the lot.
+                let mut batch = vec![report];
+                while let Ok(r) = health_rx.try_recv() {
+                    batch.push(r);
+                }
+                ctl.on_reports(&batch)
+            }
             Some(()) = neigh_rx.recv() => ctl.refresh_neighbours().await,
             Some(req) = admin_rx.recv() => answer(&mut ctl, req).await,
         };

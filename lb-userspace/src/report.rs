@@ -41,6 +41,8 @@ pub struct BackendReport {
     pub last_error: Option<String>,
     pub packets: Option<u64>,
     pub bytes: Option<u64>,
+    /// MAC address its packets are sent to (itself, or its gateway), XDP services.
+    pub next_hop_mac: Option<[u8; 6]>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +195,9 @@ pub fn status(s: &Snapshot) -> Value {
                         "last_error": b.last_error,
                         "packets": b.packets,
                         "bytes": b.bytes,
+                        "next_hop_mac": b.next_hop_mac.map(|m| {
+                            m.iter().map(|o| format!("{o:02x}")).collect::<Vec<_>>().join(":")
+                        }),
                     })
                 })
                 .collect();
@@ -414,6 +419,7 @@ mod tests {
                     last_error: Some("refused".into()),
                     packets: Some(10),
                     bytes: Some(1000),
+                    next_hop_mac: Some([2, 0, 10, 10, 0, 11]),
                 }],
             }],
             counters: vec![("ct_miss_established", 4)],
@@ -454,6 +460,7 @@ mod tests {
         assert_eq!(v["last_reload"]["ok"], false);
         assert_eq!(v["last_reload"]["problems"][0]["line"], 7);
         assert_eq!(v["services"][0]["backends"][0]["health"], "down");
+        assert_eq!(v["services"][0]["backends"][0]["next_hop_mac"], "02:00:0a:0a:00:0b");
         assert_eq!(v["counters"]["ct_miss_established"], 4);
     }
 

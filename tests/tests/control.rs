@@ -494,3 +494,35 @@ fn drains_keep_long_lived_flows_and_rollouts_lose_no_request() {
     let stopped = lbd.stop(libc::SIGTERM);
     assert!(stopped.status.success(), "{}", stopped.log);
 }
+
+#[test]
+fn a_backend_whose_mac_changes_is_followed_without_a_reload() {
+    if !privileged("a_backend_whose_mac_changes_is_followed_without_a_reload") {
+        return;
+    }
+    let s = setup("neigh", 2);
+    let reg = s.dir.write("services.yaml", &registry(&[0, 1]));
+    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &[]);
+    let lb = &s.topo.lb.ns;
+    wait_status(lb, "first checks", all_checked);
+
+    // Backend 0's interface gets a new MAC (a replaced NIC, a moved VM), and the lb node learns
+    // it the way ARP would tell it.
+    let new_mac = "02:00:0a:0a:00:63";
+    s.topo.backends[0].ns.ip(&["link", "set", "eth0", "address", new_mac]);
+    let ip = backend_ip(0).to_string();
+    lb.ip(&["neigh", "replace", &ip, "lladdr", new_mac, "dev", "eth0", "nud", "reachable"]);
+    wait_status(lb, "the new MAC in backend 0's record", |st| {
+        backend_status(st, "echo", &identity(0)).is_some_and(|b| b["next_hop_mac"] == new_mac)
+    });
+    s.topo.client.ns.run(|| {
+        for i in 0..40 {
+            try_exchange(&payload("moved", i, 100)).expect("every exchange works after the MAC change");
+        }
+    });
+    assert!(receivers(&s.servers, "moved").contains(&0), "backend 0 is reached at its new MAC");
+    assert_eq!(status(lb)["generation"], 1, "no reload was needed");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(stopped.log.contains("backend next hops changed"), "{}", stopped.log);
+}

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [xdp|maglev|l4|all]`: builds the release binaries and runs `lb-bench`,
+//! `cargo xtask bench [xdp|maglev|l4|control|all]`: builds the release binaries and runs `lb-bench`,
 //! which prints each benchmark's table and writes `target/bench/<name>.json`.
 
 use std::process::Command;
@@ -15,7 +15,9 @@ pub enum Which {
     Maglev,
     /// TCP connections/s and bulk throughput through lb, nftables DNAT and HAProxy.
     L4,
-    /// All three.
+    /// Reload latency, health-check CPU and lbd memory with 100 services.
+    Control,
+    /// All of them.
     All,
 }
 
@@ -32,6 +34,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let needs = match opts.which {
         Which::L4 | Which::All => setup::Needs::bench_l4(),
         Which::Xdp | Which::Maglev => setup::Needs::lbd(),
+        Which::Control => setup::Needs::demo(),
     };
     setup::run(&needs)?;
     // Timings of userspace code (Maglev builds, the load generator) need optimised binaries;
@@ -41,7 +44,8 @@ pub fn run(opts: &Options) -> Result<()> {
         Which::Xdp => &["xdp"],
         Which::Maglev => &["maglev"],
         Which::L4 => &["l4"],
-        Which::All => &["maglev", "xdp", "l4"],
+        Which::Control => &["control"],
+        Which::All => &["maglev", "xdp", "l4", "control"],
     };
     let root = workspace_root();
     for name in names {

@@ -6,7 +6,9 @@
 //! - [`maglev`]: table build time, balance and disruption, against classic Maglev.
 //! - [`l4`]: TCP connections/s and bulk throughput through lb in each mode, against no
 //!   balancer, an nftables DNAT balancer and HAProxy, in network namespaces.
+//! - [`control`]: reload latency, health-check CPU and lbd's memory with 100 services.
 
+pub mod control;
 pub mod l4;
 pub mod maglev;
 pub mod xdp;

@@ -1,4 +1,4 @@
-//! The benchmarks behind `cargo xtask bench`: `lb-bench xdp|maglev|l4 --out FILE`. Each prints
+//! The benchmarks behind `cargo xtask bench`: `lb-bench xdp|maglev|l4|control --out FILE`. Each prints
 //! a table and writes its figures as JSON. Run it through `cargo xtask bench`, which builds it
 //! in release mode and installs what it needs.
 
@@ -49,6 +49,16 @@ enum Which {
         #[arg(long, default_value_t = bench::l4::Options::default().threads)]
         threads: usize,
     },
+    /// Reload latency, health-check CPU and lbd memory with 100 services of 10 backends.
+    Control {
+        #[arg(long, default_value_t = bench::control::Options::default().services)]
+        services: usize,
+        /// Seconds of idle CPU measured, with checks on and off.
+        #[arg(long, default_value_t = bench::control::Options::default().cpu_seconds)]
+        cpu_seconds: f64,
+        #[arg(long, default_value_t = bench::control::Options::default().reload_rounds)]
+        reload_rounds: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +86,11 @@ fn run(args: &Args) -> Result<()> {
         Which::L4 { seconds, rounds, threads } => {
             let report = bench::l4::run(bench::l4::Options { seconds, rounds, threads })?;
             bench::write_json(&out("l4"), &report)
+        }
+        Which::Control { services, cpu_seconds, reload_rounds } => {
+            let o = bench::control::Options { services, cpu_seconds, reload_rounds, ..Default::default() };
+            let report = bench::control::run(&o)?;
+            bench::write_json(&out("control"), &report)
         }
     }
 }
