@@ -532,35 +532,24 @@ fn all_keys(reg: &Registry) -> BTreeSet<(String, String)> {
 
 /// One probe target per checked backend.
 fn health_targets(reg: &Registry, resolved: &Resolutions) -> Vec<Target> {
-    let mut out = Vec::new();
     let addr = |host: &str| resolved.get(host).and_then(|r| r.as_ref().ok()).map(|r| r.addr);
-    for (name, svc) in &reg.tcp {
-        if !svc.health.enabled || !svc.protocols.contains(&config::Protocol::Tcp) {
+    // (service, its check, its backends): probes run over TCP, so UDP-only services are left out.
+    let tcp = (reg.tcp.iter())
+        .filter(|(_, s)| s.protocols.contains(&config::Protocol::Tcp))
+        .map(|(n, s)| (n, &s.health, s.backends.iter().chain(&s.fallback)));
+    let http = reg.http.iter().map(|(n, s)| (n, &s.health, s.backends.iter().chain(&s.fallback)));
+    let mut out = Vec::new();
+    for (name, check, backends) in tcp.chain(http) {
+        if !check.enabled {
             continue;
         }
-        for b in plan::all_backends(svc) {
-            out.push(Target {
-                key: Key { service: name.clone(), backend: b.identity() },
-                host: b.host.clone(),
-                addr: addr(&b.host),
-                port: svc.health.port.unwrap_or(b.port),
-                check: svc.health.clone(),
-            });
-        }
-    }
-    for (name, svc) in &reg.http {
-        if !svc.health.enabled {
-            continue;
-        }
-        for b in svc.backends.iter().chain(&svc.fallback) {
-            out.push(Target {
-                key: Key { service: name.clone(), backend: b.identity() },
-                host: b.host.clone(),
-                addr: addr(&b.host),
-                port: svc.health.port.unwrap_or(b.port),
-                check: svc.health.clone(),
-            });
-        }
+        out.extend(backends.map(|b| Target {
+            key: Key { service: name.clone(), backend: b.identity() },
+            host: b.host.clone(),
+            addr: addr(&b.host),
+            port: check.port.unwrap_or(b.port),
+            check: check.clone(),
+        }));
     }
     out
 }
