@@ -22,7 +22,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::report::{LookupQuery, percent_decode};
+use crate::report::{LookupQuery, query_pairs};
 
 /// Largest request body: a registry.
 const MAX_BODY: usize = 4 << 20;
@@ -142,12 +142,7 @@ async fn route(req: Request<Incoming>, tx: &mpsc::Sender<Envelope>) -> Result<An
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
-    let param = |name: &str| -> Option<String> {
-        query.split('&').find_map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k == name).then(|| percent_decode(v))
-        })
-    };
+    let param = |name: &str| query_pairs(&query).find_map(|(k, v)| (k == name).then_some(v));
     let ask = match (method.clone(), path.as_str()) {
         (Method::GET, "/health") => Ask::Alive,
         (Method::GET, "/ready") => Ask::Ready,

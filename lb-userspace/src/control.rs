@@ -9,14 +9,18 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_common::maps::{CtEntry, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, addr_of};
+use lb_common::{
+    datapath::{self, Destination},
+    maps::{CtEntry, FlowKey, PROTO_TCP, PROTO_UDP, VipKey, addr_of},
+};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{self, Loaded, Problem, Registry},
+    config::{self, Loaded, Problem, Registry, Role},
     daemon::{DaemonError, Options},
     health::{Checker, Key, Report, State, Status, Target},
     maps::DataplaneMaps,
+    model::PlanView,
     netlink::Link,
     plan::{self, DataPlan, NodeFacts, Overrides, Resolutions, Serving},
     report::{self, BackendReport, ReloadRecord, ServiceReport, Snapshot},
@@ -271,12 +275,6 @@ impl Controller {
         self.replan()
     }
 
-    /// The IP addresses whose neighbour entries the plan depends on.
-    #[must_use]
-    pub fn next_hops(&self) -> BTreeSet<IpAddr> {
-        (self.resolved.values().filter_map(|r| r.as_ref().ok())).map(|r| r.via.unwrap_or(r.addr)).collect()
-    }
-
     fn replan(&mut self) -> Result<Outcome, DaemonError> {
         let prev_serving = self.maps.applied().map(|p| p.serving.clone()).unwrap_or_default();
         let prev = self.maps.applied().map(|p| p.ids.clone()).unwrap_or_default();
@@ -325,9 +323,7 @@ impl Controller {
                 bytes += t.bytes;
             }
             let mut backends = Vec::new();
-            let specs = (svc.backends.iter().map(|b| (b, "primary")))
-                .chain(svc.fallback.iter().map(|b| (b, "fallback")));
-            for (b, role) in specs {
+            for (b, role) in svc.all_backends() {
                 let identity = b.identity();
                 let p = planned.and_then(|ps| ps.iter().find(|p| p.identity == identity));
                 let traffic = match p.and_then(|p| p.id) {
@@ -362,9 +358,7 @@ impl Controller {
             });
         }
         for (name, svc) in &reg.http {
-            let specs = (svc.backends.iter().map(|b| (b, "primary")))
-                .chain(svc.fallback.iter().map(|b| (b, "fallback")));
-            let backends = specs
+            let backends = (svc.all_backends())
                 .map(|(b, role)| {
                     self.backend_report(name, &b.identity(), role, b.weight, b.node.as_deref(), None, None)
                 })
@@ -403,7 +397,7 @@ impl Controller {
         &self,
         service: &str,
         identity: &str,
-        role: &'static str,
+        role: Role,
         weight: u32,
         node: Option<&str>,
         planned: Option<(u32, Option<String>)>,
@@ -418,7 +412,7 @@ impl Controller {
         };
         BackendReport {
             backend: identity.to_owned(),
-            role,
+            role: role.as_str(),
             node: node.map(str::to_owned),
             weight,
             table_weight: planned.as_ref().map(|p| p.0),
@@ -451,36 +445,39 @@ impl Controller {
             return Err(DaemonError::Unknown("source and VIP are of different address families".into()));
         }
         let flow = flow_key(q, proto);
-        let hash =
-            lb_common::hash::flow_hash(flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
         let name_of = |id: u32| -> Option<String> {
             plan.services.get(&vip.service)?.iter().find(|b| b.id == Some(id)).map(|b| b.identity.clone())
         };
-        let table = plan.tables.get(&vip.info.table);
-        let slot = if vip.info.table_size == 0 { None } else { Some(hash % vip.info.table_size) };
-        let table_id = slot.and_then(|s| table.and_then(|t| t.slots.get(s as usize).copied()));
-        let by_table = table_id.and_then(&name_of);
-        let tracked: Option<CtEntry> = self.maps.conntrack(&flow)?;
+        let entry: Option<CtEntry> = self.maps.conntrack(&flow)?;
         let now = monotonic_coarse_ns();
-        let tracked_json = tracked.map(|e| {
+        // The datapath's own decision, over the plan the maps hold and the kernel's entry.
+        let decide = |entry: Option<CtEntry>| {
+            let view = PlanView::new(plan, entry.map(|e| (flow, e)), now);
+            datapath::destination(&view, &plan.node, &vip.info, &flow)
+        };
+        let by_table = match decide(None) {
+            Destination::Table(id) => name_of(id),
+            _ => None,
+        };
+        let (backend, why) = match decide(entry) {
+            Destination::Tracked(id) => (name_of(id), "conntrack: the flow is tracked to this backend"),
+            Destination::Rebalanced(id) => {
+                (name_of(id), "maglev: the flow's tracked backend left; it takes its table slot's backend")
+            }
+            Destination::Table(id) => (name_of(id), "maglev: a new flow takes its table slot's backend"),
+            Destination::Nothing => (None, "no backend can take new flows: the packet would be dropped"),
+        };
+        let tracked_json = entry.map(|e| {
             serde_json::json!({
                 "backend": name_of(e.backend),
                 "idle_s": Duration::from_nanos(now.saturating_sub(e.last_seen)).as_secs_f64(),
                 "state": e.state,
-                "current": plan.backends.get(&e.backend).is_some_and(|b| b.generation == e.generation),
+                "current": matches!(decide(Some(e)), Destination::Tracked(_)),
             })
         });
-        let (backend, why) = match (&tracked, &tracked_json) {
-            (Some(e), Some(_))
-                if plan.backends.get(&e.backend).is_some_and(|b| b.generation == e.generation) =>
-            {
-                (name_of(e.backend), "conntrack: the flow is tracked to this backend")
-            }
-            _ if by_table.is_some() => {
-                (by_table.clone(), "maglev: a new flow takes its table slot's backend")
-            }
-            _ => (None, "no backend can take new flows: the packet would be dropped"),
-        };
+        let hash =
+            lb_common::hash::flow_hash(flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+        let slot = (vip.info.table_size != 0).then(|| hash % vip.info.table_size);
         let health = backend.as_ref().map(|b| {
             let key = Key { service: vip.service.clone(), backend: b.clone() };
             self.health.get(&key).map_or("unknown", |s| s.state.as_str())
@@ -524,9 +521,9 @@ fn monotonic_coarse_ns() -> u64 {
 
 /// Every (service, backend identity) in the registry.
 fn all_keys(reg: &Registry) -> BTreeSet<(String, String)> {
-    let tcp = reg.tcp.iter().flat_map(|(n, s)| plan::all_backends(s).map(move |b| (n.clone(), b.identity())));
-    let http = (reg.http.iter())
-        .flat_map(|(n, s)| s.backends.iter().chain(&s.fallback).map(move |b| (n.clone(), b.identity())));
+    let tcp = reg.tcp.iter().flat_map(|(n, s)| s.all_backends().map(move |(b, _)| (n.clone(), b.identity())));
+    let http =
+        reg.http.iter().flat_map(|(n, s)| s.all_backends().map(move |(b, _)| (n.clone(), b.identity())));
     tcp.chain(http).collect()
 }
 
@@ -536,14 +533,14 @@ fn health_targets(reg: &Registry, resolved: &Resolutions) -> Vec<Target> {
     // (service, its check, its backends): probes run over TCP, so UDP-only services are left out.
     let tcp = (reg.tcp.iter())
         .filter(|(_, s)| s.protocols.contains(&config::Protocol::Tcp))
-        .map(|(n, s)| (n, &s.health, s.backends.iter().chain(&s.fallback)));
-    let http = reg.http.iter().map(|(n, s)| (n, &s.health, s.backends.iter().chain(&s.fallback)));
+        .map(|(n, s)| (n, &s.health, config::with_roles(&s.backends, &s.fallback)));
+    let http = reg.http.iter().map(|(n, s)| (n, &s.health, config::with_roles(&s.backends, &s.fallback)));
     let mut out = Vec::new();
     for (name, check, backends) in tcp.chain(http) {
         if !check.enabled {
             continue;
         }
-        out.extend(backends.map(|b| Target {
+        out.extend(backends.map(|(b, _)| Target {
             key: Key { service: name.clone(), backend: b.identity() },
             host: b.host.clone(),
             addr: addr(&b.host),
@@ -594,6 +591,3 @@ fn write_atomically(file: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, file)
 }
-
-/// Bound on draining events that arrive together before acting on them.
-pub const SETTLE: Duration = Duration::from_millis(5);

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, Answer, Ask},
     config::{self, ConfigError},
-    control::{Controller, Outcome, SETTLE},
+    control::{Controller, Outcome},
     health::Checker,
     loader::{AttachMode, Balancer, LoaderError},
     logging::error_chain,
@@ -311,6 +311,8 @@ async fn answer(ctl: &mut Controller, env: admin::Envelope) -> Result<Outcome, D
     outcome
 }
 
+/// How long file events may keep arriving (one save, several files) before the reload.
+const SETTLE: Duration = Duration::from_millis(5);
 /// Health results waiting for the controller.
 const HEALTH_QUEUE: usize = 4096;
 /// Admin requests waiting for the controller.

@@ -214,3 +214,82 @@ impl Tables for Model {
         add(&self.backend_stats, backend, BACKEND_IDS, bytes);
     }
 }
+
+/// A read-only view of a plan (and of one flow's conntrack entry, read from the kernel)
+/// behind [`Tables`], so questions about the data plane are answered by the datapath's own
+/// functions. Writes are ignored.
+pub struct PlanView<'a> {
+    plan: &'a DataPlan,
+    flow: Option<(FlowKey, CtEntry)>,
+    now: u64,
+}
+
+impl<'a> PlanView<'a> {
+    /// `plan` as the maps hold it, with `flow`'s conntrack entry, at monotonic time `now`.
+    #[must_use]
+    pub fn new(plan: &'a DataPlan, flow: Option<(FlowKey, CtEntry)>, now: u64) -> Self {
+        Self { plan, flow, now }
+    }
+}
+
+impl Tables for PlanView<'_> {
+    fn now_ns(&self) -> u64 {
+        self.now
+    }
+
+    fn node(&self) -> Option<&NodeConfig> {
+        Some(&self.plan.node)
+    }
+
+    fn vip(&self, key: &VipKey) -> Option<&VipInfo> {
+        self.plan.vips.iter().find(|v| v.key == *key).map(|v| &v.info)
+    }
+
+    fn is_vip_addr(&self, key: &AddrKey) -> bool {
+        self.plan.vip_addrs.contains(key)
+    }
+
+    fn table_slot(&self, table: u32, slot: u32) -> Option<u32> {
+        self.plan.tables.get(&table).and_then(|t| t.slots.get(slot as usize)).copied()
+    }
+
+    fn backend(&self, id: u32) -> Option<&Backend> {
+        self.plan.backends.get(&id)
+    }
+
+    fn ct_get(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.flow.filter(|(k, _)| k == key).map(|(_, e)| e)
+    }
+
+    fn ct_put(&self, _: &FlowKey, _: &CtEntry) {}
+
+    fn ct_update(&self, _: &FlowKey, _: impl FnOnce(&mut CtEntry)) -> bool {
+        false
+    }
+
+    fn nat_get(&self, _: &FlowKey) -> Option<NatEntry> {
+        None
+    }
+
+    fn nat_insert_new(&self, _: &FlowKey, _: &NatEntry) -> bool {
+        false
+    }
+
+    fn nat_put(&self, _: &FlowKey, _: &NatEntry) {}
+
+    fn nat_update(&self, _: &FlowKey, _: impl FnOnce(&mut NatEntry)) -> bool {
+        false
+    }
+
+    fn frag_get(&self, _: &FragKey) -> Option<FragEntry> {
+        None
+    }
+
+    fn frag_put(&self, _: &FragKey, _: &FragEntry) {}
+
+    fn count(&self, _: Counter) {}
+
+    fn count_vip(&self, _: u32, _: u64) {}
+
+    fn count_backend(&self, _: u32, _: u64) {}
+}

@@ -17,7 +17,7 @@ use lb_common::maps::{
 };
 
 use crate::{
-    config::{AllDown, BackendSpec, L4Service, Mode, Registry},
+    config::{AllDown, L4Service, Mode, Registry, Role},
     maglev,
 };
 
@@ -29,14 +29,6 @@ pub struct Overrides {
     pub down: BTreeMap<(String, String), String>,
     /// Backends an operator drained (`lb-ctl backend drain`).
     pub drained: BTreeSet<(String, String)>,
-}
-
-/// A backend's place in its service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Primary,
-    /// Takes new flows only while no primary can.
-    Fallback,
 }
 
 /// Which backends a service's table holds.
@@ -176,7 +168,7 @@ pub fn xdp_backend_hosts(reg: &Registry) -> Vec<&str> {
         .tcp
         .values()
         .filter(|s| s.vip.is_some())
-        .flat_map(|s| s.backends.iter().chain(&s.fallback).map(|b| b.host.as_str()))
+        .flat_map(|s| s.all_backends().map(|(b, _)| b.host.as_str()))
         .collect();
     hosts.sort_unstable();
     hosts.dedup();
@@ -230,7 +222,7 @@ pub fn plan(
     let down: BTreeSet<&str> = over.down.keys().map(|(_, b)| b.as_str()).collect();
     let mut backends = BTreeMap::new();
     for (identity, &(id, generation, _)) in &ids.backends {
-        let spec = (services.iter().flat_map(|(_, s, _)| s.backends.iter().chain(&s.fallback)))
+        let spec = (services.iter().flat_map(|(_, s, _)| s.all_backends().map(|(b, _)| b)))
             .find(|b| &b.identity() == identity);
         let (Some(spec), Some(Ok(r))) = (spec, spec.and_then(|b| resolved.get(&b.host))) else { continue };
         let (family, addr) = addr_of(r.addr);
@@ -323,9 +315,7 @@ fn service_backends(
 ) -> (Vec<ServiceBackend>, Serving) {
     // (backend, weight it would have if healthy)
     let mut planned: Vec<(ServiceBackend, u32)> = Vec::new();
-    let specs = (svc.backends.iter().map(|b| (b, Role::Primary)))
-        .chain(svc.fallback.iter().map(|b| (b, Role::Fallback)));
-    for (b, role) in specs {
+    for (b, role) in svc.all_backends() {
         let identity = b.identity();
         let id = ids.backend(&identity);
         let key = (name.to_owned(), identity.clone());
@@ -376,11 +366,6 @@ fn service_backends(
     (out, how)
 }
 
-/// Every backend of a service, primaries first.
-pub fn all_backends(svc: &L4Service) -> impl Iterator<Item = &BackendSpec> {
-    svc.backends.iter().chain(&svc.fallback)
-}
-
 /// The node record: this node's addresses and MAC, and the registry's datapath settings.
 fn node_config(reg: &Registry, node: &NodeFacts) -> NodeConfig {
     let d = &reg.datapath;
@@ -420,7 +405,7 @@ fn assign_ids(
     // Backends: every resolved backend of an XDP service gets a record (drained ones too).
     let mut wanted: BTreeMap<String, IpAddr> = BTreeMap::new();
     for (_, svc, _) in services {
-        for b in all_backends(svc) {
+        for (b, _) in svc.all_backends() {
             if let Some(Ok(r)) = resolved.get(&b.host) {
                 wanted.insert(b.identity(), r.addr);
             }

@@ -96,9 +96,7 @@ impl LookupQuery {
         let mut dst = None;
         let mut dport = None;
         let mut proto = "tcp".to_owned();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
+        for (k, v) in query_pairs(query) {
             match k {
                 "src" => src = Some(v.parse().map_err(|_| format!("src `{v}` is not an IP address"))?),
                 "dst" => dst = Some(v.parse().map_err(|_| format!("dst `{v}` is not an IP address"))?),
@@ -116,6 +114,14 @@ impl LookupQuery {
             proto,
         })
     }
+}
+
+/// A URL query's `key=value` pairs, values decoded.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, String)> {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k, percent_decode(v))
+    })
 }
 
 /// `%XX` and `+` decoding of a query value.

@@ -81,7 +81,7 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     let built = modified(&bin);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for krate in BINARY_SOURCES {
-        if let Some((_, newer)) = newest_file(&root.join(krate)).filter(|(t, _)| *t > built) {
+        if let Some((_, newer)) = newest_file(&root.join(krate), name).filter(|(t, _)| *t > built) {
             panic!(
                 "{} is older than {}; run `cargo build --bins` (`cargo xtask test` does)",
                 bin.display(),
@@ -96,16 +96,17 @@ fn modified(p: &Path) -> SystemTime {
     fs::metadata(p).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-/// The most recently modified file under `dir`.
-fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+/// The most recently modified source of binary `bin` under `dir`: other binaries' mains and
+/// the crates' tests are not part of it.
+fn newest_file(dir: &Path, bin: &str) -> Option<(SystemTime, PathBuf)> {
     let mut newest: Option<(SystemTime, PathBuf)> = None;
     for entry in fs::read_dir(dir).ok()?.flatten() {
         let p = entry.path();
-        // A crate's own tests are not part of its binaries.
-        if p.file_name().is_some_and(|n| n == "tests") {
+        let other_main = dir.ends_with("src/bin") && p.file_stem().is_some_and(|s| s != bin);
+        if p.file_name().is_some_and(|n| n == "tests") || other_main {
             continue;
         }
-        let candidate = if p.is_dir() { newest_file(&p) } else { Some((modified(&p), p)) };
+        let candidate = if p.is_dir() { newest_file(&p, bin) } else { Some((modified(&p), p)) };
         if let Some(c) = candidate
             && newest.as_ref().is_none_or(|n| c.0 > n.0)
         {

@@ -187,7 +187,9 @@ struct Setup {
     dir: TempDir,
 }
 
-fn setup(tag: &str, backends: usize) -> Setup {
+/// `backends` hosts with servers, and lbd serving `serving` of them with `extra` flags, once
+/// each has had its first health check. Returns the registry's path too.
+fn setup(tag: &str, backends: usize, serving: &[usize], extra: &[&str]) -> (Setup, std::path::PathBuf, Lbd) {
     let topo = DsrTopology::new(&unique_prefix(tag), backends);
     let servers = (topo.backends.iter().enumerate())
         .map(|(i, b)| {
@@ -195,7 +197,10 @@ fn setup(tag: &str, backends: usize) -> Setup {
         })
         .collect();
     let dir = TempDir::new(tag);
-    Setup { topo, servers, dir }
+    let reg = dir.write("services.yaml", &registry(serving));
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", extra);
+    wait_status(&topo.lb.ns, "first checks", all_checked);
+    (Setup { topo, servers, dir }, reg, lbd)
 }
 
 #[test]
@@ -204,9 +209,7 @@ fn a_killed_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
     if !privileged("a_killed_backend_leaves_within_interval_times_fall_and_returns_after_rise") {
         return;
     }
-    let mut s = setup("hc-kill", 3);
-    let reg = s.dir.write("services.yaml", &registry(&[0, 1, 2]));
-    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &[]);
+    let (mut s, _, lbd) = setup("hc-kill", 3, &[0, 1, 2], &[]);
     let lb = &s.topo.lb.ns;
     wait_status(lb, "every backend up", |st| {
         (0..3).all(|i| backend_status(st, "echo", &identity(i)).is_some_and(|b| b["health"] == "up"))
@@ -324,11 +327,8 @@ fn an_invalid_registry_keeps_the_last_good_one_serving_and_is_reported() {
     if !privileged("an_invalid_registry_keeps_the_last_good_one_serving_and_is_reported") {
         return;
     }
-    let s = setup("bad-reg", 3);
-    let reg = s.dir.write("services.yaml", &registry(&[0, 1]));
-    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &[]);
+    let (s, reg, lbd) = setup("bad-reg", 3, &[0, 1], &[]);
     let lb = &s.topo.lb.ns;
-    wait_status(lb, "first checks", all_checked);
 
     // An unknown key on line 9, written over the good file: the watcher reloads, and fails.
     let broken = registry(&[0, 1]).replace("      - {host: 10.10.0.12", "      - {hots: 10.10.0.12");
@@ -396,11 +396,8 @@ fn drains_keep_long_lived_flows_and_rollouts_lose_no_request() {
     if !privileged("drains_keep_long_lived_flows_and_rollouts_lose_no_request") {
         return;
     }
-    let s = setup("rollout", 3);
-    let reg = s.dir.write("services.yaml", &registry(&[0, 1]));
-    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &["--resolve-timeout", "1s"]);
+    let (s, reg, lbd) = setup("rollout", 3, &[0, 1], &["--resolve-timeout", "1s"]);
     let lb = &s.topo.lb.ns;
-    wait_status(lb, "first checks", all_checked);
 
     // Drain the backend holding a long-lived stream: the stream goes on, new flows avoid it.
     let mut stream = Stream::open(&s.topo.client.ns);
@@ -500,11 +497,8 @@ fn a_backend_whose_mac_changes_is_followed_without_a_reload() {
     if !privileged("a_backend_whose_mac_changes_is_followed_without_a_reload") {
         return;
     }
-    let s = setup("neigh", 2);
-    let reg = s.dir.write("services.yaml", &registry(&[0, 1]));
-    let lbd = Lbd::start(&s.topo.lb.ns, &s.dir, &reg, "eth0", &[]);
+    let (s, _, lbd) = setup("neigh", 2, &[0, 1], &[]);
     let lb = &s.topo.lb.ns;
-    wait_status(lb, "first checks", all_checked);
 
     // Backend 0's interface gets a new MAC (a replaced NIC, a moved VM), and the lb node learns
     // it the way ARP would tell it.

@@ -182,6 +182,34 @@ pub fn track<T: Tables>(
     Ok(())
 }
 
+/// Where an ordinary segment of a flow (not a SYN) would go now, as [`choose`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The live backend the flow is tracked to.
+    Tracked(u32),
+    /// The flow was tracked to a backend that left (or under another mode): the table's
+    /// backend takes it.
+    Rebalanced(u32),
+    /// Not tracked (or expired): the table's backend.
+    Table(u32),
+    /// Not tracked, and the table has no live backend for it: dropped.
+    Nothing,
+}
+
+/// [`Destination`] of `flow` to `vip`, changing nothing: for operators' lookups, from the same
+/// pieces the datapath uses.
+pub fn destination<T: Tables>(t: &T, node: &NodeConfig, vip: &VipInfo, flow: &FlowKey) -> Destination {
+    let from_table = || {
+        let hash = flow_hash(flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+        from_table(t, vip, hash).ok().map(|(id, _)| id)
+    };
+    match tracked(t, node, flow, t.now_ns(), vip.mode) {
+        Tracked::Live(id, _, _) => Destination::Tracked(id),
+        Tracked::BackendGone => from_table().map_or(Destination::Nothing, Destination::Rebalanced),
+        Tracked::Unknown => from_table().map_or(Destination::Nothing, Destination::Table),
+    }
+}
+
 /// The live backend that the VIP's Maglev table gives a flow with this hash.
 #[inline(always)]
 pub fn from_table<'a, T: Tables>(t: &'a T, vip: &VipInfo, hash: u32) -> Result<(u32, &'a Backend), Counter> {

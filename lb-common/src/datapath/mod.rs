@@ -32,6 +32,7 @@ mod parse;
 mod rewrite;
 
 use conntrack::Choice;
+pub use conntrack::{Destination, destination};
 pub use icmp::Quoted;
 pub use parse::{Frag, Frame, Ip};
 

@@ -300,11 +300,8 @@ fn status(ctl: &Ctl, json: bool) -> Result<(), Fail> {
         ["SERVICE", "ENTRY", "SERVING", "BACKEND", "ROLE", "HEALTH", "WEIGHT", "PACKETS", "NOTE"]
             .map(str::to_owned),
     ];
-    let s = |v: &Value| match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    // A table cell: "-" for nothing.
+    let s = |v: &Value| if v.is_null() { "-".to_owned() } else { text(v) };
     for svc in v["services"].as_array().into_iter().flatten() {
         let entry = match (&svc["vip"], &svc["port"]) {
             (Value::String(vip), p) => format!("{vip}:{} {}", p, s(&svc["mode"])),
@@ -432,18 +429,17 @@ fn rollout(
         apply(&doc).map_err(|Fail(_, e)| restore(e))?;
         wait_healthy(ctl, service, chunk, health_timeout).map_err(restore)?;
         let take: Vec<String> = retiring.drain(..batch.min(retiring.len())).collect();
-        retire(ctl, &mut doc, service, &take, interval, &apply).map_err(|Fail(_, e)| restore(e))?;
+        retire(&mut doc, service, &take, interval, &apply).map_err(|Fail(_, e)| restore(e))?;
     }
     // More old backends than new ones: retire the rest.
     let rest: Vec<String> = std::mem::take(&mut retiring);
-    retire(ctl, &mut doc, service, &rest, interval, &apply).map_err(|Fail(_, e)| restore(e))?;
+    retire(&mut doc, service, &rest, interval, &apply).map_err(|Fail(_, e)| restore(e))?;
     println!("rollout of {service} done");
     Ok(())
 }
 
 /// Drains `take` (weight 0: tracked flows finish), waits `interval`, removes them.
 fn retire(
-    _ctl: &Ctl,
     doc: &mut serde_yaml_ng::Value,
     service: &str,
     take: &[String],
@@ -481,7 +477,7 @@ fn wait_healthy(ctl: &Ctl, service: &str, chunk: &[(String, u16)], timeout: Dura
                 .into_iter()
                 .flatten()
                 .find(|b| b["backend"] == id)
-                .map(|b| s(&b["health"]))
+                .map(|b| text(&b["health"]))
         };
         let states: Vec<(String, String)> = chunk
             .iter()
@@ -499,6 +495,7 @@ fn wait_healthy(ctl: &Ctl, service: &str, chunk: &[(String, u16)], timeout: Dura
     }
 }
 
-fn s(v: &Value) -> String {
+/// A JSON value as plain text: strings unquoted.
+fn text(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_owned)
 }

@@ -18,7 +18,7 @@ use std::{
 pub use error::{ConfigError, Problem};
 pub use schema::{
     AllDown, BackendSpec, Datapath, Fragment, HealthCheck, HttpCheck, HttpService, L4Service, MAX_WEIGHT,
-    Mode, PortRange, Protocol, REGISTRY_VERSION, Registry,
+    Mode, PortRange, Protocol, REGISTRY_VERSION, Registry, Role, with_roles,
 };
 use serde::de::DeserializeOwned;
 use spans::{FieldPath, Seg, Spans};

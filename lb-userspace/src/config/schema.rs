@@ -344,6 +344,46 @@ pub struct BackendSpec {
     pub node: Option<String>,
 }
 
+/// A backend's place in its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    /// Takes new flows only while no primary can.
+    Fallback,
+}
+
+impl Role {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// A service's backends, then its fallbacks, each with its role.
+pub fn with_roles<'a>(
+    backends: &'a [BackendSpec],
+    fallback: &'a [BackendSpec],
+) -> impl Iterator<Item = (&'a BackendSpec, Role)> {
+    (backends.iter().map(|b| (b, Role::Primary))).chain(fallback.iter().map(|b| (b, Role::Fallback)))
+}
+
+impl L4Service {
+    /// Backends, then fallbacks, each with its role.
+    pub fn all_backends(&self) -> impl Iterator<Item = (&BackendSpec, Role)> {
+        with_roles(&self.backends, &self.fallback)
+    }
+}
+
+impl HttpService {
+    /// Backends, then fallbacks, each with its role.
+    pub fn all_backends(&self) -> impl Iterator<Item = (&BackendSpec, Role)> {
+        with_roles(&self.backends, &self.fallback)
+    }
+}
+
 /// Largest backend weight: keeps weight ratios meaningful for the table size.
 pub const MAX_WEIGHT: u32 = 1000;
 
