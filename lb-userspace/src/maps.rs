@@ -33,6 +33,7 @@ const BPF_F_MMAPABLE: u32 = 1024;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// Array map elements are 8-byte aligned in the kernel's memory (and in the mapping).
 const ARRAY_ELEM_SIZE: usize = 8;
 
@@ -198,8 +199,12 @@ impl DataplaneMaps {
                 self.backends.set(id, b, 0).map_err(access("set", names::BACKENDS))?;
             }
         }
-        for (slot, inner) in tables {
-            self.tables.set(*slot, inner, 0).map_err(access("set", names::TABLES))?;
+        // One batch: the kernel waits for running programs (an RCU grace period, ~10 ms) once
+        // per map-in-map update call, so a reload touching many tables waits once, not per table.
+        if !tables.is_empty() && update_batch(&self.tables_fd, tables).is_err() {
+            for (slot, inner) in tables {
+                self.tables.set(*slot, inner, 0).map_err(access("set", names::TABLES))?;
+            }
         }
         let prev_vips: BTreeMap<VipKey, VipInfo> =
             prev.iter().flat_map(|p| &p.vips).map(|v| (v.key, v.info)).collect();
@@ -299,7 +304,7 @@ fn build_tables(prev: Option<&DataPlan>, plan: &DataPlan) -> Result<Vec<(u32, Ma
     (plan.tables.iter())
         .filter(|(slot, table)| !same(slot, table))
         .map(|(&slot, table)| {
-            build_table(&table.slots)
+            build_table(&table.slots())
                 .map(|inner| (slot, inner))
                 .map_err(|source| MapsError::Table { service: table.service.clone(), source })
         })
@@ -375,6 +380,39 @@ fn build_table(slots: &[u32]) -> io::Result<MapData> {
 
 fn syscall_error(op: &'static str, name: &'static str, io_error: io::Error) -> MapsError {
     MapsError::Access { op, name, source: MapError::from(aya::sys::SyscallError { call: op, io_error }) }
+}
+
+/// Puts each table in its slot with one `BPF_MAP_UPDATE_BATCH`.
+fn update_batch(map: &OwnedFd, tables: &[(u32, MapData)]) -> io::Result<()> {
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let keys: Vec<u32> = tables.iter().map(|(slot, _)| *slot).collect();
+    let values: Vec<u32> = (tables.iter())
+        .map(|(_, inner)| u32::try_from(inner.fd().as_fd().as_raw_fd()).map_err(io::Error::other))
+        .collect::<io::Result<_>>()?;
+    let attr = Batch {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(keys.len()).map_err(io::Error::other)?,
+        map_fd: u32::try_from(map.as_raw_fd()).map_err(io::Error::other)?,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH; `keys` and `values` outlive the call.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &raw const attr, size_of::<Batch>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Removes a table from its slot (aya has no delete for arrays of maps).

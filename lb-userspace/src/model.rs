@@ -73,7 +73,7 @@ impl Model {
         self.node = plan.node;
         self.vips = plan.vips.iter().map(|v| (v.key, v.info)).collect();
         self.vip_addrs = plan.vip_addrs.iter().copied().collect();
-        self.tables = plan.tables.iter().map(|(slot, t)| (*slot, t.slots.clone())).collect();
+        self.tables = plan.tables.iter().map(|(slot, t)| (*slot, t.slots())).collect();
         for (id, b) in (0u32..).zip(self.backends.iter_mut()) {
             if let Some(new) = plan.backends.get(&id) {
                 *b = *new;
@@ -220,15 +220,23 @@ impl Tables for Model {
 /// functions. Writes are ignored.
 pub struct PlanView<'a> {
     plan: &'a DataPlan,
+    /// The one table the question needs, built (plans hold tables' inputs only).
+    table: (u32, &'a [u32]),
     flow: Option<(FlowKey, CtEntry)>,
     now: u64,
 }
 
 impl<'a> PlanView<'a> {
-    /// `plan` as the maps hold it, with `flow`'s conntrack entry, at monotonic time `now`.
+    /// `plan` as the maps hold it, with the slots of table `table.0`, `flow`'s conntrack
+    /// entry, at monotonic time `now`.
     #[must_use]
-    pub fn new(plan: &'a DataPlan, flow: Option<(FlowKey, CtEntry)>, now: u64) -> Self {
-        Self { plan, flow, now }
+    pub fn new(
+        plan: &'a DataPlan,
+        table: (u32, &'a [u32]),
+        flow: Option<(FlowKey, CtEntry)>,
+        now: u64,
+    ) -> Self {
+        Self { plan, table, flow, now }
     }
 }
 
@@ -250,7 +258,7 @@ impl Tables for PlanView<'_> {
     }
 
     fn table_slot(&self, table: u32, slot: u32) -> Option<u32> {
-        self.plan.tables.get(&table).and_then(|t| t.slots.get(slot as usize)).copied()
+        (table == self.table.0).then(|| self.table.1.get(slot as usize).copied()).flatten()
     }
 
     fn backend(&self, id: u32) -> Option<&Backend> {

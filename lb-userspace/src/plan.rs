@@ -17,7 +17,7 @@ use lb_common::maps::{
 };
 
 use crate::{
-    config::{AllDown, L4Service, Mode, Registry, Role},
+    config::{AllDown, BackendSpec, L4Service, Mode, Registry, Role},
     maglev,
 };
 
@@ -108,12 +108,43 @@ impl Ids {
     }
 }
 
-/// One service's Maglev table.
+/// One service's Maglev table, held as what it is built from: a table of 65537 slots is 256 KiB,
+/// so plans carry the few entries instead, compare cheaply, and the maps build a table only
+/// when its inputs change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TablePlan {
     pub service: String,
-    /// Backend id per slot; [`NO_BACKEND`] when no backend may take new flows.
-    pub slots: Vec<u32>,
+    /// Slots in the table (a prime).
+    pub size: u32,
+    pub entries: Vec<TableEntry>,
+}
+
+/// A backend as its service's table sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableEntry {
+    pub identity: String,
+    pub weight: u32,
+    /// What its slots hold; without one (unresolved) they hold [`NO_BACKEND`].
+    pub id: Option<u32>,
+}
+
+impl TablePlan {
+    /// Builds the table: the backend id of every slot, [`NO_BACKEND`] where no backend may
+    /// take new flows.
+    #[must_use]
+    pub fn slots(&self) -> Vec<u32> {
+        let entries: Vec<maglev::Entry<'_>> =
+            self.entries.iter().map(|e| maglev::Entry { identity: &e.identity, weight: e.weight }).collect();
+        let mut slots = maglev::build(&entries, self.size);
+        for s in &mut slots {
+            *s = if *s == maglev::EMPTY {
+                NO_BACKEND
+            } else {
+                self.entries[*s as usize].id.unwrap_or(NO_BACKEND)
+            };
+        }
+        slots
+    }
 }
 
 /// One (VIP, port, protocol) entry.
@@ -220,10 +251,11 @@ pub fn plan(
 
     // Backends a health check has down in some service.
     let down: BTreeSet<&str> = over.down.keys().map(|(_, b)| b.as_str()).collect();
+    let specs: HashMap<String, &BackendSpec> =
+        (services.iter()).flat_map(|(_, s, _)| s.all_backends().map(|(b, _)| (b.identity(), b))).collect();
     let mut backends = BTreeMap::new();
     for (identity, &(id, generation, _)) in &ids.backends {
-        let spec = (services.iter().flat_map(|(_, s, _)| s.all_backends().map(|(b, _)| b)))
-            .find(|b| &b.identity() == identity);
+        let spec = specs.get(identity).copied();
         let (Some(spec), Some(Ok(r))) = (spec, spec.and_then(|b| resolved.get(&b.host))) else { continue };
         let (family, addr) = addr_of(r.addr);
         let record = Backend {
@@ -258,16 +290,11 @@ pub fn plan(
     for (name, svc, vip) in &services {
         let (planned, how) = service_backends(name, svc, *vip, node, resolved, &ids, over);
         serving.insert((*name).clone(), how);
-        let entries: Vec<maglev::Entry<'_>> =
-            planned.iter().map(|p| maglev::Entry { identity: &p.identity, weight: p.weight }).collect();
-        let (slot, size) = ids.tables[name.as_str()];
-        let slots = maglev::build(&entries, size)
-            .into_iter()
-            .map(|pos| {
-                if pos == maglev::EMPTY { NO_BACKEND } else { planned[pos as usize].id.unwrap_or(NO_BACKEND) }
-            })
+        let entries = (planned.iter())
+            .map(|p| TableEntry { identity: p.identity.clone(), weight: p.weight, id: p.id })
             .collect();
-        tables.insert(slot, TablePlan { service: (*name).clone(), slots });
+        let (slot, size) = ids.tables[name.as_str()];
+        tables.insert(slot, TablePlan { service: (*name).clone(), size, entries });
         planned_services.insert((*name).clone(), planned);
     }
 
@@ -549,7 +576,7 @@ tcp:
         let (slot, _) = plan.ids.tables[service];
         let by_id: BTreeMap<u32, &str> =
             plan.services[service].iter().filter_map(|b| Some((b.id?, b.identity.as_str()))).collect();
-        plan.tables[&slot].slots.iter().map(|id| by_id.get(id).map(|s| (*s).to_owned())).collect()
+        plan.tables[&slot].slots().iter().map(|id| by_id.get(id).map(|s| (*s).to_owned())).collect()
     }
 
     #[test]
@@ -607,7 +634,7 @@ tcp:
         );
         let (p, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
         assert!(p.services["a"][0].unusable.as_deref().unwrap().contains("behind router 10.0.0.1"));
-        assert!(p.tables.values().next().unwrap().slots.iter().all(|&s| s == NO_BACKEND));
+        assert!(p.tables.values().next().unwrap().slots().iter().all(|&s| s == NO_BACKEND));
     }
 
     #[test]
@@ -704,7 +731,7 @@ tcp:
         let (s1, s2) = (p1.ids.tables["echo"], p2.ids.tables["echo"]);
         assert_eq!(s2.1, 131_071);
         assert_ne!(s1.0, s2.0, "a VIP switches to the resized table in one update");
-        assert_eq!(p2.tables[&s2.0].slots.len(), 131_071);
+        assert_eq!(p2.tables[&s2.0].slots().len(), 131_071);
     }
 
     #[test]

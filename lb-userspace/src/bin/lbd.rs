@@ -73,7 +73,10 @@ fn main() -> ExitCode {
         node: args.node,
         watch: !args.no_watch,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: lbd's work is a thousand small probes and rare reloads, and waking tasks
+    // across worker threads cost more CPU than the probes themselves (measured with
+    // `cargo xtask bench control`). Blocking netlink calls run on tokio's blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lbd: cannot start the async runtime: {e}");

@@ -109,8 +109,22 @@ fn rss_mb(pid: u32) -> Result<f64> {
 
 fn idle_cpu_pct(pid: u32, seconds: f64) -> Result<f64> {
     let before = cpu_seconds(pid)?;
+    let user_before = user_seconds(pid)?;
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    Ok((cpu_seconds(pid)? - before) / seconds * 100.0)
+    let user = (user_seconds(pid)? - user_before) / seconds * 100.0;
+    let all = (cpu_seconds(pid)? - before) / seconds * 100.0;
+    eprintln!("lbd cpu: {all:.2}% ({user:.2}% user)");
+    Ok(all)
+}
+
+/// User-mode CPU seconds of process `pid` so far.
+fn user_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
+    let rest = stat.rsplit_once(") ").context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = f64::from(i32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
+    Ok(f[11].parse::<f64>()? / hz)
 }
 
 /// Writes `text` next to `path` and renames it into place, as an editor or a deploy tool would.
@@ -161,6 +175,12 @@ pub fn run(o: &Options) -> Result<Report> {
     }
     let stopped = lbd.stop(libc::SIGTERM);
     anyhow::ensure!(stopped.status.success(), "lbd: {}", stopped.log);
+    // Where a reload's time goes (lbd logs its phases at debug level: RUST_LOG=lb_userspace=debug).
+    for what in ["reload phases", "registry applied"] {
+        if let Some(line) = stopped.log.lines().rev().find(|l| l.contains(what)) {
+            eprintln!("last reload: {line}");
+        }
+    }
 
     std::fs::write(&reg, registry(o, false, None))?;
     let lbd = Lbd::start(&lb, &dir, &reg, "eth0", &extra);
