@@ -385,7 +385,7 @@ fn syscall_error(op: &'static str, name: &'static str, io_error: io::Error) -> M
 /// Puts each table in its slot with one `BPF_MAP_UPDATE_BATCH`.
 fn update_batch(map: &OwnedFd, tables: &[(u32, MapData)]) -> io::Result<()> {
     #[repr(C)]
-    struct Batch {
+    struct BatchAttr {
         in_batch: u64,
         out_batch: u64,
         keys: u64,
@@ -399,7 +399,7 @@ fn update_batch(map: &OwnedFd, tables: &[(u32, MapData)]) -> io::Result<()> {
     let values: Vec<u32> = (tables.iter())
         .map(|(_, inner)| u32::try_from(inner.fd().as_fd().as_raw_fd()).map_err(io::Error::other))
         .collect::<io::Result<_>>()?;
-    let attr = Batch {
+    let attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
@@ -411,7 +411,7 @@ fn update_batch(map: &OwnedFd, tables: &[(u32, MapData)]) -> io::Result<()> {
     };
     // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH; `keys` and `values` outlive the call.
     let rc =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &raw const attr, size_of::<Batch>()) };
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &raw const attr, size_of::<BatchAttr>()) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
