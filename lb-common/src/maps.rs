@@ -34,6 +34,14 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// Decapsulation program: local addresses whose tunnelled packets it unwraps.
 pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
 
+/// Version of the pinned maps' layout (their set, types, keys, values and meaning). lbd pins
+/// its state under a directory named after it and never reuses state of another version:
+/// bump it with any such change.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+/// The maps that hold the balancer's state across restarts (pinned in bpffs).
+pub const PINNED: [&str; 11] =
+    [VIPS, VIP_ADDRS, TABLES, BACKENDS, NODE, CONNTRACK, NAT, FRAGMENTS, COUNTERS, VIP_STATS, BACKEND_STATS];
+
 /// VIP entries (VIP, port, protocol) a registry may hold.
 pub const MAX_VIPS: u32 = 1024;
 /// Backends (distinct `host:port`) a registry may hold.

@@ -55,6 +55,8 @@ pub struct Controller {
 
 impl Controller {
     /// Resolves and plans `loaded` and writes it to `maps` (the program is not attached yet).
+    /// With `adopt`, the maps hold an earlier lbd's state: its plan is read back first, so only
+    /// the difference is written and tracked flows keep their backends.
     pub async fn start(
         opts: Options,
         link: Link,
@@ -62,10 +64,33 @@ impl Controller {
         mut maps: DataplaneMaps,
         loaded: Loaded,
         checker: Checker,
+        adopt: bool,
     ) -> Result<Self, DaemonError> {
         let resolved = resolve_hosts(&loaded.registry, &opts, link).await?;
-        let over = Overrides::default();
-        let plan = make_plan(&loaded.registry, &node, &resolved, None, &over);
+        let mut over = Overrides::default();
+        if adopt {
+            let kernel = maps.read_kernel()?;
+            let adopted = plan::adopt(&loaded.registry, &resolved, &kernel);
+            let down = plan::adopted_down(&adopted);
+            for (service, backend) in all_keys(&loaded.registry) {
+                if down.contains(&backend) {
+                    over.down.insert(
+                        (service, backend),
+                        "failing before lbd restarted; awaiting a health check".to_owned(),
+                    );
+                }
+            }
+            info!(
+                event = "adopt",
+                vips = adopted.vips.len(),
+                backends = adopted.backends.len(),
+                tables = adopted.tables.len(),
+                down = down.len(),
+                "adopted the pinned state of an earlier lbd"
+            );
+            maps.assume(adopted);
+        }
+        let plan = make_plan(&loaded.registry, &node, &resolved, maps.applied(), &over);
         maps.apply(&plan)?;
         let mut c = Self {
             opts,

@@ -24,6 +24,7 @@ use crate::{
     maps::{DataplaneMaps, MapsError},
     netlink::{self, NetlinkError},
     notify,
+    pins::{PinError, Pins},
     plan::{self, NodeFacts},
     report,
     watch::Watcher,
@@ -50,6 +51,22 @@ pub struct Options {
     pub node: Option<String>,
     /// Reload when the registry's files change.
     pub watch: bool,
+    /// Root of the pinned state in bpffs (`<root>/<iface>/v<layout>`); `None`: nothing is
+    /// pinned, and a restart starts from empty maps.
+    pub pin_dir: Option<PathBuf>,
+    /// What a stop leaves behind.
+    pub on_exit: OnExit,
+}
+
+/// What lbd leaves on the interface when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// The balancer keeps forwarding with its last plan (no health checks meanwhile), its
+    /// maps and link pinned; the next lbd adopts them without disturbing a flow.
+    #[default]
+    Keep,
+    /// The program is detached and the pinned state removed.
+    Detach,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +87,9 @@ pub enum DaemonError {
     /// Loading or attaching the XDP program failed.
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    /// The pinned state cannot be used.
+    #[error(transparent)]
+    Pins(#[from] PinError),
     /// Writing or reading the data plane maps failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
@@ -171,10 +191,28 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     netlink::follow_neighbours(neigh_tx).map_err(DaemonError::Resolve)?;
 
-    // Maps are filled before the program is attached: the first packet sees the whole plan.
-    let (mut balancer, maps) = Balancer::load(opts.conntrack_size)?;
-    let mut ctl = Controller::start(opts.clone(), link, node, maps, loaded, Checker::new(health_tx)).await?;
-    balancer.attach(&opts.iface, opts.xdp_mode)?;
+    // Maps are filled before the program is attached (or swapped in behind an earlier lbd's
+    // pinned link): the first packet it sees meets the whole plan.
+    let pins = opts.pin_dir.as_deref().map(|root| Pins::open(root, &opts.iface)).transpose()?;
+    let (mut balancer, maps, adopted) = Balancer::load(opts.conntrack_size, pins)?;
+    let started =
+        match Controller::start(opts.clone(), link, node, maps, loaded, Checker::new(health_tx), adopted)
+            .await
+        {
+            Ok(ctl) => balancer.attach(&opts.iface, opts.xdp_mode).map(|_| ctl).map_err(DaemonError::from),
+            Err(e) => Err(e),
+        };
+    let mut ctl = match started {
+        Ok(ctl) => ctl,
+        Err(e) => {
+            // State this lbd made and never served from is removed; adopted state stays for
+            // the lbd that still serves from it.
+            if !adopted && let Err(cleanup) = balancer.detach() {
+                warn!(error = %error_chain(&cleanup), "cannot remove the pinned state of a failed start");
+            }
+            return Err(e);
+        }
+    };
     tokio::spawn(admin::serve(admin_listener, admin_tx));
     notify_quietly("READY=1\nSTATUS=serving");
     let plan = ctl.maps().applied().map(|p| (p.vips.len(), p.backends.len())).unwrap_or_default();
@@ -219,7 +257,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     notify_quietly("STOPPING=1");
     log_traffic(ctl.maps())?;
-    balancer.detach()?;
+    match opts.on_exit {
+        OnExit::Keep => balancer.keep(),
+        OnExit::Detach => balancer.detach()?,
+    }
     result
 }
 

@@ -7,7 +7,9 @@
 //!   kernel program is checked against.
 //! - [`maps`]: typed BPF map access; the only writer of maps.
 //! - [`maglev`]: weighted Maglev tables (pure).
-//! - [`loader`]: loading the XDP object, attaching and detaching it.
+//! - [`loader`]: loading the XDP object, attaching it (or swapping it behind a pinned link),
+//!   detaching it.
+//! - [`pins`]: the state pinned in bpffs across restarts: its directory, lock and layout checks.
 //! - [`netlink`]: interfaces and the neighbour table over rtnetlink.
 //! - [`resolve`]: backend host -> address -> MAC.
 //! - [`health`]: active health checks: rise/fall state (pure) and the probe tasks.
@@ -32,6 +34,7 @@ pub mod maps;
 pub mod model;
 pub mod netlink;
 pub mod notify;
+pub mod pins;
 pub mod plan;
 pub mod report;
 pub mod resolve;

@@ -5,7 +5,11 @@ use std::{fmt, time::Duration};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
     sys::SyscallError,
 };
 use lb_common::{
@@ -17,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::{
     logging::error_chain,
     maps::{DataplaneMaps, MapsError},
+    pins::{MapShape, PinError, Pins},
 };
 
 /// The XDP object built from `lb-ebpf` by build.rs.
@@ -56,6 +61,19 @@ pub enum LoaderError {
     /// The balancer's maps are missing or have another layout.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// The pinned state cannot be used (busy, another layout, unreadable).
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    /// The embedded object could not be parsed (a build defect).
+    #[error("cannot read the XDP object's map definitions: {0}")]
+    Object(String),
+    /// The pinned link exists but could not be taken over or pinned.
+    #[error("XDP link pinned at {path}")]
+    Link {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// How to attach: the driver's native hook, the generic (skb) hook, or native with a logged
@@ -109,14 +127,45 @@ struct StateSizes {
 /// For objects that only run `lb_pass` or `lb_decap`: their flow-state maps stay empty.
 const NO_STATE: StateSizes = StateSizes { conntrack: 1, nat: 1, fragments: 1 };
 
-fn load_object(sizes: StateSizes) -> Result<Ebpf, LoaderError> {
+fn load_object(sizes: StateSizes, pins: Option<&Pins>) -> Result<Ebpf, LoaderError> {
     raise_memlock_limit();
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(names::CONNTRACK, sizes.conntrack)
         .map_max_entries(names::NAT, sizes.nat)
-        .map_max_entries(names::FRAGMENTS, sizes.fragments)
-        .load(EBPF_OBJECT)
-        .map_err(LoaderError::Load)
+        .map_max_entries(names::FRAGMENTS, sizes.fragments);
+    if let Some(pins) = pins {
+        // aya reuses a map pinned at the path as it is, whatever its shape: check first.
+        pins.check(&shapes(sizes)?)?;
+        for name in names::PINNED {
+            loader.map_pin_path(name, pins.map_path(name));
+        }
+    }
+    loader.load(EBPF_OBJECT).map_err(LoaderError::Load)
+}
+
+/// The pinned maps' shapes as this lbd's object declares them, with the sizes it loads with.
+fn shapes(sizes: StateSizes) -> Result<Vec<MapShape>, LoaderError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| LoaderError::Object(e.to_string()))?;
+    names::PINNED
+        .iter()
+        .map(|&name| {
+            let m = obj.maps.get(name).ok_or(MapsError::Missing(name))?;
+            let max_entries = match name {
+                names::CONNTRACK => sizes.conntrack,
+                names::NAT => sizes.nat,
+                names::FRAGMENTS => sizes.fragments,
+                _ => m.max_entries(),
+            };
+            Ok(MapShape {
+                name,
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+            })
+        })
+        .collect()
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
@@ -146,32 +195,64 @@ fn native_unsupported(e: &ProgramError) -> bool {
     !matches!(code, Some(libc::EBUSY | libc::EEXIST | libc::EPERM | libc::EACCES))
 }
 
+/// Where the balancer is attached.
+enum Attached {
+    /// Through a link this process owns: detached when it is dropped or detached.
+    Owned(String, XdpLinkId),
+    /// Through a link pinned in bpffs: stays attached after lbd exits until the pin is removed.
+    Pinned(String),
+}
+
 /// The balancer program, loaded; attached once [`Balancer::attach`] succeeds.
 pub struct Balancer {
     ebpf: Ebpf,
-    link: Option<(String, XdpLinkId)>,
+    pins: Option<Pins>,
+    link: Option<Attached>,
 }
 
 impl Balancer {
     /// Loads the object (tracking up to `conntrack_size` flows) and the balancer program, and
-    /// takes its maps out for the caller.
-    pub fn load(conntrack_size: u32) -> Result<(Self, DataplaneMaps), LoaderError> {
+    /// takes its maps out for the caller. With `pins`, maps pinned there by an earlier lbd are
+    /// reused (after checking their shapes) and new ones are pinned; the flag returned says
+    /// whether earlier state was adopted.
+    pub fn load(conntrack_size: u32, pins: Option<Pins>) -> Result<(Self, DataplaneMaps, bool), LoaderError> {
         // Every NAT flow has a tracking entry and a reply entry: a smaller reply map would evict
         // live flows' entries first.
         let nat = conntrack_size.max(DEFAULT_NAT_SIZE);
         let sizes = StateSizes { conntrack: conntrack_size, nat, fragments: FRAGMENTS_SIZE };
-        let mut ebpf = load_object(sizes)?;
+        let adopted = pins.as_ref().is_some_and(Pins::holds_maps);
+        let mut ebpf = load_object(sizes, pins.as_ref())?;
         load_xdp(&mut ebpf, PROG_BALANCER)?;
         let maps = DataplaneMaps::take(&mut ebpf)?;
-        Ok((Self { ebpf, link: None }, maps))
+        if let Some(p) = &pins {
+            info!(dir = %p.dir().display(), adopted, "balancer maps pinned");
+        }
+        Ok((Self { ebpf, pins, link: None }, maps, adopted))
     }
 
     fn program(&mut self) -> Result<&mut Xdp, LoaderError> {
         xdp(&mut self.ebpf, PROG_BALANCER)
     }
 
-    /// Attaches to `iface`; returns the mode the kernel accepted.
+    /// Attaches to `iface`; returns the mode the kernel accepted. When an earlier lbd left its
+    /// link pinned, this program replaces the one behind it in one step (`mode` is then the
+    /// link's, unchanged): the interface is never without a balancer.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, LoaderError> {
+        if let Some(path) = self.pins.as_ref().map(Pins::link_path).filter(|p| p.exists()) {
+            let link_err = |source: Box<dyn std::error::Error + Send + Sync>| LoaderError::Link {
+                path: path.display().to_string(),
+                source,
+            };
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(Box::new(e)))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(Box::new(e)))?;
+            let prog = self.program()?;
+            let id = prog.attach_to_link(link).map_err(|e| link_err(Box::new(e)))?;
+            // The pin holds the link: dropping this handle only closes a descriptor.
+            drop(prog.take_link(id).map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?);
+            info!(%iface, link = %path.display(), "XDP balancer swapped in behind the pinned link; tracked flows kept");
+            self.link = Some(Attached::Pinned(iface.to_owned()));
+            return Ok(mode);
+        }
         let prog = self.program()?;
         let mut attach = |m: AttachMode| {
             let xm = if m == AttachMode::Generic { XdpMode::Skb } else { XdpMode::Driver };
@@ -197,18 +278,68 @@ impl Balancer {
             },
         };
         info!(%iface, mode = %used, "XDP balancer attached");
-        self.link = Some((iface.to_owned(), id));
+        self.link = Some(Attached::Owned(iface.to_owned(), id));
+        if let Some(path) = self.pins.as_ref().map(Pins::link_path) {
+            self.pin_link(&path)?;
+        }
         Ok(used)
     }
 
-    /// Detaches from the interface, if attached.
-    pub fn detach(&mut self) -> Result<(), LoaderError> {
-        let Some((iface, id)) = self.link.take() else {
-            return Ok(());
+    /// Moves the link this process owns to a pin at `path`. Links made through netlink (old
+    /// kernels) cannot be pinned: they stay owned, and a restart detaches.
+    fn pin_link(&mut self, path: &std::path::Path) -> Result<(), LoaderError> {
+        let Some(Attached::Owned(iface, id)) = self.link.take() else { return Ok(()) };
+        let link_err = |source: Box<dyn std::error::Error + Send + Sync>| LoaderError::Link {
+            path: path.display().to_string(),
+            source,
         };
-        self.program()?.detach(id).map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
-        info!(%iface, "XDP balancer detached");
+        let link = self
+            .program()?
+            .take_link(id)
+            .map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                drop(fd_link.pin(path).map_err(|e| link_err(Box::new(e)))?);
+                info!(link = %path.display(), "XDP link pinned: it outlives this lbd");
+                self.link = Some(Attached::Pinned(iface));
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "the kernel gave a netlink XDP attachment, which cannot be pinned; restarts will detach");
+                Err(link_err(Box::new(e)))
+            }
+        }
+    }
+
+    /// Detaches from the interface, if attached, and removes the pinned state.
+    pub fn detach(&mut self) -> Result<(), LoaderError> {
+        match self.link.take() {
+            None => {}
+            Some(Attached::Owned(iface, id)) => {
+                self.program()?
+                    .detach(id)
+                    .map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
+                info!(%iface, "XDP balancer detached");
+            }
+            Some(Attached::Pinned(iface)) => {
+                // Removing the pins drops the last reference to the link, which detaches it.
+                if let Some(pins) = self.pins.take() {
+                    pins.remove()?;
+                }
+                info!(%iface, "XDP balancer detached");
+            }
+        }
+        if let Some(pins) = self.pins.take() {
+            pins.remove()?;
+        }
         Ok(())
+    }
+
+    /// Leaves the balancer attached through its pinned link, for the next lbd to adopt.
+    pub fn keep(&mut self) {
+        if let Some(Attached::Pinned(iface)) = &self.link {
+            info!(%iface, "XDP balancer left attached with its maps pinned; the next lbd adopts them");
+        }
     }
 
     /// Runs the balancer `repeat` times on `frame` in the kernel, against the maps as they
@@ -247,7 +378,7 @@ pub struct PassProgram {
 impl PassProgram {
     /// Loads it without attaching it.
     pub fn load() -> Result<Self, LoaderError> {
-        let mut ebpf = load_object(NO_STATE)?;
+        let mut ebpf = load_object(NO_STATE, None)?;
         load_xdp(&mut ebpf, PROG_PASS)?;
         Ok(Self { ebpf })
     }
@@ -274,7 +405,7 @@ pub struct DecapProgram {
 
 impl DecapProgram {
     pub fn attach(iface: &str, mode: AttachMode, local: &[std::net::IpAddr]) -> Result<Self, LoaderError> {
-        let mut ebpf = load_object(NO_STATE)?;
+        let mut ebpf = load_object(NO_STATE, None)?;
         let mut addrs: aya::maps::HashMap<_, AddrKey, u32> = ebpf
             .take_map(names::DECAP_ADDRS)
             .ok_or(MapsError::Missing(names::DECAP_ADDRS))?

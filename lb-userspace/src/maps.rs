@@ -9,7 +9,7 @@
 //! maps as they were.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
 };
@@ -21,12 +21,12 @@ use aya::{
 use lb_common::{
     datapath::Counter,
     maps::{
-        self as names, AddrKey, BPF_F_INNER_MAP, Backend, CtEntry, FlowKey, NodeConfig, Traffic, VipInfo,
-        VipKey,
+        self as names, AddrKey, BACKEND_IDS, BPF_F_INNER_MAP, Backend, CtEntry, FlowKey, MAX_TABLES,
+        NodeConfig, Traffic, VipInfo, VipKey,
     },
 };
 
-use crate::plan::{DataPlan, TablePlan};
+use crate::plan::{DataPlan, KernelState, TablePlan};
 
 /// `BPF_F_MMAPABLE`: tables are filled through a memory mapping, not a syscall per slot.
 const BPF_F_MMAPABLE: u32 = 1024;
@@ -134,6 +134,39 @@ impl DataplaneMaps {
             conntrack: take(ebpf, names::CONNTRACK)?,
             applied: None,
         })
+    }
+
+    /// Reads what an earlier lbd left in the (pinned) maps.
+    pub fn read_kernel(&self) -> Result<KernelState, MapsError> {
+        let vips =
+            (self.vips.iter()).collect::<Result<Vec<_>, _>>().map_err(access("iterate", names::VIPS))?;
+        let vip_addrs =
+            (self.vip_addrs.keys()).collect::<Result<_, _>>().map_err(access("iterate", names::VIP_ADDRS))?;
+        let mut tables = BTreeSet::new();
+        for slot in 0..MAX_TABLES {
+            match self.tables.get(&slot, 0) {
+                Ok(_) => {
+                    tables.insert(slot);
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(access("get", names::TABLES)(e)),
+            }
+        }
+        let mut backends = BTreeMap::new();
+        for id in 0..BACKEND_IDS {
+            let b = self.backends.get(&id, 0).map_err(access("get", names::BACKENDS))?;
+            if b != Backend::default() {
+                backends.insert(id, b);
+            }
+        }
+        let node = self.node.get(&0, 0).map_err(access("get", names::NODE))?;
+        Ok(KernelState { node, vips, vip_addrs, tables, backends })
+    }
+
+    /// Takes `plan` as what the maps hold (adopted from an earlier lbd), so the next apply
+    /// writes only the difference.
+    pub fn assume(&mut self, plan: DataPlan) {
+        self.applied = Some(plan);
     }
 
     /// The plan these maps hold, once one was applied.
@@ -410,8 +443,9 @@ fn update_batch(map: &OwnedFd, tables: &[(u32, MapData)]) -> io::Result<()> {
         flags: 0,
     };
     // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH; `keys` and `values` outlive the call.
-    let rc =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &raw const attr, size_of::<BatchAttr>()) };
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &raw const attr, size_of::<BatchAttr>())
+    };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 

@@ -328,6 +328,103 @@ pub fn plan(
     (plan, skipped)
 }
 
+/// What an earlier lbd left in pinned maps: the plan it applied, as far as the kernel holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub node: NodeConfig,
+    pub vips: Vec<(VipKey, VipInfo)>,
+    pub vip_addrs: BTreeSet<AddrKey>,
+    /// Table slots holding a table.
+    pub tables: BTreeSet<u32>,
+    /// Backend records ever written (alive or not: the generations of freed ids matter too).
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// Backends the earlier lbd had marked failing, by identity: they stay out of new flows until
+/// a check passes, rather than serving until `fall` checks fail again.
+#[must_use]
+pub fn adopted_down(adopted: &DataPlan) -> BTreeSet<String> {
+    (adopted.ids.backends.iter())
+        .filter(|(_, (id, _, _))| adopted.backends.get(id).is_some_and(Backend::is_down))
+        .map(|(identity, _)| identity.clone())
+        .collect()
+}
+
+/// The plan the kernel holds, rebuilt from pinned maps so the next plan is applied as a
+/// difference from it: every backend of `reg` that the kernel has (same address and port) keeps
+/// its id and generation, so tracked flows stay with their backends; VIP entries keep their
+/// ids and stats, services their table slots. Kernel entries `reg` no longer has are kept
+/// under placeholder names, so the next apply removes them.
+#[must_use]
+pub fn adopt(reg: &Registry, resolved: &Resolutions, kernel: &KernelState) -> DataPlan {
+    let mut ids = Ids::default();
+    for (&id, b) in &kernel.backends {
+        if b.generation != 0 {
+            ids.generations.insert(id, b.generation);
+        }
+    }
+    let alive: BTreeMap<u32, &Backend> =
+        kernel.backends.iter().filter(|(_, b)| b.is_alive()).map(|(i, b)| (*i, b)).collect();
+    let mut claimed = BTreeSet::new();
+    for svc in reg.tcp.values().filter(|s| s.vip.is_some()) {
+        for (b, _) in svc.all_backends() {
+            let identity = b.identity();
+            let Some(Ok(r)) = resolved.get(&b.host) else { continue };
+            if ids.backends.contains_key(&identity) {
+                continue;
+            }
+            let found = (alive.iter()).find(|(id, k)| {
+                !claimed.contains(*id) && k.ip() == r.addr && u16::from_be_bytes(k.port) == b.port
+            });
+            if let Some((&id, k)) = found {
+                claimed.insert(id);
+                ids.backends.insert(identity, (id, k.generation, r.addr));
+            }
+        }
+    }
+    for (&id, k) in alive.iter().filter(|(id, _)| !claimed.contains(*id)) {
+        ids.backends.insert(format!("(adopted backend #{id})"), (id, k.generation, k.ip()));
+    }
+    ids.vips = kernel.vips.iter().map(|(k, info)| (*k, info.id)).collect();
+    let service_of = |key: &VipKey| {
+        reg.tcp.iter().find_map(|(name, svc)| {
+            let vip = svc.vip?;
+            svc.protocols.iter().any(|p| VipKey::new(vip, svc.port, p.number()) == *key).then(|| name.clone())
+        })
+    };
+    let mut vips = Vec::new();
+    for (key, info) in &kernel.vips {
+        let service = service_of(key);
+        if let Some(name) = &service {
+            ids.tables.entry(name.clone()).or_insert((info.table, info.table_size));
+        }
+        vips.push(VipPlan {
+            service: service.unwrap_or_else(|| "(adopted)".to_owned()),
+            key: *key,
+            info: *info,
+        });
+    }
+    let mut tables = BTreeMap::new();
+    for &slot in &kernel.tables {
+        if !ids.tables.values().any(|(s, _)| *s == slot) {
+            ids.tables.insert(format!("(adopted table #{slot})"), (slot, 0));
+        }
+        // Contents unknown: the next plan writes every table again (the same slots, swapped
+        // in one update each, so flows see no change).
+        tables.insert(slot, TablePlan { service: "(adopted)".to_owned(), size: 0, entries: Vec::new() });
+    }
+    DataPlan {
+        node: kernel.node,
+        vips,
+        vip_addrs: kernel.vip_addrs.clone(),
+        tables,
+        backends: alive.into_iter().map(|(id, b)| (id, *b)).collect(),
+        services: BTreeMap::new(),
+        serving: BTreeMap::new(),
+        ids,
+    }
+}
+
 /// One service's backends with the weight each gets in its table: usable primaries; else
 /// usable fallbacks; else, when health is all that stops them and the service fails open,
 /// every backend health took out.
@@ -676,6 +773,46 @@ tcp:
         let id = first.ids.backend("10.0.0.11:7").unwrap();
         assert_eq!(after.ids.backend("10.0.0.11:7"), Some(id));
         assert_eq!(after.backends[&id].generation, first.backends[&id].generation + 1);
+    }
+
+    /// What the kernel holds after `p` was applied.
+    fn kernel_of(p: &DataPlan) -> KernelState {
+        KernelState {
+            node: p.node,
+            vips: p.vips.iter().map(|v| (v.key, v.info)).collect(),
+            vip_addrs: p.vip_addrs.clone(),
+            tables: p.tables.keys().copied().collect(),
+            backends: p.backends.clone(),
+        }
+    }
+
+    #[test]
+    fn a_restarted_lbd_adopts_ids_and_generations_from_the_kernel_and_drops_what_left() {
+        let reg = registry(REG);
+        // Generations above 1: the earlier lbd had reloads behind it.
+        let (mut first, _) = plan(&reg, &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        for b in first.backends.values_mut() {
+            b.generation += 6;
+        }
+        let mut kernel = kernel_of(&first);
+        // A backend the registry no longer has, and a backend the earlier lbd had failing.
+        let gone = Backend { generation: 3, ..first.backends.values().next().copied().unwrap() };
+        let gone = Backend { addr: addr_of("10.0.0.99".parse().unwrap()).1, ..gone };
+        kernel.backends.insert(77, gone);
+        let failing = first.ids.backend("10.0.0.11:7").unwrap();
+        kernel.backends.get_mut(&failing).unwrap().flags |= BACKEND_DOWN;
+
+        let adopted = adopt(&reg, &resolutions(), &kernel);
+        assert_eq!(adopted_down(&adopted), BTreeSet::from(["10.0.0.11:7".to_owned()]));
+        let (next, _) = plan(&reg, &node(), &resolutions(), &adopted.ids, &Overrides::default());
+        for (identity, &(id, _, _)) in &first.ids.backends {
+            assert_eq!(next.ids.backend(identity), Some(id), "{identity} keeps its id");
+            let kept = first.backends[&id].generation;
+            assert_eq!(next.backends[&id].generation, kept, "{identity} keeps the kernel's generation");
+        }
+        assert_eq!(next.vips, first.vips, "VIP entries keep their ids and table slots");
+        assert!(!next.backends.contains_key(&77), "the departed backend's record is released");
+        assert!(adopted.backends.contains_key(&77), "so the next apply marks it not alive");
     }
 
     #[test]

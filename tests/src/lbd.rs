@@ -38,6 +38,13 @@ impl TempDir {
         &self.0
     }
 
+    /// The bpffs directory lbd pins its state under for this test (`--pin-dir`), removed
+    /// with this directory: pins outlive processes, so each test keeps its own.
+    #[must_use]
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf").join(self.0.file_name().expect("temp dir name"))
+    }
+
     /// Writes `contents` to `name` in this directory and returns its path.
     ///
     /// # Panics
@@ -53,6 +60,8 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+        // Removing the pins also detaches a balancer a test left attached.
+        let _ = fs::remove_dir_all(self.pin_dir());
     }
 }
 
@@ -246,10 +255,18 @@ impl Drop for Notified {
 /// A running lbd.
 pub struct Lbd(Notified);
 
-/// `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns`.
-fn lbd_command(ns: &NetNs, registry: &Path, iface: &str, extra: &[&str]) -> Command {
+/// `lbd --config REGISTRY --iface IFACE EXTRA...` in `ns`, pinning under `dir`'s own bpffs
+/// directory and detaching on exit unless `extra` says otherwise.
+fn lbd_command(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Command {
     let mut cmd = ns.command(sibling_binary("lbd"));
-    cmd.arg("--config").arg(registry).args(["--iface", iface]).args(extra);
+    cmd.arg("--config").arg(registry).args(["--iface", iface]);
+    if !extra.iter().any(|a| a.starts_with("--pin-dir") || *a == "--no-pin") {
+        cmd.arg("--pin-dir").arg(dir.pin_dir());
+    }
+    if !extra.iter().any(|a| a.starts_with("--on-exit") || *a == "--no-pin") {
+        cmd.args(["--on-exit", "detach"]);
+    }
+    cmd.args(extra);
     cmd
 }
 
@@ -260,7 +277,7 @@ impl Lbd {
     /// When lbd exits or stays unready for [`READY_TIMEOUT`]; the panic carries its log.
     #[must_use]
     pub fn start(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Self {
-        Self(Notified::start(lbd_command(ns, registry, iface, extra), dir, "lbd"))
+        Self(Notified::start(lbd_command(ns, dir, registry, iface, extra), dir, "lbd"))
     }
 
     /// Runs an lbd that is expected to exit on its own (a refused start) and returns how.
@@ -270,7 +287,7 @@ impl Lbd {
     #[must_use]
     pub fn run_to_exit(ns: &NetNs, dir: &TempDir, registry: &Path, iface: &str, extra: &[&str]) -> Stopped {
         let log = dir.path().join("lbd-run.log");
-        let mut cmd = lbd_command(ns, registry, iface, extra);
+        let mut cmd = lbd_command(ns, dir, registry, iface, extra);
         prepare(&mut cmd, &log, None);
         let status = wait_exit(cmd.spawn().expect("start lbd"), STOP_TIMEOUT);
         let log = fs::read_to_string(&log).unwrap_or_default();

@@ -520,3 +520,133 @@ fn a_backend_whose_mac_changes_is_followed_without_a_reload() {
     assert!(stopped.status.success(), "{}", stopped.log);
     assert!(stopped.log.contains("backend next hops changed"), "{}", stopped.log);
 }
+
+/// Id of the XDP program on `iface`, as `ip link` shows it.
+fn xdp_prog_id(ns: &NetNs, iface: &str) -> Option<u32> {
+    let out = ns.ip_output(&["-d", "link", "show", "dev", iface]);
+    let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
+    out[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// Every stream echoes once more, each still on the backend that holds its flow.
+fn streams_whole(streams: &mut [Stream], round: usize, when: &str) {
+    for (i, st) in streams.iter_mut().enumerate() {
+        st.echo(round).unwrap_or_else(|e| panic!("stream {i} broke {when}: {e}"));
+    }
+}
+
+#[test]
+fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_reuse() {
+    if !privileged("lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_reuse") {
+        return;
+    }
+    let keep = ["--on-exit", "keep"];
+    let (s, reg, lbd) = setup("restart", 3, &[0, 1, 2], &keep);
+    let lb = &s.topo.lb.ns;
+    wait_status(lb, "every backend up", |st| {
+        (0..3).all(|i| backend_status(st, "echo", &identity(i)).is_some_and(|b| b["health"] == "up"))
+    });
+    let pins = s.dir.pin_dir().join("eth0/v1");
+    assert!(pins.join("link").exists() && pins.join("LB_CONNTRACK").exists(), "state pinned in {pins:?}");
+    let mut streams: Vec<Stream> = (0..12).map(|_| Stream::open(&s.topo.client.ns)).collect();
+    streams_whole(&mut streams, 0, "at once");
+    let load = Load::start(&s.topo.client.ns, "load");
+    load.wait_more(50);
+    let first_prog = xdp_prog_id(lb, "eth0").expect("a program on eth0");
+
+    // 1. Stopped: the balancer keeps forwarding without lbd.
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(stopped.log.contains("left attached"), "{}", stopped.log);
+    assert_eq!(xdp_prog_id(lb, "eth0"), Some(first_prog), "the program stays while no lbd runs");
+    load.wait_more(100);
+    streams_whole(&mut streams, 1, "while no lbd ran");
+
+    // 2. Started again, with a registry that moves table slots to backend 0: it adopts the
+    //    state and swaps its own program in behind the link. Streams whose slot moved stay
+    //    with their backend only because their tracked flows were adopted.
+    let plain = format!("{{host: {}, port: {ECHO}}}", backend_ip(0));
+    let heavy = format!("{{host: {}, port: {ECHO}, weight: 5}}", backend_ip(0));
+    std::fs::write(&reg, registry(&[0, 1, 2]).replacen(&plain, &heavy, 1)).expect("write registry");
+    let lbd = Lbd::start(lb, &s.dir, &reg, "eth0", &keep);
+    let log = lbd.log();
+    assert!(log.contains("adopted the pinned state"), "{log}");
+    assert!(log.contains("swapped in behind the pinned link"), "{log}");
+    let second_prog = xdp_prog_id(lb, "eth0").expect("a program on eth0");
+    assert_ne!(second_prog, first_prog, "the new lbd's program serves");
+    load.wait_more(100);
+    streams_whole(&mut streams, 2, "across a restart");
+    // Every stream's flow is still tracked to the backend that holds it.
+    let mut moved = 0;
+    for st in &streams {
+        let found = looked_up(lb, st);
+        assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
+        moved += usize::from(found["backend"] != found["table_backend"]);
+    }
+    assert!(moved > 0, "some stream's slot moved to another backend (else this proves nothing)");
+    eprintln!("{moved} of {} streams kept their backend through adopted conntrack entries", streams.len());
+
+    // 3. Killed outright (no clean stop), then started again.
+    let killed = lbd.stop(libc::SIGKILL);
+    assert!(!killed.status.success());
+    load.wait_more(50);
+    let lbd = Lbd::start(lb, &s.dir, &reg, "eth0", &keep);
+    assert!(lbd.log().contains("adopted the pinned state"), "{}", lbd.log());
+    load.wait_more(100);
+    streams_whole(&mut streams, 3, "across a crash and restart");
+
+    // 4. State this lbd cannot reuse is refused with instructions, and nothing is touched: a
+    //    conntrack map of another size, and state of another layout version.
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    let resized =
+        Lbd::run_to_exit(lb, &s.dir, &reg, "eth0", &["--on-exit", "keep", "--conntrack-size", "4096"]);
+    assert_eq!(resized.status.code(), Some(1), "{}", resized.log);
+    assert!(resized.log.contains("LB_CONNTRACK differs from this lbd's: max entries"), "{}", resized.log);
+    assert!(resized.log.contains("--conntrack-size"), "{}", resized.log);
+    let old_layout = s.dir.pin_dir().join("eth0/v0");
+    std::fs::create_dir(&old_layout).expect("mkdir in bpffs");
+    let other = Lbd::run_to_exit(lb, &s.dir, &reg, "eth0", &keep);
+    assert_eq!(other.status.code(), Some(1), "{}", other.log);
+    assert!(other.log.contains("map layout v0; this lbd uses layout v1"), "{}", other.log);
+    assert!(other.log.contains("lbd --unpin --iface eth0"), "{}", other.log);
+    std::fs::remove_dir(&old_layout).expect("rmdir in bpffs");
+    assert!(pins.join("link").exists(), "refused starts leave the pinned state alone");
+    load.wait_more(50);
+    streams_whole(&mut streams, 4, "while refused lbds came and went");
+
+    // 5. And a good one adopts it again.
+    let lbd = Lbd::start(lb, &s.dir, &reg, "eth0", &keep);
+    load.wait_more(100);
+    streams_whole(&mut streams, 5, "after the last restart");
+    let results = load.finish();
+    let failed: Vec<&String> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    eprintln!(
+        "load: {} exchanges across stops, restarts and a crash, {} failed",
+        results.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{} exchanges failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    let served: std::collections::BTreeSet<usize> = receivers(&s.servers, "load").into_iter().collect();
+    assert_eq!(served.len(), 3, "every backend took flows: {served:?}");
+
+    // 6. `lbd --unpin` refuses while lbd runs, then removes the state and the program.
+    let unpin = |ns: &NetNs| {
+        let out = ns
+            .command(lb_tests::lbd::sibling_binary("lbd"))
+            .args(["--unpin", "--iface", "eth0", "--pin-dir"])
+            .arg(s.dir.pin_dir())
+            .output()
+            .expect("run lbd --unpin");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = unpin(lb);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another lbd serves `eth0`"), "{err}");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    let (code, err) = unpin(lb);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(xdp_prog_id(lb, "eth0"), None, "unpinning detaches the balancer");
+    assert!(!s.dir.pin_dir().join("eth0").exists());
+}

@@ -187,7 +187,7 @@ fn kernel_program_and_model_agree_on_every_frame() {
         &plan.ids,
     );
     let mut model = Model::from_plan(&plan);
-    let (mut balancer, mut maps) = Balancer::load(CONNTRACK_SIZE).expect("load the XDP object");
+    let (mut balancer, mut maps, _) = Balancer::load(CONNTRACK_SIZE, None).expect("load the XDP object");
     maps.apply(&plan).expect("fill the maps");
     assert_eq!(plan.node.mac, NODE_MAC);
 

@@ -104,15 +104,23 @@ fn balanced_by_direct_server_return(tag: &str, mode: &str, stop_signal: libc::c_
     let shown = if mode == "native" { " xdp " } else { " xdpgeneric " };
     assert!(link.contains(shown), "lbd must attach in {mode} mode:\n{link}");
 
-    // A second lbd on the same interface is refused and does not fall back to generic mode.
+    // A second lbd on the same interface is refused: one sharing the pinned state finds it
+    // locked; one with state of its own cannot attach, and does not fall back to generic mode.
     let second = Lbd::run_to_exit(&topo.lb.ns, &dir, &reg, "eth0", &["--admin", "127.0.0.1:9181"]);
     assert_eq!(second.status.code(), Some(1), "{}", second.log);
-    assert!(second.log.contains("cannot attach XDP to `eth0`"), "{}", second.log);
+    assert!(second.log.contains("another lbd serves `eth0`"), "{}", second.log);
+    let other_pins = dir.pin_dir().join("other");
+    let other_pins = format!("--pin-dir={}", other_pins.display());
+    let third =
+        Lbd::run_to_exit(&topo.lb.ns, &dir, &reg, "eth0", &["--admin", "127.0.0.1:9181", &other_pins]);
+    assert_eq!(third.status.code(), Some(1), "{}", third.log);
+    assert!(third.log.contains("cannot attach XDP to `eth0`"), "{}", third.log);
     assert!(
-        !second.log.contains("using generic"),
+        !third.log.contains("using generic"),
         "a busy interface is no reason to fall back:\n{}",
-        second.log
+        third.log
     );
+    assert!(!dir.pin_dir().join("other/eth0").exists(), "a refused lbd removes the state it pinned");
 
     let capture = topo.client.ns.run(|| Capture::open("eth0"));
     let run = topo.client.ns.run(exercise_vip);

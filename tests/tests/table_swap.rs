@@ -66,7 +66,7 @@ fn a_reload_swaps_only_the_changed_services_table() {
         return;
     }
     let first = plan(THREE, &Ids::default());
-    let (mut lb, mut maps) = Balancer::load(1 << 12).expect("load the XDP object");
+    let (mut lb, mut maps, _) = Balancer::load(1 << 12, None).expect("load the XDP object");
     maps.apply(&first).expect("apply");
     let before = table_ids(&maps, &first);
 
@@ -91,7 +91,7 @@ fn packets_are_forwarded_throughout_repeated_table_swaps() {
     }
     let three = plan(THREE, &Ids::default());
     let two = plan(TWO, &three.ids);
-    let (mut lb, mut maps) = Balancer::load(1 << 16).expect("load the XDP object");
+    let (mut lb, mut maps, _) = Balancer::load(1 << 16, None).expect("load the XDP object");
     maps.apply(&three).expect("apply");
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -121,7 +121,7 @@ fn a_reload_that_fails_midway_is_undone() {
         return;
     }
     let first = plan(THREE, &Ids::default());
-    let (mut lb, mut maps) = Balancer::load(1 << 12).expect("load the XDP object");
+    let (mut lb, mut maps, _) = Balancer::load(1 << 12, None).expect("load the XDP object");
     maps.apply(&first).expect("apply");
     let before = table_ids(&maps, &first);
 

@@ -7,20 +7,22 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use lb_userspace::{
-    daemon::{self, DaemonError},
+    daemon::{self, DaemonError, OnExit},
     loader::AttachMode,
     logging::{self, LogFormat},
+    pins,
 };
 
 #[derive(Parser)]
+#[expect(clippy::struct_excessive_bools, reason = "command-line flags")]
 #[command(
     version,
     about = "lb daemon: balances the registry's VIPs in XDP; file changes and SIGHUP reload the registry"
 )]
 struct Args {
     /// Service registry (YAML).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "unpin")]
+    config: Option<PathBuf>,
     /// Interface that receives VIP traffic; the XDP program is attached here.
     #[arg(long, value_name = "IFACE")]
     iface: String,
@@ -55,13 +57,37 @@ struct Args {
     /// Do not reload when the registry's files change (SIGHUP and `lb-ctl config apply` still do).
     #[arg(long)]
     no_watch: bool,
+    /// Where the balancer's maps and XDP link are pinned (bpffs), as `DIR/IFACE/v<layout>/`:
+    /// a restarted or upgraded lbd adopts them without disturbing flows.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_ROOT)]
+    pin_dir: PathBuf,
+    /// Pin nothing: the program is detached on exit and a restart starts from empty maps.
+    #[arg(long, conflicts_with = "on_exit")]
+    no_pin: bool,
+    /// On SIGTERM/SIGINT, keep the balancer forwarding for the next lbd to adopt, or detach it
+    /// and remove the pinned state.
+    #[arg(long, value_enum, default_value_t)]
+    on_exit: OnExit,
+    /// Remove the pinned state of --iface (detaching its balancer) and exit.
+    #[arg(long)]
+    unpin: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     logging::init(args.log_format);
+    if args.unpin {
+        return match pins::unpin(&args.pin_dir, &args.iface) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbd: {}", logging::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(config) = args.config else { return ExitCode::FAILURE };
     let opts = daemon::Options {
-        config: args.config,
+        config,
         iface: args.iface,
         xdp_mode: args.xdp_mode,
         resolve_timeout: args.resolve_timeout,
@@ -72,6 +98,8 @@ fn main() -> ExitCode {
         admin_allow_public: args.admin_allow_public,
         node: args.node,
         watch: !args.no_watch,
+        pin_dir: (!args.no_pin).then_some(args.pin_dir),
+        on_exit: if args.no_pin { OnExit::Detach } else { args.on_exit },
     };
     // One thread: lbd's work is a thousand small probes and rare reloads, and waking tasks
     // across worker threads cost more CPU than the probes themselves (measured with

@@ -365,7 +365,7 @@ pub fn run(opts: Options) -> Result<Report> {
     // Room for every flow of the run: an evicted flow would turn a measured hit into a miss.
     let flows = SERVICES.len() * (opts.new_flow_runs as usize + 2 * POOL + COLD_POOL);
     let conntrack = u32::try_from(2 * flows).context("too many flows")?.max(1 << 16);
-    let (lb, mut maps) = Balancer::load(conntrack).context("load the XDP object (root?)")?;
+    let (lb, mut maps, _) = Balancer::load(conntrack, None).context("load the XDP object (root?)")?;
     maps.apply(&plan).context("fill the maps")?;
     let pass = PassProgram::load().context("load XDP_PASS")?;
     let mut b = Bench { lb, maps, pass, opts };
@@ -465,7 +465,7 @@ fn fixed_point_checks(b: &mut Bench, entries: &[Entry]) -> Result<Vec<Check>> {
     }
     let not_vip = median(&mut samples);
 
-    let (mut lb, mut maps) = Balancer::load(1 << 16).context("load a second XDP object")?;
+    let (mut lb, mut maps, _) = Balancer::load(1 << 16, None).context("load a second XDP object")?;
     maps.apply(&fixed_point_plan()).context("fill its maps")?;
     let syn = flow(ip("10.9.100.1"), 80, PROTO_TCP, 0, TCP_SYN);
     ensure!(lb.test_run(&syn, 1)?.action == Action::Tx, "fixed-point SYN not forwarded");
