@@ -84,16 +84,16 @@ fn registry(o: &Options, checks: bool, bump: Option<(usize, u32)>) -> String {
     s
 }
 
-/// CPU seconds (user + system) of process `pid` so far.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+/// CPU seconds of process `pid` so far: (user, user + system).
+fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(") ").context("stat format")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let (user, system): (f64, f64) = (f[11].parse()?, f[12].parse()?);
     // SAFETY: sysconf has no preconditions.
     let hz = f64::from(i32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
-    Ok(ticks / hz)
+    Ok((user / hz, (user + system) / hz))
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
@@ -108,23 +108,12 @@ fn rss_mb(pid: u32) -> Result<f64> {
 }
 
 fn idle_cpu_pct(pid: u32, seconds: f64) -> Result<f64> {
-    let before = cpu_seconds(pid)?;
-    let user_before = user_seconds(pid)?;
+    let (user_before, before) = cpu_seconds(pid)?;
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    let user = (user_seconds(pid)? - user_before) / seconds * 100.0;
-    let all = (cpu_seconds(pid)? - before) / seconds * 100.0;
+    let (user_after, after) = cpu_seconds(pid)?;
+    let (user, all) = ((user_after - user_before) / seconds * 100.0, (after - before) / seconds * 100.0);
     eprintln!("lbd cpu: {all:.2}% ({user:.2}% user)");
     Ok(all)
-}
-
-/// User-mode CPU seconds of process `pid` so far.
-fn user_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
-    let rest = stat.rsplit_once(") ").context("stat format")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = f64::from(i32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
-    Ok(f[11].parse::<f64>()? / hz)
 }
 
 /// Writes `text` next to `path` and renames it into place, as an editor or a deploy tool would.
