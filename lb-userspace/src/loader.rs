@@ -239,14 +239,10 @@ impl Balancer {
     /// link's, unchanged): the interface is never without a balancer.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, LoaderError> {
         if let Some(path) = self.pins.as_ref().map(Pins::link_path).filter(|p| p.exists()) {
-            let link_err = |source: Box<dyn std::error::Error + Send + Sync>| LoaderError::Link {
-                path: path.display().to_string(),
-                source,
-            };
-            let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(Box::new(e)))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(Box::new(e)))?;
+            let pinned = PinnedLink::from_pin(&path).map_err(link_error(&path))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_error(&path))?;
             let prog = self.program()?;
-            let id = prog.attach_to_link(link).map_err(|e| link_err(Box::new(e)))?;
+            let id = prog.attach_to_link(link).map_err(link_error(&path))?;
             // The pin holds the link: dropping this handle only closes a descriptor.
             drop(prog.take_link(id).map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?);
             info!(%iface, link = %path.display(), "XDP balancer swapped in behind the pinned link; tracked flows kept");
@@ -285,30 +281,20 @@ impl Balancer {
         Ok(used)
     }
 
-    /// Moves the link this process owns to a pin at `path`. Links made through netlink (old
-    /// kernels) cannot be pinned: they stay owned, and a restart detaches.
+    /// Moves the link this process owns to a pin at `path`. An attachment made through
+    /// netlink (kernels without XDP links) cannot be pinned: that is an error, and lbd runs
+    /// there only with `--no-pin`.
     fn pin_link(&mut self, path: &std::path::Path) -> Result<(), LoaderError> {
         let Some(Attached::Owned(iface, id)) = self.link.take() else { return Ok(()) };
-        let link_err = |source: Box<dyn std::error::Error + Send + Sync>| LoaderError::Link {
-            path: path.display().to_string(),
-            source,
-        };
         let link = self
             .program()?
             .take_link(id)
             .map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
-        match FdLink::try_from(link) {
-            Ok(fd_link) => {
-                drop(fd_link.pin(path).map_err(|e| link_err(Box::new(e)))?);
-                info!(link = %path.display(), "XDP link pinned: it outlives this lbd");
-                self.link = Some(Attached::Pinned(iface));
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, "the kernel gave a netlink XDP attachment, which cannot be pinned; restarts will detach");
-                Err(link_err(Box::new(e)))
-            }
-        }
+        let fd_link = FdLink::try_from(link).map_err(link_error(path))?;
+        drop(fd_link.pin(path).map_err(link_error(path))?);
+        info!(link = %path.display(), "XDP link pinned: it outlives this lbd");
+        self.link = Some(Attached::Pinned(iface));
+        Ok(())
     }
 
     /// Detaches from the interface, if attached, and removes the pinned state.
@@ -321,13 +307,8 @@ impl Balancer {
                     .map_err(|source| LoaderError::Program { name: PROG_BALANCER, source })?;
                 info!(%iface, "XDP balancer detached");
             }
-            Some(Attached::Pinned(iface)) => {
-                // Removing the pins drops the last reference to the link, which detaches it.
-                if let Some(pins) = self.pins.take() {
-                    pins.remove()?;
-                }
-                info!(%iface, "XDP balancer detached");
-            }
+            // Removing the pins below drops the last reference to the link, which detaches it.
+            Some(Attached::Pinned(iface)) => info!(%iface, "XDP balancer detached"),
         }
         if let Some(pins) = self.pins.take() {
             pins.remove()?;
@@ -347,6 +328,13 @@ impl Balancer {
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRun, LoaderError> {
         test_run(self.program()?, PROG_BALANCER, frame, repeat)
     }
+}
+
+/// Wraps an error about the link pinned at `path`.
+fn link_error<E: std::error::Error + Send + Sync + 'static>(
+    path: &std::path::Path,
+) -> impl FnOnce(E) -> LoaderError + '_ {
+    move |e| LoaderError::Link { path: path.display().to_string(), source: Box::new(e) }
 }
 
 /// `BPF_PROG_TEST_RUN` of a loaded XDP program on `frame`. The kernel runs it `repeat` times

@@ -181,6 +181,13 @@ fn health(ns: &NetNs, i: usize) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until backends `0..n` of `echo` pass their checks.
+fn wait_all_up(lb: &NetNs, n: usize) {
+    wait_status(lb, "every backend up", |st| {
+        (0..n).all(|i| backend_status(st, "echo", &identity(i)).is_some_and(|b| b["health"] == "up"))
+    });
+}
+
 struct Setup {
     topo: DsrTopology,
     servers: Vec<Option<Servers>>,
@@ -211,9 +218,7 @@ fn a_killed_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
     }
     let (mut s, _, lbd) = setup("hc-kill", 3, &[0, 1, 2], &[]);
     let lb = &s.topo.lb.ns;
-    wait_status(lb, "every backend up", |st| {
-        (0..3).all(|i| backend_status(st, "echo", &identity(i)).is_some_and(|b| b["health"] == "up"))
-    });
+    wait_all_up(lb, 3);
 
     // Long-lived streams; lbd's lookup says where each went (checked against the servers at
     // the end).
@@ -543,9 +548,7 @@ fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_r
     let keep = ["--on-exit", "keep"];
     let (s, reg, lbd) = setup("restart", 3, &[0, 1, 2], &keep);
     let lb = &s.topo.lb.ns;
-    wait_status(lb, "every backend up", |st| {
-        (0..3).all(|i| backend_status(st, "echo", &identity(i)).is_some_and(|b| b["health"] == "up"))
-    });
+    wait_all_up(lb, 3);
     let pins = s.dir.pin_dir().join("eth0/v1");
     assert!(pins.join("link").exists() && pins.join("LB_CONNTRACK").exists(), "state pinned in {pins:?}");
     let mut streams: Vec<Stream> = (0..12).map(|_| Stream::open(&s.topo.client.ns)).collect();
