@@ -266,8 +266,28 @@ impl DecapTables for DecapMaps {
     }
 }
 
+/// Build stamp: `LB_EBPF_REVISION=N` at build time (N > 0) adds one instruction that does
+/// nothing, so the program's bytes and kernel tag differ from a build without it. The upgrade
+/// test swaps such a build in under load, as a new lbd with a changed program would.
+const REVISION: u32 = parse_revision(option_env!("LB_EBPF_REVISION"));
+
+const fn parse_revision(s: Option<&str>) -> u32 {
+    let Some(s) = s else { return 0 };
+    let (b, mut i, mut n) = (s.as_bytes(), 0, 0u32);
+    while i < b.len() {
+        if b[i].is_ascii_digit() {
+            n = n.wrapping_mul(10).wrapping_add((b[i] - b'0') as u32);
+        }
+        i += 1;
+    }
+    n
+}
+
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
+    if REVISION != 0 {
+        core::hint::black_box(REVISION);
+    }
     let Some(scratch) = LB_SCRATCH.get_ptr_mut(0) else { return Action::Pass.xdp_code() };
     // SAFETY: this CPU's slot; XDP programs do not nest on one CPU, so this run has it alone.
     let scratch = unsafe { &mut *scratch };

@@ -21,10 +21,9 @@ use crate::{
     health::{Checker, Key, Report, State, Status, Target},
     maps::DataplaneMaps,
     model::PlanView,
-    netlink::Link,
     plan::{self, DataPlan, NodeFacts, Overrides, Resolutions, Serving},
     report::{self, BackendReport, ReloadRecord, ServiceReport, Snapshot},
-    resolve,
+    resolve::Resolver,
 };
 
 /// What the controller was asked to do, and whether it changed the data plane.
@@ -36,7 +35,7 @@ pub enum Outcome {
 
 pub struct Controller {
     opts: Options,
-    link: Link,
+    hops: Resolver,
     node: NodeFacts,
     maps: DataplaneMaps,
     /// The last registry that loaded and applied: what serves.
@@ -59,14 +58,14 @@ impl Controller {
     /// the difference is written and tracked flows keep their backends.
     pub async fn start(
         opts: Options,
-        link: Link,
+        mut hops: Resolver,
         node: NodeFacts,
         mut maps: DataplaneMaps,
         loaded: Loaded,
         checker: Checker,
         adopt: bool,
     ) -> Result<Self, DaemonError> {
-        let resolved = resolve_hosts(&loaded.registry, &opts, link).await?;
+        let resolved = resolve_hosts(&loaded.registry, &mut hops).await?;
         let mut over = Overrides::default();
         if adopt {
             let kernel = maps.read_kernel()?;
@@ -94,7 +93,7 @@ impl Controller {
         maps.apply(&plan)?;
         let mut c = Self {
             opts,
-            link,
+            hops,
             node,
             maps,
             loaded,
@@ -199,7 +198,7 @@ impl Controller {
             return Ok(Outcome::Unchanged);
         }
         let t0 = Instant::now();
-        let resolved = resolve_hosts(&loaded.registry, &self.opts, self.link).await?;
+        let resolved = resolve_hosts(&loaded.registry, &mut self.hops).await?;
         let t1 = Instant::now();
         // A backend the reload adds takes no new flows before its first check passes (one
         // probe, within a fifth of the interval): a rollout never sends traffic to a dead one.
@@ -287,20 +286,20 @@ impl Controller {
         if changed { self.replan() } else { Ok(Outcome::Unchanged) }
     }
 
-    /// After neighbour table changes: when a next hop's MAC changed, re-resolves and
-    /// re-plans. (A backend that could not be resolved joins at the next reload.)
-    pub async fn refresh_neighbours(&mut self) -> Result<Outcome, DaemonError> {
-        let ifindex = self.link.index;
+    /// After neighbour, route, address or link changes: when a next hop's MAC or any route
+    /// changed, re-resolves and re-plans (a backend that had no route joins once it has one).
+    pub async fn refresh_next_hops(&mut self) -> Result<Outcome, DaemonError> {
+        let ifindex = self.hops.link().index;
         let table =
             crate::netlink::blocking(move |r| r.neighbours(ifindex)).await.map_err(DaemonError::Resolve)?;
         let known: BTreeMap<IpAddr, [u8; 6]> = (self.resolved.values().filter_map(|r| r.as_ref().ok()))
             .map(|r| (r.via.unwrap_or(r.addr), r.mac))
             .collect();
         let moved = table.iter().any(|n| known.get(&n.addr).is_some_and(|mac| *mac != n.mac));
-        if !moved {
+        if !moved && !self.hops.routes_changed() {
             return Ok(Outcome::Unchanged);
         }
-        let resolved = resolve_hosts(&self.loaded.registry, &self.opts, self.link).await?;
+        let resolved = resolve_hosts(&self.loaded.registry, &mut self.hops).await?;
         if resolved == self.resolved {
             return Ok(Outcome::Unchanged);
         }
@@ -586,9 +585,9 @@ fn health_targets(reg: &Registry, resolved: &Resolutions) -> Vec<Target> {
     out
 }
 
-async fn resolve_hosts(reg: &Registry, opts: &Options, link: Link) -> Result<Resolutions, DaemonError> {
+async fn resolve_hosts(reg: &Registry, hops: &mut Resolver) -> Result<Resolutions, DaemonError> {
     let hosts = plan::xdp_backend_hosts(reg);
-    resolve::backends(&hosts, &opts.iface, link, opts.resolve_timeout).await.map_err(DaemonError::Resolve)
+    hops.backends(&hosts).await.map_err(DaemonError::Resolve)
 }
 
 fn make_plan(

@@ -19,7 +19,7 @@ use crate::{
     config::{self, ConfigError},
     control::{Controller, Outcome},
     health::Checker,
-    loader::{AttachMode, Balancer, LoaderError},
+    loader::{AttachMode, Balancer, LoaderError, XdpObject},
     logging::error_chain,
     maps::{DataplaneMaps, MapsError},
     netlink::{self, NetlinkError},
@@ -27,6 +27,7 @@ use crate::{
     pins::{PinError, Pins},
     plan::{self, NodeFacts},
     report,
+    resolve::{Resolver, RouteCache},
     watch::Watcher,
 };
 
@@ -56,6 +57,8 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// What a stop leaves behind.
     pub on_exit: OnExit,
+    /// Load this XDP object instead of the built-in one.
+    pub xdp_object: Option<PathBuf>,
 }
 
 /// What lbd leaves on the interface when it stops.
@@ -152,15 +155,8 @@ fn notify_quietly(state: &str) {
 }
 
 /// Runs lbd until SIGINT or SIGTERM. Nothing is attached if anything before the attach fails.
-pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let mut signals = Signals::install().map_err(DaemonError::Signal)?;
-    let admin_error = |reason: String| DaemonError::Admin { addr: opts.admin, reason };
-    admin::check_bind(opts.admin, opts.admin_allow_public).map_err(admin_error)?;
-    let admin_listener = TcpListener::bind(opts.admin).await.map_err(|e| admin_error(e.to_string()))?;
-    let loaded = config::load(&opts.config)?;
-    let reg = &loaded.registry;
-    info!(file = %opts.config.display(), files = loaded.files.len(), http = reg.http.len(), tcp = reg.tcp.len(), "registry loaded");
-
+/// The interface lbd serves, and this node's MAC and source addresses on it.
+async fn node_facts(opts: &Options) -> Result<(netlink::Link, NodeFacts), DaemonError> {
     let iface = opts.iface.clone();
     let interface = |source| DaemonError::Interface { iface: opts.iface.clone(), source };
     let (link, addrs) = netlink::blocking(move |rtnl| {
@@ -179,6 +175,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .or_else(|| addrs.iter().find_map(|a| if let IpAddr::V6(v) = a { Some(*v) } else { None })),
     };
     info!(iface = %opts.iface, source_v4 = ?node.addr_v4, source_v6 = ?node.addr_v6, "node facts");
+    Ok((link, node))
+}
+
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let mut signals = Signals::install().map_err(DaemonError::Signal)?;
+    let admin_error = |reason: String| DaemonError::Admin { addr: opts.admin, reason };
+    admin::check_bind(opts.admin, opts.admin_allow_public).map_err(admin_error)?;
+    let admin_listener = TcpListener::bind(opts.admin).await.map_err(|e| admin_error(e.to_string()))?;
+    let loaded = config::load(&opts.config)?;
+    let reg = &loaded.registry;
+    info!(file = %opts.config.display(), files = loaded.files.len(), http = reg.http.len(), tcp = reg.tcp.len(), "registry loaded");
+
+    let (link, node) = node_facts(&opts).await?;
 
     let (health_tx, mut health_rx) = mpsc::channel(HEALTH_QUEUE);
     let (watch_tx, mut watch_rx) = mpsc::channel(1);
@@ -189,14 +198,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     } else {
         None
     };
-    netlink::follow_neighbours(neigh_tx).map_err(DaemonError::Resolve)?;
+    let route_epoch = netlink::RouteEpoch::default();
+    netlink::follow_changes(neigh_tx, route_epoch.clone()).map_err(DaemonError::Resolve)?;
+    let resolver = Resolver::new(&opts.iface, link, opts.resolve_timeout, RouteCache::new(route_epoch));
 
     // Maps are filled before the program is attached (or swapped in behind an earlier lbd's
     // pinned link): the first packet it sees meets the whole plan.
     let pins = opts.pin_dir.as_deref().map(|root| Pins::open(root, &opts.iface)).transpose()?;
-    let (mut balancer, maps, adopted) = Balancer::load(opts.conntrack_size, pins)?;
+    let object = match &opts.xdp_object {
+        Some(path) => XdpObject::read(path)?,
+        None => XdpObject::Embedded,
+    };
+    let (mut balancer, maps, adopted) = Balancer::load_from(&object, opts.conntrack_size, pins)?;
     let started =
-        match Controller::start(opts.clone(), link, node, maps, loaded, Checker::new(health_tx), adopted)
+        match Controller::start(opts.clone(), resolver, node, maps, loaded, Checker::new(health_tx), adopted)
             .await
         {
             Ok(ctl) => balancer.attach(&opts.iface, opts.xdp_mode).map(|_| ctl).map_err(DaemonError::from),
@@ -238,7 +253,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
                 ctl.on_reports(&batch)
             }
-            Some(()) = neigh_rx.recv() => ctl.refresh_neighbours().await,
+            Some(()) = neigh_rx.recv() => ctl.refresh_next_hops().await,
             Some(req) = admin_rx.recv() => answer(&mut ctl, req).await,
         };
         if let Some(w) = &watcher {

@@ -27,6 +27,37 @@ use crate::{
 /// The XDP object built from `lb-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
 
+/// The XDP object lbd loads: the one built into it, or a file (`lbd --xdp-object`) built from
+/// lb-ebpf of the same map layout, e.g. a rebuilt program swapped in without a new lbd.
+pub enum XdpObject {
+    Embedded,
+    File(std::path::PathBuf, Vec<u8>),
+}
+
+impl XdpObject {
+    pub fn read(path: &std::path::Path) -> Result<Self, LoaderError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| LoaderError::Object(format!("cannot read {}: {e}", path.display())))?;
+        Ok(Self::File(path.to_owned(), bytes))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Embedded => EBPF_OBJECT,
+            Self::File(_, b) => b,
+        }
+    }
+}
+
+impl fmt::Display for XdpObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("built in"),
+            Self::File(p, _) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 /// Program names in the object (the `#[xdp]` functions of lb-ebpf).
 const PROG_BALANCER: &str = "lb_balancer";
 const PROG_PASS: &str = "lb_pass";
@@ -64,7 +95,7 @@ pub enum LoaderError {
     /// The pinned state cannot be used (busy, another layout, unreadable).
     #[error(transparent)]
     Pins(#[from] PinError),
-    /// The embedded object could not be parsed (a build defect).
+    /// The object could not be read or parsed.
     #[error("cannot read the XDP object's map definitions: {0}")]
     Object(String),
     /// The pinned link exists but could not be taken over or pinned.
@@ -127,7 +158,7 @@ struct StateSizes {
 /// For objects that only run `lb_pass` or `lb_decap`: their flow-state maps stay empty.
 const NO_STATE: StateSizes = StateSizes { conntrack: 1, nat: 1, fragments: 1 };
 
-fn load_object(sizes: StateSizes, pins: Option<&Pins>) -> Result<Ebpf, LoaderError> {
+fn load_object(object: &XdpObject, sizes: StateSizes, pins: Option<&Pins>) -> Result<Ebpf, LoaderError> {
     raise_memlock_limit();
     let mut loader = EbpfLoader::new();
     loader
@@ -136,17 +167,17 @@ fn load_object(sizes: StateSizes, pins: Option<&Pins>) -> Result<Ebpf, LoaderErr
         .map_max_entries(names::FRAGMENTS, sizes.fragments);
     if let Some(pins) = pins {
         // aya reuses a map pinned at the path as it is, whatever its shape: check first.
-        pins.check(&shapes(sizes)?)?;
+        pins.check(&shapes(object, sizes)?)?;
         for name in names::PINNED {
             loader.map_pin_path(name, pins.map_path(name));
         }
     }
-    loader.load(EBPF_OBJECT).map_err(LoaderError::Load)
+    loader.load(object.bytes()).map_err(LoaderError::Load)
 }
 
 /// The pinned maps' shapes as this lbd's object declares them, with the sizes it loads with.
-fn shapes(sizes: StateSizes) -> Result<Vec<MapShape>, LoaderError> {
-    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| LoaderError::Object(e.to_string()))?;
+fn shapes(object: &XdpObject, sizes: StateSizes) -> Result<Vec<MapShape>, LoaderError> {
+    let obj = aya_obj::Object::parse(object.bytes()).map_err(|e| LoaderError::Object(e.to_string()))?;
     names::PINNED
         .iter()
         .map(|&name| {
@@ -216,13 +247,25 @@ impl Balancer {
     /// reused (after checking their shapes) and new ones are pinned; the flag returned says
     /// whether earlier state was adopted.
     pub fn load(conntrack_size: u32, pins: Option<Pins>) -> Result<(Self, DataplaneMaps, bool), LoaderError> {
+        Self::load_from(&XdpObject::Embedded, conntrack_size, pins)
+    }
+
+    /// [`Balancer::load`] with the given object.
+    pub fn load_from(
+        object: &XdpObject,
+        conntrack_size: u32,
+        pins: Option<Pins>,
+    ) -> Result<(Self, DataplaneMaps, bool), LoaderError> {
         // Every NAT flow has a tracking entry and a reply entry: a smaller reply map would evict
         // live flows' entries first.
         let nat = conntrack_size.max(DEFAULT_NAT_SIZE);
         let sizes = StateSizes { conntrack: conntrack_size, nat, fragments: FRAGMENTS_SIZE };
         let adopted = pins.as_ref().is_some_and(Pins::holds_maps);
-        let mut ebpf = load_object(sizes, pins.as_ref())?;
-        load_xdp(&mut ebpf, PROG_BALANCER)?;
+        let mut ebpf = load_object(object, sizes, pins.as_ref())?;
+        let prog = load_xdp(&mut ebpf, PROG_BALANCER)?;
+        if let Ok(info) = prog.info() {
+            info!(object = %object, id = info.id(), tag = format_args!("{:016x}", info.tag()), "XDP balancer loaded");
+        }
         let maps = DataplaneMaps::take(&mut ebpf)?;
         if let Some(p) = &pins {
             info!(dir = %p.dir().display(), adopted, "balancer maps pinned");
@@ -366,7 +409,7 @@ pub struct PassProgram {
 impl PassProgram {
     /// Loads it without attaching it.
     pub fn load() -> Result<Self, LoaderError> {
-        let mut ebpf = load_object(NO_STATE, None)?;
+        let mut ebpf = load_object(&XdpObject::Embedded, NO_STATE, None)?;
         load_xdp(&mut ebpf, PROG_PASS)?;
         Ok(Self { ebpf })
     }
@@ -393,7 +436,7 @@ pub struct DecapProgram {
 
 impl DecapProgram {
     pub fn attach(iface: &str, mode: AttachMode, local: &[std::net::IpAddr]) -> Result<Self, LoaderError> {
-        let mut ebpf = load_object(NO_STATE, None)?;
+        let mut ebpf = load_object(&XdpObject::Embedded, NO_STATE, None)?;
         let mut addrs: aya::maps::HashMap<_, AddrKey, u32> = ebpf
             .take_map(names::DECAP_ADDRS)
             .ok_or(MapsError::Missing(names::DECAP_ADDRS))?

@@ -22,13 +22,22 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-/// The rtnetlink multicast group of neighbour table changes (`RTNLGRP_NEIGH`).
+/// rtnetlink multicast groups followed: neighbour table changes, and the changes that can move
+/// a route (links, addresses, routes).
+const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+/// Neighbour messages; every other type in those groups may change a route.
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 /// Size of `struct nlmsghdr`: the least a netlink message can be.
 const NLMSG_HDRLEN: usize = 16;
 /// Netlink messages are padded to this alignment.
 const NLMSG_ALIGNTO: usize = 4;
-/// Receive buffer for draining change notifications (whose content is not read).
+/// Receive buffer for draining change notifications (only their types are read).
 const DRAIN_BUFFER: usize = 16 * 1024;
 
 pub type Mac = [u8; 6];
@@ -274,6 +283,7 @@ impl Rtnl {
         let start = Instant::now();
         // Subscribe first so no answer can arrive unseen between the dump and the wait.
         let events = neighbour_events()?;
+        let mut buf = [0u8; 4096];
         let mut found = self.lookup(ifindex, addrs)?;
         let mut refused = HashMap::new();
         for addr in addrs.iter().filter(|a| !found.contains_key(a)) {
@@ -288,7 +298,7 @@ impl Rtnl {
             if !wait_readable(&events, left)? {
                 break;
             }
-            drain(&events);
+            drain(&events, &mut buf);
             found = self.lookup(ifindex, addrs)?;
         }
         let unresolved = |addr| NetlinkError::Unresolved { addr, iface: iface.to_owned(), waited: timeout };
@@ -353,9 +363,26 @@ fn if_index(name: &str) -> Option<u32> {
 }
 
 fn neighbour_events() -> Result<Socket, NetlinkError> {
+    events(&[RTNLGRP_NEIGH])
+}
+
+fn change_events() -> Result<Socket, NetlinkError> {
+    events(&[
+        RTNLGRP_NEIGH,
+        RTNLGRP_LINK,
+        RTNLGRP_IPV4_IFADDR,
+        RTNLGRP_IPV4_ROUTE,
+        RTNLGRP_IPV6_IFADDR,
+        RTNLGRP_IPV6_ROUTE,
+    ])
+}
+
+fn events(groups: &[u32]) -> Result<Socket, NetlinkError> {
     let mut s = Socket::new(NETLINK_ROUTE)?;
     s.bind_auto()?;
-    s.add_membership(RTNLGRP_NEIGH)?;
+    for &group in groups {
+        s.add_membership(group)?;
+    }
     s.set_non_blocking(true)?;
     Ok(s)
 }
@@ -376,23 +403,56 @@ fn wait_readable(s: &Socket, timeout: Duration) -> Result<bool, NetlinkError> {
     Ok(n > 0)
 }
 
-fn drain(s: &Socket) {
-    let mut buf = vec![0u8; DRAIN_BUFFER];
-    // SAFETY: `buf` is valid for writes of its length; the socket is non-blocking.
-    while unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+/// Reads every pending notification; true when one of them may have changed a route (or
+/// some were lost: the socket overflowed).
+fn drain(s: &Socket, buf: &mut [u8]) -> bool {
+    let mut routes = false;
+    loop {
+        // SAFETY: `buf` is valid for writes of its length; the socket is non-blocking.
+        let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            // ENOBUFS: notifications were dropped, any of which may have been a route's.
+            return routes || io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS);
+        }
+        if n == 0 {
+            return routes;
+        }
+        routes |= message_types(&buf[..n.cast_unsigned()]).any(|t| t != RTM_NEWNEIGH && t != RTM_DELNEIGH);
+    }
 }
 
-/// Follows the neighbour table: every batch of changes sends one `()` on `tx` (never blocking;
-/// one pending notice covers later changes). Runs on its own thread until `tx` closes.
-pub fn follow_neighbours(tx: tokio::sync::mpsc::Sender<()>) -> Result<(), NetlinkError> {
-    let events = neighbour_events()?;
+/// The `nlmsg_type` of each message in one datagram.
+fn message_types(mut datagram: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    std::iter::from_fn(move || {
+        if datagram.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        let len = u32::from_ne_bytes(datagram[..4].try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(datagram[4..6].try_into().ok()?);
+        let step = len.max(NLMSG_HDRLEN).next_multiple_of(NLMSG_ALIGNTO).min(datagram.len());
+        datagram = &datagram[step..];
+        Some(kind)
+    })
+}
+
+/// Bumped whenever a route may have changed: route lookups cached at an older value are stale.
+pub type RouteEpoch = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// Follows the neighbour table, and links, addresses and routes: every batch of changes sends
+/// one `()` on `tx` (never blocking; one pending notice covers later changes), after bumping
+/// `routes` if the batch may have moved a route. Runs on its own thread until `tx` closes.
+pub fn follow_changes(tx: tokio::sync::mpsc::Sender<()>, routes: RouteEpoch) -> Result<(), NetlinkError> {
+    let events = change_events()?;
     std::thread::Builder::new()
-        .name("lbd-neigh".into())
+        .name("lbd-netlink".into())
         .spawn(move || {
+            let mut buf = vec![0u8; DRAIN_BUFFER];
             loop {
                 match wait_readable(&events, Duration::from_secs(1)) {
                     Ok(true) => {
-                        drain(&events);
+                        if drain(&events, &mut buf) {
+                            routes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        }
                         if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
                             return;
                         }
@@ -400,7 +460,7 @@ pub fn follow_neighbours(tx: tokio::sync::mpsc::Sender<()>) -> Result<(), Netlin
                     Ok(false) if tx.is_closed() => return,
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "neighbour events: giving up following MAC changes");
+                        tracing::warn!(error = %e, "netlink events: giving up following MAC and route changes");
                         return;
                     }
                 }
@@ -408,4 +468,27 @@ pub fn follow_neighbours(tx: tokio::sync::mpsc::Sender<()>) -> Result<(), Netlin
         })
         .map_err(NetlinkError::Io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_types;
+
+    fn header(len: u32, kind: u16) -> Vec<u8> {
+        let mut h = len.to_ne_bytes().to_vec();
+        h.extend(kind.to_ne_bytes());
+        h.extend([0; 10]);
+        h
+    }
+
+    #[test]
+    fn every_message_of_a_datagram_is_typed_even_a_truncated_one() {
+        let mut d = header(20, 28);
+        d.extend([0; 4]);
+        d.extend(header(18, 24)); // padded to 20
+        d.extend([0; 4]);
+        d.extend(header(400, 25)); // truncated by a short buffer
+        assert_eq!(message_types(&d).collect::<Vec<_>>(), [28, 24, 25]);
+        assert_eq!(message_types(&d[..10]).count(), 0);
+    }
 }

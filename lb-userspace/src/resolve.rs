@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -12,27 +13,101 @@ use tracing::debug;
 
 use crate::{
     logging::error_chain,
-    netlink::{self, Link, NetlinkError},
+    netlink::{self, Link, NetlinkError, RouteEpoch},
     plan::{Resolutions, Resolved},
 };
 
-/// Resolves every host in `hosts` to an address, a next hop on `link` and that next hop's MAC.
-/// Each stage (all DNS lookups together, then all neighbour resolutions together) takes at most
-/// `timeout`. A host that fails gets the reason; only a broken netlink socket is an error.
-pub async fn backends(
+/// Route lookups that succeeded (address -> output interface and gateway), kept while no
+/// route, address or link changes: a reload then asks the kernel only about new addresses
+/// (1000 lookups cost about 6 ms). [`netlink::follow_changes`] bumps the epoch.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    epoch: RouteEpoch,
+    /// The epoch the entries were looked up at.
+    at: u64,
+    routes: HashMap<IpAddr, (u32, Option<IpAddr>)>,
+}
+
+impl RouteCache {
+    /// A cache invalidated through `epoch`.
+    #[must_use]
+    pub fn new(epoch: RouteEpoch) -> Self {
+        let at = epoch.load(Ordering::Acquire);
+        Self { epoch, at, routes: HashMap::new() }
+    }
+
+    /// Forgets the cached routes if any route may have changed since they were looked up;
+    /// returns the epoch new lookups are made at.
+    fn current(&mut self) -> u64 {
+        let now = self.epoch.load(Ordering::Acquire);
+        if now != self.at {
+            self.routes.clear();
+            self.at = now;
+        }
+        now
+    }
+}
+
+/// Resolves backend hosts towards one interface, remembering routes between calls.
+#[derive(Debug)]
+pub struct Resolver {
+    iface: String,
+    link: Link,
+    /// Bound on each stage: all DNS lookups together, then all neighbour resolutions.
+    timeout: Duration,
+    routes: RouteCache,
+}
+
+impl Resolver {
+    #[must_use]
+    pub fn new(iface: &str, link: Link, timeout: Duration, routes: RouteCache) -> Self {
+        Self { iface: iface.to_owned(), link, timeout, routes }
+    }
+
+    #[must_use]
+    pub fn link(&self) -> Link {
+        self.link
+    }
+
+    /// True when a route, address or link changed since the last resolution.
+    #[must_use]
+    pub fn routes_changed(&self) -> bool {
+        self.routes.epoch.load(Ordering::Acquire) != self.routes.at
+    }
+
+    /// Resolves every host in `hosts` to an address, a next hop on the interface and that next
+    /// hop's MAC. A host that fails gets the reason; only a broken netlink socket is an error.
+    pub async fn backends(&mut self, hosts: &[&str]) -> Result<Resolutions, NetlinkError> {
+        backends(hosts, &self.iface, self.link, self.timeout, &mut self.routes).await
+    }
+}
+
+async fn backends(
     hosts: &[&str],
     iface: &str,
     link: Link,
     timeout: Duration,
+    cache: &mut RouteCache,
 ) -> Result<Resolutions, NetlinkError> {
     let addrs = addresses(hosts, timeout).await;
     let mut wanted: Vec<IpAddr> = addrs.values().filter_map(|a| a.as_ref().ok().copied()).collect();
     wanted.sort_unstable();
     wanted.dedup();
+    // Read before the lookups: a change during them bumps the epoch past it, so what they
+    // find is dropped at the next call.
+    let epoch = cache.current();
+    let mut routes: HashMap<IpAddr, Result<(u32, Option<IpAddr>), NetlinkError>> =
+        HashMap::with_capacity(wanted.len());
+    wanted.retain(|addr| match cache.routes.get(addr) {
+        Some(r) => {
+            routes.insert(*addr, Ok(*r));
+            false
+        }
+        None => true,
+    });
 
     let iface_owned = iface.to_owned();
     let hops = netlink::blocking(move |rtnl| {
-        let mut routes = HashMap::new();
         for addr in wanted {
             let r = rtnl.route_get(addr).map(|r| (r.oif, r.gateway));
             routes.insert(addr, r);
@@ -50,6 +125,9 @@ pub async fn backends(
     })
     .await?;
     let (routes, macs) = hops;
+    if cache.at == epoch {
+        cache.routes.extend(routes.iter().filter_map(|(a, r)| r.as_ref().ok().map(|r| (*a, *r))));
+    }
 
     Ok(addrs
         .into_iter()

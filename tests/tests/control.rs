@@ -526,11 +526,54 @@ fn a_backend_whose_mac_changes_is_followed_without_a_reload() {
     assert!(stopped.log.contains("backend next hops changed"), "{}", stopped.log);
 }
 
+#[test]
+fn a_backend_whose_route_changes_is_followed_without_a_reload() {
+    if !privileged("a_backend_whose_route_changes_is_followed_without_a_reload") {
+        return;
+    }
+    let (s, _, lbd) = setup("route", 2, &[0, 1], &[]);
+    let lb = &s.topo.lb.ns;
+    let own = lb_tests::topology::mac_str(s.topo.backends[0].mac);
+    let gateway = lb_tests::topology::mac_str(s.topo.backends[1].mac);
+    let next_hop_of_0 =
+        |st: &serde_json::Value| backend_status(st, "echo", &identity(0)).map(|b| b["next_hop_mac"].clone());
+    wait_status(lb, "backend 0 reached directly", |st| next_hop_of_0(st).is_some_and(|m| m == own.as_str()));
+
+    // The operator routes backend 0 through backend 1 (a router, here): its frames now go to
+    // that MAC. Nothing but the route changed, so only following routes can notice.
+    let ip0 = backend_ip(0).to_string();
+    lb.ip(&["route", "add", &format!("{ip0}/32"), "via", &backend_ip(1).to_string(), "dev", "eth0"]);
+    wait_status(lb, "backend 0's next hop is the gateway", |st| {
+        next_hop_of_0(st).is_some_and(|m| m == gateway.as_str())
+    });
+    lb.ip(&["route", "del", &format!("{ip0}/32")]);
+    wait_status(lb, "backend 0 reached directly again", |st| {
+        next_hop_of_0(st).is_some_and(|m| m == own.as_str())
+    });
+    s.topo.client.ns.run(|| {
+        for i in 0..40 {
+            try_exchange(&payload("routed", i, 100)).expect("every exchange works after the route changes");
+        }
+    });
+    assert!(receivers(&s.servers, "routed").contains(&0), "backend 0 is reached directly again");
+    assert_eq!(status(lb)["generation"], 1, "no reload was needed");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(stopped.log.contains("backend next hops changed"), "{}", stopped.log);
+}
+
 /// Id of the XDP program on `iface`, as `ip link` shows it.
 fn xdp_prog_id(ns: &NetNs, iface: &str) -> Option<u32> {
     let out = ns.ip_output(&["-d", "link", "show", "dev", iface]);
     let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
     out[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// Tag (hash of the instructions) of the XDP program on `iface`, as `ip link` shows it.
+fn xdp_prog_tag(ns: &NetNs, iface: &str) -> String {
+    let out = ns.ip_output(&["-d", "link", "show", "dev", iface]);
+    let at = out.find(" tag ").unwrap_or_else(|| panic!("no program tag on {iface}: {out}")) + " tag ".len();
+    out[at..].split_whitespace().next().unwrap_or_default().to_owned()
 }
 
 /// Every stream echoes once more, each still on the backend that holds its flow.
@@ -652,4 +695,72 @@ fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_r
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(xdp_prog_id(lb, "eth0"), None, "unpinning detaches the balancer");
     assert!(!s.dir.pin_dir().join("eth0").exists());
+}
+
+#[test]
+fn lbd_upgraded_to_a_rebuilt_program_under_load_keeps_every_flow() {
+    let name = "lbd_upgraded_to_a_rebuilt_program_under_load_keeps_every_flow";
+    if !privileged(name) {
+        return;
+    }
+    // `cargo xtask test` builds the XDP object again with another revision stamp.
+    let Some(rebuilt) = std::env::var_os("LB_TEST_UPGRADE_XDP_OBJECT") else {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{name}: LB_TEST_UPGRADE_XDP_OBJECT unset; CI=true forbids skipping (run `cargo xtask test`)"
+        );
+        eprintln!("SKIPPED {name}: LB_TEST_UPGRADE_XDP_OBJECT unset (run `cargo xtask test`)");
+        return;
+    };
+    let rebuilt = std::path::PathBuf::from(rebuilt);
+    let keep = ["--on-exit", "keep"];
+    let (s, reg, lbd) = setup("upgrade", 3, &[0, 1, 2], &keep);
+    let lb = &s.topo.lb.ns;
+    wait_all_up(lb, 3);
+    let mut streams: Vec<Stream> = (0..12).map(|_| Stream::open(&s.topo.client.ns)).collect();
+    streams_whole(&mut streams, 0, "at once");
+    let load = Load::start(&s.topo.client.ns, "load");
+    load.wait_more(50);
+    let built_in = xdp_prog_tag(lb, "eth0");
+
+    // The new lbd loads the rebuilt object and swaps it in behind the pinned link while the
+    // old program keeps forwarding; then the same again back to the built-in program.
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    let mut upgrade = vec!["--xdp-object", rebuilt.to_str().expect("UTF-8 path")];
+    upgrade.extend(keep);
+    let lbd = Lbd::start(lb, &s.dir, &reg, "eth0", &upgrade);
+    let log = lbd.log();
+    assert!(log.contains("adopted the pinned state"), "{log}");
+    assert!(log.contains("swapped in behind the pinned link"), "{log}");
+    assert!(log.contains(&format!("object={}", rebuilt.display())), "{log}");
+    let upgraded = xdp_prog_tag(lb, "eth0");
+    assert_ne!(upgraded, built_in, "the rebuilt program, with other instructions, serves");
+    assert!(log.contains(&format!("tag={upgraded}")), "lbd logs the tag it loaded: {log}");
+    eprintln!("program tag {built_in} (built in) -> {upgraded} (rebuilt, revision stamp)");
+    load.wait_more(100);
+    streams_whole(&mut streams, 1, "across the upgrade");
+    for st in &streams {
+        let found = looked_up(lb, st);
+        assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
+    }
+
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    let lbd = Lbd::start(lb, &s.dir, &reg, "eth0", &keep);
+    assert_eq!(xdp_prog_tag(lb, "eth0"), built_in, "rolled back to the built-in program");
+    load.wait_more(100);
+    streams_whole(&mut streams, 2, "across the rollback");
+    let results = load.finish();
+    let failed: Vec<&String> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    eprintln!("load: {} exchanges across an upgrade and a rollback, {} failed", results.len(), failed.len());
+    assert!(failed.is_empty(), "{} exchanges failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+
+    // An object that cannot be read is refused, and the running program stays.
+    let missing = Lbd::run_to_exit(lb, &s.dir, &reg, "eth0", &["--xdp-object", "/nonexistent/lb-xdp"]);
+    assert_eq!(missing.status.code(), Some(1), "{}", missing.log);
+    assert!(missing.log.contains("cannot read /nonexistent/lb-xdp"), "{}", missing.log);
+    assert_eq!(xdp_prog_tag(lb, "eth0"), built_in, "the balancer still serves");
 }

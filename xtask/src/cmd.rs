@@ -7,14 +7,31 @@ use anyhow::{Context as _, Result, bail};
 /// `cargo` in the workspace root, with `$CARGO_HOME/bin` first on `PATH` so the eBPF build
 /// finds the bpf-linker that setup installed there, whatever the caller's `PATH`.
 pub fn cargo() -> Result<Command> {
+    let mut c = Command::new(env!("CARGO"));
+    c.current_dir(crate::test::workspace_root()).env("PATH", path_with_cargo_bin()?);
+    Ok(c)
+}
+
+/// The nightly toolchain's cargo (for `-Z build-std`), as aya-build runs it: through rustup,
+/// with this cargo's toolchain overrides removed.
+pub fn nightly_cargo() -> Result<Command> {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo"])
+        .current_dir(crate::test::workspace_root())
+        .env("PATH", path_with_cargo_bin()?)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    Ok(c)
+}
+
+fn path_with_cargo_bin() -> Result<std::ffi::OsString> {
     let mut path = std::ffi::OsString::from(crate::setup::cargo_home()?.join("bin"));
     if let Some(old) = std::env::var_os("PATH") {
         path.push(":");
         path.push(old);
     }
-    let mut c = Command::new(env!("CARGO"));
-    c.current_dir(crate::test::workspace_root()).env("PATH", path);
-    Ok(c)
+    Ok(path)
 }
 
 /// Runs `cmd` with inherited stdio; fails unless it exits 0.

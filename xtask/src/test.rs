@@ -25,8 +25,13 @@ pub fn run(opts: &Options) -> Result<()> {
     setup::run(&setup::Needs::all())?;
     // The integration tests run the real lbd and lb-ctl binaries, so build them first.
     cmd::run(cmd::cargo()?.args(["build", "--bins"]))?;
+    let upgrade = rebuilt_xdp_object(UPGRADE_REVISION)?;
     let mut cargo = cmd::cargo()?;
-    cargo.args(["test", "--no-fail-fast"]).args(&opts.args).stdout(Stdio::piped());
+    cargo
+        .args(["test", "--no-fail-fast"])
+        .args(&opts.args)
+        .env(UPGRADE_OBJECT_ENV, &upgrade)
+        .stdout(Stdio::piped());
     eprintln!("xtask: $ {}", cmd::describe(&cargo));
     let mut child = cargo.spawn().context("cannot start cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
@@ -48,6 +53,30 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("no test suite ran");
     }
     Ok(())
+}
+
+/// The upgrade test swaps in a build of the XDP object stamped with this revision.
+const UPGRADE_REVISION: u32 = 2;
+/// Where the upgrade test finds that object.
+const UPGRADE_OBJECT_ENV: &str = "LB_TEST_UPGRADE_XDP_OBJECT";
+
+/// Builds the XDP object again with `LB_EBPF_REVISION=revision`, the way lb-userspace's build
+/// script (aya-build) builds the embedded one, into its own target directory; returns its path.
+/// Its instructions differ from the embedded object's, so `lbd --xdp-object` can upgrade to it.
+fn rebuilt_xdp_object(revision: u32) -> Result<PathBuf> {
+    let target_dir = workspace_root().join("target").join("ebpf-upgrade");
+    let mut cargo = cmd::nightly_cargo()?;
+    cargo
+        .env("LB_EBPF_REVISION", revision.to_string())
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+        )
+        .args(["build", "--package", "lb-ebpf", "--bins", "--release", "-Z", "build-std=core"])
+        .args(["--target", "bpfel-unknown-none", "--target-dir"])
+        .arg(&target_dir);
+    cmd::run(&mut cargo)?;
+    Ok(target_dir.join("bpfel-unknown-none/release/lb-xdp"))
 }
 
 #[derive(clap::Args)]

@@ -68,6 +68,10 @@ struct Args {
     /// and remove the pinned state.
     #[arg(long, value_enum, default_value_t)]
     on_exit: OnExit,
+    /// Load the XDP programs from this object (built from lb-ebpf with the same map layout)
+    /// instead of the one built into lbd: upgrades the kernel program without a new lbd.
+    #[arg(long, value_name = "FILE")]
+    xdp_object: Option<PathBuf>,
     /// Remove the pinned state of --iface (detaching its balancer) and exit.
     #[arg(long)]
     unpin: bool,
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
         watch: !args.no_watch,
         pin_dir: (!args.no_pin).then_some(args.pin_dir),
         on_exit: if args.no_pin { OnExit::Detach } else { args.on_exit },
+        xdp_object: args.xdp_object,
     };
     // One thread: lbd's work is a thousand small probes and rare reloads, and waking tasks
     // across worker threads cost more CPU than the probes themselves (measured with

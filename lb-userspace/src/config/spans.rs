@@ -73,10 +73,19 @@ pub struct IndexError {
     pub message: String,
 }
 
-/// Field positions of one YAML document.
-#[derive(Debug, Default)]
+/// Field positions of one YAML document, as a tree: node 0 is the document, every other node
+/// a field (mapping key or sequence index) under its parent. One entry per field, no path
+/// copies: indexing runs on every reload.
+#[derive(Debug)]
 pub struct Spans {
-    positions: HashMap<FieldPath, Pos>,
+    positions: Vec<Pos>,
+    children: HashMap<(u32, Seg), u32>,
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        Self { positions: vec![Pos { line: 1, column: 1 }], children: HashMap::new() }
+    }
 }
 
 impl Spans {
@@ -93,7 +102,7 @@ impl Spans {
         }
         match b.duplicate {
             Some(err) => Err(err),
-            None => Ok(Self { positions: b.positions }),
+            None => Ok(b.spans),
         }
     }
 
@@ -101,22 +110,51 @@ impl Spans {
     /// its own), or the start of the file.
     #[must_use]
     pub fn locate(&self, path: &FieldPath) -> Pos {
-        (0..=path.0.len())
-            .rev()
-            .find_map(|n| self.positions.get(&FieldPath(path.0[..n].to_vec())))
-            .copied()
-            .unwrap_or(Pos { line: 1, column: 1 })
+        let mut node = 0;
+        for seg in &path.0 {
+            match self.children.get(&(node, seg.clone())) {
+                Some(&child) => node = child,
+                None => break,
+            }
+        }
+        self.positions[node as usize]
+    }
+
+    /// Adds field `seg` under `parent` at `pos`; `Err` with the first one's position when
+    /// `parent` already has it.
+    fn add(&mut self, parent: u32, seg: Seg, pos: Pos) -> Result<u32, Pos> {
+        let next = u32::try_from(self.positions.len()).unwrap_or(u32::MAX);
+        match self.children.entry((parent, seg)) {
+            std::collections::hash_map::Entry::Occupied(e) => Err(self.positions[*e.get() as usize]),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(next);
+                self.positions.push(pos);
+                Ok(next)
+            }
+        }
+    }
+
+    /// The path from the document to `node`, for messages.
+    fn path(&self, mut node: u32) -> FieldPath {
+        let mut segs = Vec::new();
+        while node != 0 {
+            let Some(((parent, seg), _)) = self.children.iter().find(|(_, c)| **c == node) else { break };
+            segs.push(seg.clone());
+            node = *parent;
+        }
+        segs.reverse();
+        FieldPath(segs)
     }
 }
 
 enum Frame {
+    /// A mapping (node `node`), and the field its value being read belongs to.
     Map {
-        path: FieldPath,
-        key: Option<String>,
-        seen: HashMap<String, Pos>,
+        node: u32,
+        key: Option<u32>,
     },
     Seq {
-        path: FieldPath,
+        node: u32,
         next: usize,
     },
     /// Inside a non-scalar mapping key; nothing in it is a field.
@@ -128,7 +166,7 @@ enum Frame {
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    positions: HashMap<FieldPath, Pos>,
+    spans: Spans,
     duplicate: Option<IndexError>,
 }
 
@@ -141,46 +179,58 @@ enum Node {
 
 impl Builder {
     fn node(&mut self, pos: Pos, node: Node) {
-        let path = match self.stack.last_mut() {
-            None => FieldPath::default(),
-            Some(Frame::Map { path, key: key @ None, seen }) => {
+        let field = match self.stack.last_mut() {
+            None => 0,
+            Some(Frame::Map { node: map, key: key @ None }) => {
                 let name = match node {
                     Node::Scalar(s) => s,
                     Node::Alias => "*alias".to_owned(),
                     Node::Map | Node::Seq => {
-                        *key = Some("?complex-key".to_owned());
+                        // Later events of this entry belong to no field; `u32::MAX` marks it.
+                        *key = Some(u32::MAX);
                         self.stack.push(Frame::SkipKey { depth: 1 });
                         return;
                     }
                 };
-                let field = path.key(&name);
-                if let Some(first) = seen.get(&name) {
-                    if self.duplicate.is_none() {
-                        self.duplicate = Some(IndexError {
-                            pos,
-                            field: field.clone(),
-                            message: format!("duplicate key `{name}` (first defined at line {})", first.line),
-                        });
-                    }
-                } else {
-                    seen.insert(name.clone(), pos);
+                let map = *map;
+                if map == u32::MAX {
+                    *key = Some(u32::MAX);
+                    return;
                 }
-                self.positions.insert(field, pos);
-                *key = Some(name);
+                match self.spans.add(map, Seg::Key(name.clone()), pos) {
+                    Ok(id) => *key = Some(id),
+                    Err(first) => {
+                        *key = Some(u32::MAX);
+                        if self.duplicate.is_none() {
+                            let field = self.spans.path(map).key(&name);
+                            self.duplicate = Some(IndexError {
+                                pos,
+                                field,
+                                message: format!(
+                                    "duplicate key `{name}` (first defined at line {})",
+                                    first.line
+                                ),
+                            });
+                        }
+                    }
+                }
                 return;
             }
-            Some(Frame::Map { path, key: Some(k), .. }) => path.key(k),
-            Some(Frame::Seq { path, next }) => {
-                let p = path.index(*next);
+            Some(Frame::Map { key: Some(k), .. }) => *k,
+            Some(Frame::Seq { node: seq, next }) => {
+                let (seq, i) = (*seq, *next);
                 *next += 1;
-                self.positions.insert(p.clone(), pos);
-                p
+                if seq == u32::MAX {
+                    u32::MAX
+                } else {
+                    self.spans.add(seq, Seg::Index(i), pos).unwrap_or(u32::MAX)
+                }
             }
             Some(Frame::SkipKey { .. }) => unreachable!("SkipKey frames consume their own events"),
         };
         match node {
-            Node::Map => self.stack.push(Frame::Map { path, key: None, seen: HashMap::new() }),
-            Node::Seq => self.stack.push(Frame::Seq { path, next: 0 }),
+            Node::Map => self.stack.push(Frame::Map { node: field, key: None }),
+            Node::Seq => self.stack.push(Frame::Seq { node: field, next: 0 }),
             Node::Scalar(_) | Node::Alias => self.value_done(),
         }
     }
@@ -271,6 +321,17 @@ mod tests {
     fn complex_keys_do_not_confuse_the_index() {
         let s = Spans::index("? [a, b]\n: 1\nafter: 2\n").unwrap();
         assert_eq!(s.locate(&p(&["after"])), Pos { line: 3, column: 1 });
+        // Fields under two complex keys are nobody's: no false duplicate.
+        let s = Spans::index("? [a]\n: {x: 1}\n? [b]\n: {x: 2}\nafter: 3\n").unwrap();
+        assert_eq!(s.locate(&p(&["after"])), Pos { line: 5, column: 1 });
+    }
+
+    #[test]
+    fn a_duplicate_deep_in_a_sequence_names_its_whole_path() {
+        let doc = "tcp:\n  a:\n    backends:\n      - {host: x, port: 1}\n      - {host: y, host: z}\n";
+        let e = Spans::index(doc).unwrap_err();
+        assert_eq!(e.field.to_string(), "tcp.a.backends[1].host");
+        assert_eq!(e.pos, Pos { line: 5, column: 19 });
     }
 
     #[test]
