@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{self, Loaded, Problem, Registry, Role},
     daemon::{DaemonError, Options},
+    edge::Edge,
     health::{Checker, Key, Report, State, Status, Target},
     maps::DataplaneMaps,
     model::PlanView,
@@ -36,6 +37,8 @@ pub enum Outcome {
 pub struct Controller {
     opts: Options,
     hops: Resolver,
+    /// The HTTP edge: listeners and proxying for `http:` services.
+    edge: Edge,
     node: NodeFacts,
     maps: DataplaneMaps,
     /// The last registry that loaded and applied: what serves.
@@ -89,11 +92,14 @@ impl Controller {
             );
             maps.assume(adopted);
         }
+        let mut edge = Edge::new(opts.node.clone());
+        edge.apply(&loaded.registry, &over)?;
         let plan = make_plan(&loaded.registry, &node, &resolved, maps.applied(), &over);
         maps.apply(&plan)?;
         let mut c = Self {
             opts,
             hops,
+            edge,
             node,
             maps,
             loaded,
@@ -209,6 +215,8 @@ impl Controller {
                     .insert((t.key.service, t.key.backend), "awaiting its first health check".to_owned());
             }
         }
+        // Listeners bind first: a port in use fails the reload before anything changed.
+        self.edge.apply(&loaded.registry, &over)?;
         let plan = make_plan(&loaded.registry, &self.node, &resolved, self.maps.applied(), &over);
         let t2 = Instant::now();
         self.maps.apply(&plan)?;
@@ -309,6 +317,7 @@ impl Controller {
     }
 
     fn replan(&mut self) -> Result<Outcome, DaemonError> {
+        self.edge.set_overrides(&self.over);
         let prev_serving = self.maps.applied().map(|p| p.serving.clone()).unwrap_or_default();
         let prev = self.maps.applied().map(|p| p.ids.clone()).unwrap_or_default();
         let plan = plan::plan(&self.loaded.registry, &self.node, &self.resolved, &prev, &self.over).0;

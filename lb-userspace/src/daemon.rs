@@ -115,6 +115,9 @@ pub enum DaemonError {
     /// A request named something that does not exist.
     #[error("{0}")]
     Unknown(String),
+    /// The HTTP edge could not serve the registry (a listener could not bind).
+    #[error(transparent)]
+    Edge(#[from] crate::edge::EdgeError),
 }
 
 /// SIGTERM, SIGINT and SIGHUP, subscribed before lbd reports ready so a signal that follows

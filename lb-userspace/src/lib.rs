@@ -18,6 +18,7 @@
 //! - [`admin`]: the admin API's HTTP side; [`client`]: the blocking client lb-ctl uses.
 //! - [`watch`]: registry file watching (inotify).
 //! - [`daemon`]: lbd's lifecycle and event loop.
+//! - [`edge`]: the HTTP edge: listeners, routing, proxying with balancing, failover, retries.
 //! - [`notify`]: readiness (`sd_notify`) for supervisors, tests and the demo.
 //! - [`logging`]: human or JSON log lines.
 
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod edge;
 pub mod health;
 pub mod loader;
 pub mod logging;

@@ -7,6 +7,8 @@
 //!   for every forwarding mode.
 //! - [`servers`]: backend servers (HTTP, TCP and UDP echo) that record what they receive.
 //! - [`clients`]: real TCP, UDP and HTTP clients, one bounded exchange each.
+//! - [`http`]: keep-alive HTTP backends that count and can fail or stall, and an HTTP/1.1
+//!   client, for the edge tests.
 //! - [`lbd`]: the real lbd and lb-decap binaries in a namespace, started, reloaded and stopped
 //!   on their readiness signals.
 //! - [`capture`]: an `AF_PACKET` capture, to see which host sent a frame.
@@ -21,6 +23,7 @@ pub mod bench;
 pub mod capture;
 pub mod clients;
 pub mod frames;
+pub mod http;
 pub mod lbd;
 pub mod netns;
 pub mod routed;

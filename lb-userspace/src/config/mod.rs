@@ -1,10 +1,11 @@
 //! The service registry: parse, validate, and report problems by file, line, column and field.
 //!
-//! - `schema`: the serde types (strict: unknown keys are errors).
+//! - `schema`: the serde types (strict: unknown keys are errors); `edge`: the HTTP edge's.
 //! - `spans`: field path -> position, duplicate-key and syntax checks.
 //! - `validate`: semantic checks on typed values.
 //! - `error`: the error a user sees.
 
+mod edge;
 mod error;
 mod schema;
 mod spans;
@@ -15,6 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use edge::{Balance, HashKey, Limits, Listener, Passive, Pool, Redirect, Retry, Timeouts};
 pub use error::{ConfigError, Problem};
 pub use schema::{
     AllDown, BackendSpec, Datapath, Fragment, HealthCheck, HttpCheck, HttpService, L4Service, MAX_WEIGHT,
@@ -516,5 +518,68 @@ tcp:
         assert_eq!((svc.health.fall, svc.health.rise), (3, 2), "seed 003's defaults");
         assert_eq!(svc.when_all_down, AllDown::FailClosed);
         assert_eq!(svc.backends[0].node.as_deref(), Some("node1"));
+    }
+
+    #[test]
+    fn http_edge_settings_are_checked_and_located() {
+        let p = problems(
+            "version: 1
+listeners:
+  - {port: 80, limits: {max_header_bytes: 1024}}
+  - {port: 80}
+http:
+  bad*.example.org:
+    backends: [{host: a, port: 1}]
+  r:
+    host_regex: '(unclosed'
+    backends: [{host: a, port: 1}]
+  s:
+    hosts: [x.org]
+    paths: [api]
+    listeners: [81]
+    balance: {hash: {cookie: 'a b'}}
+    retry: {tries: 0, statuses: [200]}
+    backends: [{host: a, port: 1}]
+  t:
+    hosts: [x.org]
+    paths: [api]
+    redirect: {permanent: true}
+  u:
+    hosts: [y.org]
+",
+        );
+        let at: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "listeners[0].limits.max_header_bytes",
+                "listeners[1]",
+                "http.bad*.example.org",
+                "http.r.host_regex",
+                "http.s.paths[0]",
+                "http.s.listeners[0]",
+                "http.s.balance.hash.cookie",
+                "http.s.retry.tries",
+                "http.s.retry.statuses[0]",
+                "http.t.paths[0]",
+                "http.t.redirect",
+                "http.u.backends",
+            ],
+            "{p:#?}"
+        );
+        let p = problems(
+            "version: 1\nlisteners: [{port: 80}, {port: 81}]\nhttp:\n  a:\n    hosts: [x.org]\n    backends: [{host: a, port: 1}]\n  b:\n    hosts: [X.org]\n    listeners: [81]\n    backends: [{host: b, port: 1}]\n",
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!((p[0].field.as_str(), p[0].line), ("http.b", 7));
+        assert!(p[0].message.contains("host `x.org` path `/` is also routed to service `a`"), "{p:#?}");
+        // Seed 004's routes and seed 003's redirect load.
+        let r = parse(
+            "version: 1\nlisteners: [{port: 80}]\nhttp:\n  users:\n    hosts: [api.example.org]\n    paths: [/api/users]\n    balance: least-conn\n    backends: [{host: a, port: 1}]\n  www:\n    hosts: [www.example.org]\n    redirect: {strip_www: true}\n",
+            Path::new("s.yaml"),
+        )
+        .unwrap();
+        assert_eq!(r.http["users"].balance, crate::config::Balance::LeastConn);
+        assert_eq!(r.listeners[0].limits.header_timeout, std::time::Duration::from_secs(10), "safe default");
     }
 }

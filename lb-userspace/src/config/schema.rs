@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
+use super::edge::{Balance, Listener, Passive, Pool, Redirect, Retry, Timeouts};
+
 /// The only registry format version.
 pub const REGISTRY_VERSION: u32 = 1;
 
@@ -28,7 +30,11 @@ pub struct Registry {
     /// Data plane settings shared by every node.
     #[serde(default)]
     pub datapath: Datapath,
-    /// HTTP services by host name, served by the HTTP edge.
+    /// Ports the HTTP edge serves `http:` services on. Without any, HTTP services are
+    /// health-checked but not served by this node.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// HTTP services by host name (or by name, with `hosts`), served by the HTTP edge.
     #[serde(default)]
     pub http: BTreeMap<String, HttpService>,
     /// Layer-4 services by name.
@@ -79,7 +85,7 @@ impl Default for Datapath {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
         .map_err(|e| de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. 30s, 10m, 6h")))
@@ -128,6 +134,29 @@ pub struct Fragment {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpService {
+    /// Host names this service answers: exact (`example.org`), one leading wildcard label
+    /// (`*.example.org`, which does not match `example.org` itself), or `*` for any host.
+    /// Default: the service's key.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// A regular expression the whole host must match (Traefik's `HostRegexp`), instead of
+    /// `hosts`.
+    #[serde(default)]
+    pub host_regex: Option<String>,
+    /// Path prefixes this service answers; default `/` (every path).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Routes are tried by priority, highest first; default: longer path prefixes first,
+    /// then exact hosts, wildcards, regular expressions, and `*` last.
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Listener ports serving this service; default every listener.
+    #[serde(default)]
+    pub listeners: Vec<u16>,
+    /// Answer with a redirect instead of proxying (`backends` may then be empty).
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
+    #[serde(default)]
     pub backends: Vec<BackendSpec>,
     /// Backends that take the traffic while every backend in `backends` is down.
     #[serde(default)]
@@ -135,6 +164,29 @@ pub struct HttpService {
     /// Active health check of every backend; default: TCP connect every 2 s.
     #[serde(default)]
     pub health: HealthCheck,
+    /// How a request picks a backend; default `round-robin` (weighted).
+    #[serde(default)]
+    pub balance: Balance,
+    /// Prefer backends whose `node` is this node; others take requests only when none of
+    /// those is usable. Default true.
+    #[serde(default = "yes")]
+    pub local_first: bool,
+    #[serde(default)]
+    pub retry: Retry,
+    #[serde(default)]
+    pub passive: Passive,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub pool: Pool,
+    /// The answer when no backend (fallbacks included) is usable: `fail-open` tries them
+    /// all anyway, `fail-closed` answers 503 at once.
+    #[serde(default)]
+    pub when_all_down: AllDown,
+}
+
+const fn yes() -> bool {
+    true
 }
 
 /// A layer-4 service. With a `vip`, the XDP program balances it in the kernel.

@@ -8,8 +8,10 @@ use std::{
 use lb_common::maps::{MAX_BACKENDS, MAX_VIPS};
 
 use super::{
+    edge::{Balance, HashKey, Listener},
     schema::{
-        BackendSpec, Datapath, HealthCheck, L4Service, MAX_WEIGHT, Mode, Protocol, REGISTRY_VERSION, Registry,
+        BackendSpec, Datapath, HealthCheck, HttpService, L4Service, MAX_WEIGHT, Mode, Protocol,
+        REGISTRY_VERSION, Registry,
     },
     spans::FieldPath,
 };
@@ -20,6 +22,10 @@ const MAX_DNS_NAME: usize = 253;
 const MAX_DNS_LABEL: usize = 63;
 /// NAT source ports below this would collide with well-known service ports.
 const MIN_NAT_PORT: u16 = 1024;
+/// The smallest read buffer hyper accepts.
+const MIN_HEADER_BYTES: usize = 8192;
+/// Most attempts one request may make.
+const MAX_TRIES: u32 = 10;
 
 /// One semantic problem, located by its field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,11 +52,36 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
         ));
     }
     datapath(&root.key("datapath"), &reg.datapath, &mut out);
+    listeners(&root.key("listeners"), &reg.listeners, &mut out);
+    let ports: HashSet<u16> = reg.listeners.iter().map(|l| l.port).collect();
+    // (listener port, host pattern, path, priority) -> service: two services must
+    // not claim the same requests with nothing to choose between them.
+    let mut routes: HashMap<(u16, String, String, Option<i32>), &str> = HashMap::new();
     for (name, svc) in &reg.http {
         let path = root.key("http").key(name);
-        backends(&path.key("backends"), &svc.backends, &mut out);
-        fallback(&path, &svc.backends, &svc.fallback, &mut out);
-        health(&path.key("health"), &svc.health, true, &mut out);
+        http_service(&path, name, svc, &ports, &mut out);
+        let hosts: Vec<String> = match (&svc.host_regex, svc.hosts.is_empty()) {
+            (Some(re), _) => vec![format!("~{re}")],
+            (None, true) => vec![name.to_ascii_lowercase()],
+            (None, false) => svc.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        };
+        let paths = if svc.paths.is_empty() { vec!["/".to_owned()] } else { svc.paths.clone() };
+        let on: Vec<u16> =
+            if svc.listeners.is_empty() { ports.iter().copied().collect() } else { svc.listeners.clone() };
+        for port in &on {
+            for host in &hosts {
+                for p in &paths {
+                    let key = (*port, host.clone(), p.clone(), svc.priority);
+                    if let Some(other) = routes.insert(key, name) {
+                        out.push(finding(
+                            path.clone(),
+                            format!("host `{host}` path `{p}` is also routed to service `{other}`"),
+                            Some("give one of them other paths, or a `priority`"),
+                        ));
+                    }
+                }
+            }
+        }
     }
     let mut vips: HashMap<(IpAddr, u16, u8), &str> = HashMap::new();
     for (name, svc) in &reg.tcp {
@@ -85,6 +116,162 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
         ));
     }
     out
+}
+
+fn listeners(path: &FieldPath, list: &[Listener], out: &mut Vec<Finding>) {
+    let mut seen = HashSet::new();
+    for (i, l) in list.iter().enumerate() {
+        let p = path.index(i);
+        if l.port == 0 {
+            out.push(finding(p.key("port"), "port 0 is not a listener port", None));
+        }
+        if !seen.insert((l.address, l.port)) {
+            out.push(finding(p.clone(), format!("{}:{} is listed twice", l.address, l.port), None));
+        }
+        let lim = p.key("limits");
+        // hyper's smallest read buffer; smaller limits would refuse ordinary requests.
+        if l.limits.max_header_bytes < MIN_HEADER_BYTES {
+            out.push(finding(
+                lim.key("max_header_bytes"),
+                format!("{} bytes is below the least allowed, {MIN_HEADER_BYTES}", l.limits.max_header_bytes),
+                Some("browsers send heads of a few KiB; the default is 65536"),
+            ));
+        }
+        for (field, d) in
+            [("header_timeout", l.limits.header_timeout), ("idle_timeout", l.limits.idle_timeout)]
+        {
+            if d.is_zero() {
+                out.push(finding(lim.key(field), "must be longer than 0", None));
+            }
+        }
+        if l.limits.max_connections_per_ip == 0 {
+            out.push(finding(lim.key("max_connections_per_ip"), "0 would refuse every client", None));
+        }
+    }
+}
+
+fn http_service(
+    path: &FieldPath,
+    name: &str,
+    svc: &HttpService,
+    ports: &HashSet<u16>,
+    out: &mut Vec<Finding>,
+) {
+    if svc.host_regex.is_some() && !svc.hosts.is_empty() {
+        out.push(finding(path.key("host_regex"), "set either `hosts` or `host_regex`, not both", None));
+    }
+    if let Some(re) = &svc.host_regex
+        && let Err(e) = regex::Regex::new(re)
+    {
+        out.push(finding(path.key("host_regex"), format!("not a regular expression: {e}"), None));
+    }
+    if svc.hosts.is_empty()
+        && svc.host_regex.is_none()
+        && let Some(problem) = host_pattern_problem(name)
+    {
+        out.push(finding(
+            path.clone(),
+            problem,
+            Some("the key is the host this service answers, unless `hosts` lists them"),
+        ));
+    }
+    for (i, h) in svc.hosts.iter().enumerate() {
+        if let Some(problem) = host_pattern_problem(h) {
+            out.push(finding(
+                path.key("hosts").index(i),
+                problem,
+                Some("write a host name, `*.example.org`, or `*`"),
+            ));
+        }
+    }
+    for (i, p) in svc.paths.iter().enumerate() {
+        if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            out.push(finding(
+                path.key("paths").index(i),
+                format!("`{p}` is not a path prefix"),
+                Some("path prefixes start with `/`, e.g. /api/users"),
+            ));
+        }
+    }
+    for (i, port) in svc.listeners.iter().enumerate() {
+        if !ports.contains(port) {
+            out.push(finding(
+                path.key("listeners").index(i),
+                format!("no listener on port {port}"),
+                Some("declare it under the top-level `listeners:`"),
+            ));
+        }
+    }
+    match &svc.redirect {
+        Some(r) if !r.https && !r.strip_www => out.push(finding(
+            path.key("redirect"),
+            "a redirect needs `https: true` or `strip_www: true`",
+            None,
+        )),
+        Some(_) if svc.backends.is_empty() => {}
+        _ => backends(&path.key("backends"), &svc.backends, out),
+    }
+    if !svc.backends.is_empty() || !svc.fallback.is_empty() {
+        fallback(path, &svc.backends, &svc.fallback, out);
+    }
+    health(&path.key("health"), &svc.health, true, out);
+    match &svc.balance {
+        Balance::Hash(HashKey::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+            out.push(finding(
+                path.key("balance").key("hash").key("header"),
+                format!("`{h}` is not a header name"),
+                None,
+            ));
+        }
+        Balance::Hash(HashKey::Cookie(c))
+            if c.is_empty() || c.bytes().any(|b| b <= b' ' || b"=;,".contains(&b)) =>
+        {
+            out.push(finding(
+                path.key("balance").key("hash").key("cookie"),
+                format!("`{c}` is not a cookie name"),
+                None,
+            ));
+        }
+        _ => {}
+    }
+    let retry = path.key("retry");
+    if !(1..=MAX_TRIES).contains(&svc.retry.tries) {
+        out.push(finding(
+            retry.key("tries"),
+            format!("{} tries; allowed: 1 (no retry) to {MAX_TRIES}", svc.retry.tries),
+            None,
+        ));
+    }
+    for (i, st) in svc.retry.statuses.iter().enumerate() {
+        if !(400..=599).contains(st) {
+            out.push(finding(retry.key("statuses").index(i), format!("{st} is not an error status"), None));
+        }
+    }
+    if svc.passive.failures > 0 && svc.passive.window.is_zero() {
+        out.push(finding(path.key("passive").key("window"), "must be longer than 0", None));
+    }
+    for (field, d) in [("connect", svc.timeouts.connect), ("response", svc.timeouts.response)] {
+        if d.is_zero() {
+            out.push(finding(path.key("timeouts").key(field), "must be longer than 0", None));
+        }
+    }
+}
+
+/// Why `h` is not a host pattern (`name`, `*.name`, or `*`), if it is not.
+fn host_pattern_problem(h: &str) -> Option<String> {
+    if h == "*" {
+        return None;
+    }
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    if name.contains('*') {
+        return Some(format!(
+            "`{h}`: a wildcard is allowed only as the whole first label, as in *.example.org"
+        ));
+    }
+    if name.contains(':') && name.parse::<IpAddr>().is_err() {
+        return Some(format!("`{h}` has a port; hosts are matched without it"));
+    }
+    host_problem(name)
 }
 
 fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
@@ -321,6 +508,16 @@ fn host_problem(host: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::host_problem;
+
+    #[test]
+    fn host_patterns_are_names_one_leading_wildcard_or_any() {
+        for ok in ["example.org", "*.example.org", "*", "10.0.0.1"] {
+            assert_eq!(super::host_pattern_problem(ok), None, "{ok}");
+        }
+        for bad in ["a.*.org", "*example.org", "**.org", "example.org:80", "bad host"] {
+            assert!(super::host_pattern_problem(bad).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn hosts_are_ip_addresses_or_dns_names() {

@@ -1,0 +1,261 @@
+//! Registry types of the HTTP edge: listeners, and how an `http:` service is routed, balanced
+//! and retried. Every field is optional with the default documented on it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::schema::duration;
+
+/// A port the HTTP edge serves.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub port: u16,
+    /// Address to bind; default `0.0.0.0`.
+    #[serde(default = "any_v4")]
+    pub address: IpAddr,
+    /// Bounds on what one client may hold or send.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn any_v4() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+}
+
+/// Safe defaults against slow, oversized or greedy clients.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Time a client has to send a request's headers (answered 408 when it runs out).
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
+    /// Largest request body in bytes; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// Connections one client address may hold open at once; more are refused.
+    pub max_connections_per_ip: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_mins(1),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_connections_per_ip: 256,
+        }
+    }
+}
+
+/// A redirect answered by the edge itself, before any backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// Redirect plain HTTP to `https` (Traefik's redirectScheme).
+    #[serde(default)]
+    pub https: bool,
+    /// Redirect `www.name` to `name` (seed 003's redirectRegex).
+    #[serde(default)]
+    pub strip_www: bool,
+    /// 308 (permanent) or 307 (temporary); both keep the method and body. Default permanent.
+    #[serde(default = "yes")]
+    pub permanent: bool,
+}
+
+const fn yes() -> bool {
+    true
+}
+
+/// How a request picks among a service's usable backends: a name, or `{hash: KEY}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest requests in flight (relative to its weight).
+    LeastConn,
+    /// Of two backends drawn at random, the one with the lower latency average (EWMA of the
+    /// time to response headers, times requests in flight).
+    P2cEwma,
+    /// Consistent hash of the client address, a header or a cookie: one key, one backend
+    /// while the set of usable backends stays the same.
+    Hash(HashKey),
+}
+
+impl Balance {
+    #[must_use]
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::LeastConn => "least-conn",
+            Self::P2cEwma => "p2c-ewma",
+            Self::Hash(_) => "hash",
+        }
+    }
+}
+
+/// What a consistent-hash balancer hashes: `client-ip`, `{header: NAME}` or `{cookie: NAME}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashKey {
+    ClientIp,
+    Header(String),
+    Cookie(String),
+}
+
+// serde_yaml reads externally tagged enums only from YAML tags (`!hash`); the registry spells
+// them as plain maps, `{hash: {header: X-User}}`, as the JSON Schema says. These are the forms
+// read, converted with a clear error.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "round-robin, least-conn, p2c-ewma, or {hash: client-ip}, {hash: {header: NAME}}, {hash: {cookie: NAME}}"
+)]
+enum BalanceForm {
+    Name(String),
+    Hash { hash: HashForm },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "client-ip, {header: NAME} or {cookie: NAME}")]
+enum HashForm {
+    Name(String),
+    Header { header: String },
+    Cookie { cookie: String },
+}
+
+impl<'de> Deserialize<'de> for Balance {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BalanceForm::deserialize(d)?.try_into().map_err(serde::de::Error::custom)
+    }
+}
+
+impl TryFrom<BalanceForm> for Balance {
+    type Error = String;
+
+    fn try_from(f: BalanceForm) -> Result<Self, String> {
+        Ok(match f {
+            BalanceForm::Name(n) => match n.as_str() {
+                "round-robin" => Self::RoundRobin,
+                "least-conn" => Self::LeastConn,
+                "p2c-ewma" => Self::P2cEwma,
+                _ => {
+                    return Err(format!(
+                        "unknown balance `{n}`, expected round-robin, least-conn, p2c-ewma or {{hash: ...}}"
+                    ));
+                }
+            },
+            BalanceForm::Hash { hash: HashForm::Name(n) } if n == "client-ip" => {
+                Self::Hash(HashKey::ClientIp)
+            }
+            BalanceForm::Hash { hash: HashForm::Name(n) } => {
+                return Err(format!(
+                    "unknown hash key `{n}`, expected client-ip, {{header: NAME}} or {{cookie: NAME}}"
+                ));
+            }
+            BalanceForm::Hash { hash: HashForm::Header { header } } => Self::Hash(HashKey::Header(header)),
+            BalanceForm::Hash { hash: HashForm::Cookie { cookie } } => Self::Hash(HashKey::Cookie(cookie)),
+        })
+    }
+}
+
+/// Retries of a failed attempt, always on another backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    /// Attempts in all, the first included; 1 turns retries off.
+    pub tries: u32,
+    /// No new attempt starts later than this after the request arrived.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub within: Duration,
+    /// Backend answers that count as failed attempts (connect errors and timeouts always do).
+    pub statuses: Vec<u16>,
+    /// Retry POST, PATCH and other non-idempotent methods too.
+    pub non_idempotent: bool,
+    /// Request bodies up to this size are kept so they can be sent again; a larger body is
+    /// streamed and its request not retried.
+    pub replay_bytes: usize,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            tries: 2,
+            within: Duration::from_secs(10),
+            statuses: vec![502, 503, 504],
+            non_idempotent: false,
+            replay_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Passive health: failed attempts seen in real traffic take a backend out for a while.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Passive {
+    /// Failed attempts within `window` that take a backend out; 0 turns passive health off.
+    pub failures: u32,
+    /// Counting window, and how long the backend then stays out.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub window: Duration,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Self { failures: 3, window: Duration::from_secs(30) }
+    }
+}
+
+/// Bounds on one attempt to a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub connect: Duration,
+    /// From the request sent to the response headers.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub response: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(3), response: Duration::from_secs(30) }
+    }
+}
+
+/// Keep-alive connections kept to each backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Idle connections kept per backend.
+    pub max_idle: usize,
+    /// An idle connection unused this long is closed.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self { max_idle: 64, idle_timeout: Duration::from_mins(1) }
+    }
+}

@@ -1,0 +1,650 @@
+//! One request through the edge: route, redirect, pick a backend, forward with clean headers,
+//! retry elsewhere on failure, and log one line when the response is done.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::{Client as HyperClient, connect::HttpConnector};
+use tracing::info;
+
+use super::{
+    Snapshot,
+    balance::hash_bytes,
+    routes::request_host,
+    upstream::{InFlight, Pick, ServiceState},
+};
+use crate::config::{Balance, HashKey};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Client = HyperClient<HttpConnector, ReqBody>;
+
+/// Most attempts one request makes (the registry allows `tries` up to this).
+const MAX_TRIES: usize = 10;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1, plus the old
+/// `Proxy-Connection` and `Keep-Alive`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub client: SocketAddr,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Conn {
+    const fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+}
+
+/// Builds a client for a service's pool and connect settings.
+#[must_use]
+pub fn client(spec: &crate::config::HttpService) -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(spec.timeouts.connect));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    HyperClient::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_max_idle_per_host(spec.pool.max_idle)
+        .pool_idle_timeout(spec.pool.idle_timeout)
+        .retry_canceled_requests(false)
+        .build(connector)
+}
+
+/// Serves one request. Never fails: every outcome is a response.
+pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> Response<RespBody> {
+    let started = Instant::now();
+    let Some(host) = request_host(&req) else {
+        return local(StatusCode::BAD_REQUEST, "request without a host\n", None);
+    };
+    let log = |status: StatusCode, upstream: &str, tries: usize| AccessLog {
+        method: req.method().clone(),
+        host: host.clone(),
+        path: req.uri().path().to_owned(),
+        client: conn.client.ip(),
+        status,
+        upstream: upstream.to_owned(),
+        tries,
+        started,
+    };
+    let Some(route) = snap.tables.get(&conn.port).and_then(|t| t.find(&host, req.uri().path())) else {
+        return local(
+            StatusCode::NOT_FOUND,
+            "no route for this host and path\n",
+            Some(log(StatusCode::NOT_FOUND, "-", 0)),
+        );
+    };
+    let Some(svc) = snap.services.get(&route.service) else {
+        return local(
+            StatusCode::NOT_FOUND,
+            "no route for this host and path\n",
+            Some(log(StatusCode::NOT_FOUND, "-", 0)),
+        );
+    };
+    if let Some(to) = redirect_location(svc, &conn, &host, &req) {
+        let permanent = svc.spec.redirect.as_ref().is_some_and(|r| r.permanent);
+        let status = redirect_status(req.method(), permanent);
+        let mut resp = local(status, "", Some(log(status, "-", 0)));
+        if let Ok(v) = HeaderValue::from_str(&to) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return resp;
+    }
+    let max_body = snap.limits.get(&conn.port).map_or(u64::MAX, |l| l.max_body_bytes);
+    forward(svc, conn, host, req, started, max_body).await
+}
+
+/// Where a redirect sends this request, if the service redirects it.
+fn redirect_location<B>(svc: &ServiceState, conn: &Conn, host: &str, req: &Request<B>) -> Option<String> {
+    let r = svc.spec.redirect.as_ref()?;
+    let to_https = r.https && !conn.tls;
+    let bare = host.strip_prefix("www.").filter(|_| r.strip_www);
+    if !to_https && bare.is_none() {
+        return None;
+    }
+    let scheme = if to_https || conn.tls { "https" } else { "http" };
+    let name = bare.unwrap_or(host);
+    // A non-default port stays when only the host changes; the scheme change goes to 443.
+    let port = if to_https {
+        None
+    } else {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.rsplit_once(':'))
+            .map(|(_, p)| p)
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let pq = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+    let name = if name.contains(':') { format!("[{name}]") } else { name.to_owned() };
+    Some(match port {
+        Some(p) => format!("{scheme}://{name}:{p}{pq}"),
+        None => format!("{scheme}://{name}{pq}"),
+    })
+}
+
+/// 301/302 for GET and HEAD (what every client follows), 308/307 otherwise so the method and
+/// body are kept.
+fn redirect_status(method: &Method, permanent: bool) -> StatusCode {
+    let safe = matches!(*method, Method::GET | Method::HEAD);
+    match (permanent, safe) {
+        (true, true) => StatusCode::MOVED_PERMANENTLY,
+        (false, true) => StatusCode::FOUND,
+        (true, false) => StatusCode::PERMANENT_REDIRECT,
+        (false, false) => StatusCode::TEMPORARY_REDIRECT,
+    }
+}
+
+const fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// How one failed attempt failed.
+enum Failure {
+    Connect(String),
+    Timeout,
+    Other(String),
+}
+
+impl From<&hyper_util::client::legacy::Error> for Failure {
+    fn from(e: &hyper_util::client::legacy::Error) -> Self {
+        let text = crate::logging::error_chain(e);
+        if e.is_connect() { Self::Connect(text) } else { Self::Other(text) }
+    }
+}
+
+async fn forward(
+    svc: &Arc<ServiceState>,
+    conn: Conn,
+    host: String,
+    req: Request<Incoming>,
+    started: Instant,
+    max_body: u64,
+) -> Response<RespBody> {
+    let spec = &svc.spec;
+    let (mut parts, body) = req.into_parts();
+    let log = |status: StatusCode, upstream: &str, tries: usize| AccessLog {
+        method: parts.method.clone(),
+        host: host.clone(),
+        path: parts.uri.path().to_owned(),
+        client: conn.client.ip(),
+        status,
+        upstream: upstream.to_owned(),
+        tries,
+        started,
+    };
+    let refuse = |status, text| local(status, text, Some(log(status, "-", 0)));
+    if svc.members.is_empty() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "this service has no backends\n");
+    }
+    let length = content_length(&parts.headers);
+    if length.is_some_and(|n| n > max_body) {
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    let Some((replay, mut stream)) = read_body(body, length, spec.retry.replay_bytes).await else {
+        return refuse(StatusCode::BAD_REQUEST, "incomplete request body\n");
+    };
+    let may_retry = replay.is_some() && (spec.retry.non_idempotent || idempotent(&parts.method));
+    let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
+    clean_request_headers(&mut parts.headers, conn.client.ip(), conn.scheme(), &host);
+    let path_and_query = parts.uri.path_and_query().cloned();
+
+    let deadline = started + spec.retry.within;
+    let tries_allowed = (spec.retry.tries as usize).clamp(1, MAX_TRIES);
+    let mut tried = [usize::MAX; MAX_TRIES];
+    let mut n = 0;
+    let mut last_failure = Failure::Other("no backend can take requests".to_owned());
+    let mut last_backend = "-".to_owned();
+    let mut next = None;
+    while n < tries_allowed {
+        let now = Instant::now();
+        if n > 0 && now >= deadline {
+            break;
+        }
+        let Some(i) = next.take().or_else(|| svc.pick(pick, &tried[..n], now)) else { break };
+        tried[n] = i;
+        n += 1;
+        let member = &svc.members[i];
+        let b = &member.state;
+        let body = match (&replay, stream.take()) {
+            (Some(bytes), _) => ReqBody::Full(Some(bytes.clone())),
+            (None, Some(s)) => {
+                ReqBody::Stream(Limited::new(s, usize::try_from(max_body).unwrap_or(usize::MAX)))
+            }
+            (None, None) => break, // a streamed body went to an earlier attempt
+        };
+        let Ok(up) = upstream_request(&parts, &b.identity, path_and_query.as_ref(), body) else {
+            last_failure = Failure::Other(format!("bad upstream URI for {}", b.identity));
+            continue;
+        };
+        let in_flight = InFlight::start(b);
+        let attempt = Instant::now();
+        let result = tokio::time::timeout(spec.timeouts.response, svc.client.request(up)).await;
+        let last_try = n == tries_allowed || !may_retry;
+        match result {
+            Ok(Ok(resp)) => {
+                b.observe(attempt.elapsed());
+                let status = resp.status();
+                let retryable = spec.retry.statuses.contains(&status.as_u16());
+                if retryable {
+                    svc.failed(i, Instant::now());
+                }
+                // Dropped for a retry only when another backend can take it.
+                if retryable && !last_try && Instant::now() < deadline {
+                    next = svc.pick(pick, &tried[..n], Instant::now());
+                    if next.is_some() {
+                        last_backend.clone_from(&b.identity);
+                        continue;
+                    }
+                }
+                let (mut rparts, rbody) = resp.into_parts();
+                clean_response_headers(&mut rparts.headers);
+                let log = log(status, &b.identity, n);
+                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, log));
+            }
+            Ok(Err(e)) => {
+                svc.failed(i, Instant::now());
+                last_failure = Failure::from(&e);
+            }
+            Err(_) => {
+                svc.failed(i, Instant::now());
+                last_failure = Failure::Timeout;
+            }
+        }
+        last_backend.clone_from(&b.identity);
+        drop(in_flight);
+        // A request whose body may have been sent is retried only where that is safe; a
+        // connect error sent nothing.
+        let sent_nothing = matches!(last_failure, Failure::Connect(_));
+        if !(may_retry || sent_nothing && replay.is_some()) {
+            break;
+        }
+    }
+    give_up(svc, &last_failure, n, &last_backend, log(StatusCode::OK, &last_backend, n))
+}
+
+/// The body to send: kept whole (`replay`) when empty or small enough to send again, else
+/// streamed once. `None`: the client did not send all it announced.
+async fn read_body(
+    body: Incoming,
+    length: Option<u64>,
+    replay_bytes: usize,
+) -> Option<(Option<Bytes>, Option<Incoming>)> {
+    if body.is_end_stream() {
+        return Some((Some(Bytes::new()), None));
+    }
+    if length.is_some_and(|n| n <= replay_bytes as u64) {
+        return Limited::new(body, replay_bytes).collect().await.ok().map(|b| (Some(b.to_bytes()), None));
+    }
+    Some((None, Some(body)))
+}
+
+/// The answer when no attempt succeeded: 503 when none could be made, 504 after a timeout,
+/// else 502.
+fn give_up(
+    svc: &ServiceState,
+    last: &Failure,
+    tries: usize,
+    backend: &str,
+    mut log: AccessLog,
+) -> Response<RespBody> {
+    let (status, text) = match (last, tries) {
+        (_, 0) => (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy backend for {}\n", svc.name)),
+        (Failure::Timeout, _) => {
+            (StatusCode::GATEWAY_TIMEOUT, format!("backend {backend} did not answer in time\n"))
+        }
+        (Failure::Connect(e) | Failure::Other(e), _) => {
+            (StatusCode::BAD_GATEWAY, format!("backend {backend} failed: {e}\n"))
+        }
+    };
+    log.status = status;
+    let mut resp = local(status, &text, Some(log));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The request one attempt sends to the backend at `authority`.
+fn upstream_request(
+    parts: &http::request::Parts,
+    authority: &str,
+    pq: Option<&http::uri::PathAndQuery>,
+    body: ReqBody,
+) -> Result<Request<ReqBody>, http::Error> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq.map_or("/", http::uri::PathAndQuery::as_str))
+        .build()?;
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method.clone();
+    *up.uri_mut() = uri;
+    *up.headers_mut() = parts.headers.clone();
+    Ok(up)
+}
+
+/// The consistent-hash key of a request (0 when the service does not hash).
+fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> u64 {
+    let Balance::Hash(key) = balance else { return 0 };
+    match key {
+        HashKey::ClientIp => match conn.client.ip() {
+            IpAddr::V4(a) => hash_bytes(&a.octets()),
+            IpAddr::V6(a) => hash_bytes(&a.octets()),
+        },
+        HashKey::Header(name) => headers.get(name.as_str()).map_or(0, |v| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| hash_bytes(v.as_bytes())),
+    }
+}
+
+/// Strips hop-by-hop headers (and those `Connection` names) and what a client may not claim
+/// about itself, then says who the client is: `X-Forwarded-For/-Proto/-Host` and `Forwarded`.
+pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, host: &str) {
+    remove_hop_by_hop(h);
+    // Set, not appended: a client's own claims are not trusted.
+    for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &header::FORWARDED] {
+        h.remove(name);
+    }
+    let original_host = h.get(header::HOST).cloned();
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
+    let fhost =
+        original_host.unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
+    let node = match client {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let forwarded = format!("for={node};host=\"{}\";proto={proto}", fhost.to_str().unwrap_or_default());
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        h.insert(header::FORWARDED, v);
+    }
+    h.insert(X_FORWARDED_HOST, fhost);
+}
+
+pub fn clean_response_headers(h: &mut HeaderMap) {
+    remove_hop_by_hop(h);
+}
+
+fn remove_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        h.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// A response made by the edge itself.
+fn local(status: StatusCode, text: &str, log: Option<AccessLog>) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::full(Bytes::copy_from_slice(text.as_bytes()), log));
+    *resp.status_mut() = status;
+    if !text.is_empty() {
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    resp
+}
+
+/// The request body sent to a backend.
+pub enum ReqBody {
+    Full(Option<Bytes>),
+    Stream(Limited<Incoming>),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Self::Stream(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            Self::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// What the access log says of one request, written when its response body is done.
+#[derive(Debug)]
+pub struct AccessLog {
+    method: Method,
+    host: String,
+    path: String,
+    client: IpAddr,
+    status: StatusCode,
+    upstream: String,
+    tries: usize,
+    started: Instant,
+}
+
+impl AccessLog {
+    fn write(&self, bytes: u64, complete: bool) {
+        info!(
+            target: "lb_userspace::access",
+            client = %self.client,
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status = self.status.as_u16(),
+            upstream = %self.upstream,
+            tries = self.tries,
+            bytes,
+            complete,
+            ms = format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
+            "request"
+        );
+    }
+}
+
+/// The response body sent to the client: the backend's, or one the edge made.
+pub struct RespBody {
+    inner: Inner,
+    bytes: u64,
+    done: bool,
+    finish: Option<Box<Finish>>,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+struct Finish {
+    _in_flight: Option<InFlight>,
+    log: Option<AccessLog>,
+    /// Ends the connection's request when the body is done (idle tracking).
+    on_done: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl RespBody {
+    fn full(b: Bytes, log: Option<AccessLog>) -> Self {
+        Self {
+            inner: Inner::Full(Some(b)),
+            bytes: 0,
+            done: false,
+            finish: Some(Box::new(Finish { _in_flight: None, log, on_done: None })),
+        }
+    }
+
+    fn upstream(b: Incoming, in_flight: InFlight, log: AccessLog) -> Self {
+        Self {
+            inner: Inner::Upstream(b),
+            bytes: 0,
+            done: false,
+            finish: Some(Box::new(Finish { _in_flight: Some(in_flight), log: Some(log), on_done: None })),
+        }
+    }
+
+    /// Runs `f` once the body is done or dropped.
+    pub fn on_done(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+        if let Some(fin) = &mut self.finish {
+            fin.on_done = Some(Box::new(f));
+        } else {
+            self.finish = Some(Box::new(Finish { _in_flight: None, log: None, on_done: Some(Box::new(f)) }));
+        }
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        if let Some(fin) = self.finish.take() {
+            if let Some(log) = &fin.log {
+                log.write(self.bytes, self.done);
+            }
+            if let Some(f) = fin.on_done {
+                f();
+            }
+        }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream(s) => Pin::new(s).poll_frame(cx).map(|f| f.map(|r| r.map_err(BoxError::from))),
+        };
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.done = true,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            Inner::Upstream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(s) => s.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_lose_hop_by_hop_headers_and_the_clients_own_forwarding_claims() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example.org:8080"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://app.example.org"));
+        clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "http", "example.org");
+        for gone in ["connection", "x-secret", "keep-alive", "te"] {
+            assert!(!h.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.org:8080");
+        assert_eq!(h["forwarded"], "for=10.0.0.9;host=\"example.org:8080\";proto=http");
+        assert_eq!(h[header::ORIGIN], "https://app.example.org", "CORS headers pass untouched");
+        let mut v6 = HeaderMap::new();
+        clean_request_headers(&mut v6, "2001:db8::1".parse().unwrap(), "https", "a.example.org");
+        assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";host=\"a.example.org\";proto=https");
+    }
+
+    #[test]
+    fn redirects_keep_the_method_when_they_must() {
+        assert_eq!(redirect_status(&Method::GET, true), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(redirect_status(&Method::HEAD, false), StatusCode::FOUND);
+        assert_eq!(redirect_status(&Method::POST, true), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(redirect_status(&Method::PUT, false), StatusCode::TEMPORARY_REDIRECT);
+    }
+
+    #[test]
+    fn the_cookie_or_header_named_is_the_hash_key() {
+        let conn = Conn { client: "10.0.0.1:5555".parse().unwrap(), port: 80, tls: false };
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; session=abc; b=2"));
+        h.insert("x-user", HeaderValue::from_static("u7"));
+        let cookie = Balance::Hash(HashKey::Cookie("session".into()));
+        assert_eq!(hash_key(&cookie, &conn, &h), hash_bytes(b"abc"));
+        let header = Balance::Hash(HashKey::Header("x-user".into()));
+        assert_eq!(hash_key(&header, &conn, &h), hash_bytes(b"u7"));
+        assert_eq!(hash_key(&Balance::RoundRobin, &conn, &h), 0);
+    }
+}
