@@ -99,7 +99,16 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
     }
     assert_eq!(paste(&command("echo hello-tcp")).trim(), "hello-tcp");
     assert_eq!(paste(&command("echo hello-udp")).trim(), "hello-udp");
-    assert!(paste(&command("ip netns exec")).starts_with("the lb node itself"));
+    let own = banner.iter().map(|l| l.trim()).find(|l| l.starts_with("ip netns exec") && l.ends_with('/'));
+    assert!(paste(own.expect("the lb node's own server command")).starts_with("the lb node itself"));
+    // The HTTP edge: six answers from the routed backends, and the www. redirect.
+    let answers = paste(&containing("Host: app.example"));
+    let backends: BTreeSet<&str> = answers.lines().filter(|l| l.starts_with("backend r")).collect();
+    assert_eq!(answers.lines().count(), 6, "every request is answered:\n{answers}");
+    assert!(backends.len() >= 2 && answers.lines().all(|l| l.starts_with("backend r")), "{answers}");
+    let redirect = paste(&containing("Host: www.app.example"));
+    assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+    assert!(redirect.to_ascii_lowercase().contains("location: http://app.example/docs"), "{redirect}");
 
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(libc::pid_t::try_from(demo.id()).expect("pid"), libc::SIGINT) };

@@ -16,6 +16,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 const BACKENDS: usize = 3;
 const ECHO: u16 = 7;
+/// The HTTP edge's listener on the lb node.
+const EDGE: u16 = 8000;
 const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 /// The line that ends the banner; tests wait for it.
 const BANNER_END: &str = "Ctrl-C stops lbd and removes the namespaces.";
@@ -31,8 +33,15 @@ fn registry(topo: &RoutedTopology) -> String {
     };
     format!(
         "\
-# The lb demo: one VIP in three forwarding modes, and an IPv6 VIP.
+# The lb demo: one VIP in three forwarding modes, an IPv6 VIP, and the HTTP edge.
 version: 1
+listeners: [{{port: {EDGE}}}]
+http:
+  app.example:        # served by lbd's HTTP edge on :{EDGE}, proxied to r1-r3
+    balance: least-conn
+    backends:
+{edge}  www.app.example:
+    redirect: {{strip_www: true}}
 tcp:
   web:                # HTTP by direct server return to backends on lb's own segment
     vip: {VIP4}
@@ -60,6 +69,7 @@ tcp:
         nat = list(&topo.routed_backends, false, 80),
         ipip = list(&topo.routed_backends, false, ECHO),
         ipip6 = list(&topo.routed_backends, true, 80),
+        edge = list(&topo.routed_backends, false, 80),
     )
 }
 
@@ -129,6 +139,7 @@ lb is balancing {VIP4} and {VIP6} in XDP on {lb} (client -> router -> lb -> back
   web-nat  {VIP4}:8080      nat       -> r1-r3:80, a router away, answering through lb
   echo     {VIP4}:{ECHO} tcp+udp dsr-ipip  -> r1-r3, through IPIP tunnels they unwrap with lb-decap
   web6     [{VIP6}]:80      dsr-ipip  -> r1-r3, through IP6IP6 tunnels
+and serves app.example on its HTTP edge at {lb_ip}:{EDGE} (proxied to r1-r3, least connections).
 Paste these in another terminal (as root):
 
   # each new connection is hashed to a backend (weighted Maglev) and tracked
@@ -139,6 +150,10 @@ Paste these in another terminal (as root):
   # TCP and UDP echo through the tunnels
   echo hello-tcp | ip netns exec {client} nc -N {VIP4} {ECHO}
   echo hello-udp | ip netns exec {client} nc -u -w1 {VIP4} {ECHO}
+
+  # the HTTP edge: Host routing, keep-alive pools, retries; www. redirected to the bare name
+  for i in $(seq 6); do ip netns exec {client} curl -s -H 'Host: app.example' http://{lb_ip}:{EDGE}/; done
+  ip netns exec {client} curl -sI -H 'Host: www.app.example' http://{lb_ip}:{EDGE}/docs
 
   # the lb node's own address is not balanced: its own server answers
   ip netns exec {client} curl -s http://{lb_ip}/
