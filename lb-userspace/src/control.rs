@@ -402,7 +402,10 @@ impl Controller {
         for (name, svc) in &reg.http {
             let backends = (svc.all_backends())
                 .map(|(b, role)| {
-                    self.backend_report(name, &b.identity(), role, b.weight, b.node.as_deref(), None, None)
+                    let id = b.identity();
+                    let mut r = self.backend_report(name, &id, role, b.weight, b.node.as_deref(), None, None);
+                    r.http = self.edge.stats(name, &id);
+                    r
                 })
                 .collect();
             services.push(ServiceReport {
@@ -413,7 +416,7 @@ impl Controller {
                 protocols: vec!["http"],
                 mode: None,
                 serving: None,
-                when_all_down: "fail-open",
+                when_all_down: svc.when_all_down.as_str(),
                 packets: 0,
                 bytes: 0,
                 backends,
@@ -468,6 +471,7 @@ impl Controller {
             packets: traffic.map(|t| t.packets),
             bytes: traffic.map(|t| t.bytes),
             next_hop_mac: None,
+            http: None,
         }
     }
 

@@ -43,6 +43,22 @@ pub struct BackendReport {
     pub bytes: Option<u64>,
     /// MAC address its packets are sent to (itself, or its gateway), XDP services.
     pub next_hop_mac: Option<[u8; 6]>,
+    /// What the HTTP edge saw of it (HTTP services).
+    pub http: Option<HttpStats>,
+}
+
+/// A backend as the HTTP edge sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpStats {
+    /// Attempts sent to it.
+    pub requests: u64,
+    /// Attempts that failed (connect error, reset, timeout, a retryable status).
+    pub failures: u64,
+    pub in_flight: u32,
+    /// Taken out by passive health now.
+    pub passive_out: bool,
+    /// Average time to response headers.
+    pub latency: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +220,13 @@ pub fn status(s: &Snapshot) -> Value {
                         "next_hop_mac": b.next_hop_mac.map(|m| {
                             m.iter().map(|o| format!("{o:02x}")).collect::<Vec<_>>().join(":")
                         }),
+                        "http": b.http.as_ref().map(|h| json!({
+                            "requests": h.requests,
+                            "failures": h.failures,
+                            "in_flight": h.in_flight,
+                            "passive_out": h.passive_out,
+                            "latency_ms": h.latency.map(|d| d.as_secs_f64() * 1e3),
+                        })),
                     })
                 })
                 .collect();
@@ -264,6 +287,50 @@ impl Metrics {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// The HTTP edge's view of each backend.
+fn http_metrics(m: &mut Metrics, s: &Snapshot) {
+    let http = || {
+        s.services
+            .iter()
+            .flat_map(|svc| svc.backends.iter().map(move |b| (svc, b)))
+            .filter_map(|(svc, b)| b.http.as_ref().map(|h| (svc, b, h)))
+    };
+    m.family("lb_http_requests_total", "counter", "Attempts the HTTP edge sent to each backend.");
+    for (svc, b, h) in http() {
+        m.sample("lb_http_requests_total", &[("service", &svc.name), ("backend", &b.backend)], h.requests);
+    }
+    m.family(
+        "lb_http_failures_total",
+        "counter",
+        "Failed attempts per backend (connect, reset, timeout, retryable status).",
+    );
+    for (svc, b, h) in http() {
+        m.sample("lb_http_failures_total", &[("service", &svc.name), ("backend", &b.backend)], h.failures);
+    }
+    m.family("lb_http_in_flight", "gauge", "Requests in flight per backend.");
+    for (svc, b, h) in http() {
+        m.sample("lb_http_in_flight", &[("service", &svc.name), ("backend", &b.backend)], h.in_flight);
+    }
+    m.family("lb_http_passive_out", "gauge", "1 while passive health keeps the backend out.");
+    for (svc, b, h) in http() {
+        m.sample(
+            "lb_http_passive_out",
+            &[("service", &svc.name), ("backend", &b.backend)],
+            u8::from(h.passive_out),
+        );
+    }
+    m.family("lb_http_latency_ewma_seconds", "gauge", "Average time to response headers per backend.");
+    for (svc, b, h) in http() {
+        if let Some(d) = h.latency {
+            m.sample(
+                "lb_http_latency_ewma_seconds",
+                &[("service", &svc.name), ("backend", &b.backend)],
+                d.as_secs_f64(),
+            );
+        }
     }
 }
 
@@ -346,6 +413,7 @@ pub fn metrics(s: &Snapshot) -> String {
             m.sample("lb_backend_weight", &[("service", &svc.name), ("backend", &b.backend)], w);
         }
     }
+    http_metrics(&mut m, s);
     m.family("lb_health_checks_total", "counter", "Health check probes by result.");
     for (svc, b) in backends().filter(|(_, b)| b.health != "unchecked") {
         let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str()), ("result", "success")];
@@ -426,6 +494,7 @@ mod tests {
                     packets: Some(10),
                     bytes: Some(1000),
                     next_hop_mac: Some([2, 0, 10, 10, 0, 11]),
+                    http: None,
                 }],
             }],
             counters: vec![("ct_miss_established", 4)],

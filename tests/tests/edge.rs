@@ -427,6 +427,25 @@ http:
     });
     assert!(all_ok);
     assert_eq!(s.backend(0).requests() - before, 3, "out after its third failure");
+    let metrics = lb_tests::lbd::admin(&s.topo.lb.ns, "GET", "/metrics", None).body;
+    let label =
+        |svc: &str, i: usize| format!("{{service=\"{svc}\",backend=\"{}:{BACKEND}\"}}", backend_ip(i));
+    assert!(
+        metrics.contains(&format!("lb_http_passive_out{} 1", label("passive.example.org", 0))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("lb_http_failures_total{} 3", label("passive.example.org", 0))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("lb_http_passive_out{} 0", label("passive.example.org", 1))),
+        "{metrics}"
+    );
+    let st = lb_tests::lbd::status(&s.topo.lb.ns);
+    let b1 =
+        backend_status(&st, "passive.example.org", &format!("{}:{BACKEND}", backend_ip(1))).expect("listed");
+    assert!(b1["http"]["requests"].as_u64().unwrap_or(0) >= 27, "{b1:#}");
 
     // Least connections: a backend that takes 300 ms gets few of 64 concurrent requests.
     s.backend(2).delay_ms.store(300, Ordering::Relaxed);

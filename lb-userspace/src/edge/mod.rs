@@ -193,6 +193,20 @@ impl Edge {
         }
     }
 
+    /// What the edge saw of one backend of one service.
+    #[must_use]
+    pub fn stats(&self, service: &str, backend: &str) -> Option<crate::report::HttpStats> {
+        let b = self.backends.get(&(service.to_owned(), backend.to_owned()))?;
+        let ewma = b.ewma_ns.load(Ordering::Relaxed);
+        Some(crate::report::HttpStats {
+            requests: b.requests.load(Ordering::Relaxed),
+            failures: b.failures.load(Ordering::Relaxed),
+            in_flight: b.in_flight.load(Ordering::Relaxed),
+            passive_out: b.passively_out(std::time::Instant::now()),
+            latency: (ewma > 0).then(|| std::time::Duration::from_nanos(ewma)),
+        })
+    }
+
     /// Addresses listened on.
     #[must_use]
     pub fn listening(&self) -> Vec<SocketAddr> {
