@@ -379,8 +379,8 @@ http:
 }
 
 #[test]
-fn retries_go_to_another_backend_and_least_conn_avoids_a_slow_one() {
-    if !privileged("retries_go_to_another_backend_and_least_conn_avoids_a_slow_one") {
+fn retries_go_elsewhere_sessions_stick_and_least_conn_avoids_a_slow_one() {
+    if !privileged("retries_go_elsewhere_sessions_stick_and_least_conn_avoids_a_slow_one") {
         return;
     }
     let reg = "version: 1
@@ -395,6 +395,9 @@ http:
     backends: [{host: B0, port: 8080}, {host: B1, port: 8080}]
   slow.example.org:
     balance: least-conn
+    backends: [{host: B2, port: 8080}, {host: B3, port: 8080}]
+  sticky.example.org:
+    balance: {hash: {cookie: session}}
     backends: [{host: B2, port: 8080}, {host: B3, port: 8080}]
 ";
     let (s, lbd) = setup("edge-retry", 4, reg);
@@ -447,8 +450,25 @@ http:
         backend_status(&st, "passive.example.org", &format!("{}:{BACKEND}", backend_ip(1))).expect("listed");
     assert!(b1["http"]["requests"].as_u64().unwrap_or(0) >= 27, "{b1:#}");
 
+    // Consistent hash on a cookie: one session, one backend; sessions spread over both.
+    let answered_by = |session: &str| -> std::collections::BTreeSet<String> {
+        s.client(|| {
+            let mut c = Client::connect(edge).unwrap();
+            let cookie = format!("cookie: a=1; session={session}\r\n");
+            (0..5).map(|_| c.request("GET", "sticky.example.org", "/", &cookie, "").unwrap().body).collect()
+        })
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..16 {
+        let by = answered_by(&format!("user-{i}"));
+        assert_eq!(by.len(), 1, "session user-{i} stays on one backend: {by:?}");
+        seen.extend(by);
+    }
+    assert_eq!(seen.len(), 2, "16 sessions spread over both backends: {seen:?}");
+
     // Least connections: a backend that takes 300 ms gets few of 64 concurrent requests.
     s.backend(2).delay_ms.store(300, Ordering::Relaxed);
+    let (slow_before, fast_before) = (s.backend(2).requests(), s.backend(3).requests());
     let threads: Vec<_> = (0..8)
         .map(|_| {
             s.topo.client.ns.spawn("lc", move || {
@@ -463,7 +483,7 @@ http:
         .collect();
     let ok: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(ok, 64);
-    let (slow, fast) = (s.backend(2).requests(), s.backend(3).requests());
+    let (slow, fast) = (s.backend(2).requests() - slow_before, s.backend(3).requests() - fast_before);
     eprintln!("least-conn: slow backend {slow}, fast backend {fast}");
     assert!(fast >= 3 * slow, "the fast backend takes most: slow {slow}, fast {fast}");
     let stopped = lbd.stop(libc::SIGTERM);

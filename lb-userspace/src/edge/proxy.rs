@@ -352,15 +352,17 @@ fn upstream_request(
     Ok(up)
 }
 
-/// The consistent-hash key of a request (0 when the service does not hash).
-fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> u64 {
-    let Balance::Hash(key) = balance else { return 0 };
+/// The consistent-hash key of a request: `None` when the service does not hash, or the
+/// request lacks the header or cookie (it is then balanced round robin, not all to one
+/// backend).
+fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> Option<u64> {
+    let Balance::Hash(key) = balance else { return None };
     match key {
-        HashKey::ClientIp => match conn.client.ip() {
+        HashKey::ClientIp => Some(match conn.client.ip() {
             IpAddr::V4(a) => hash_bytes(&a.octets()),
             IpAddr::V6(a) => hash_bytes(&a.octets()),
-        },
-        HashKey::Header(name) => headers.get(name.as_str()).map_or(0, |v| hash_bytes(v.as_bytes())),
+        }),
+        HashKey::Header(name) => headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
         HashKey::Cookie(name) => headers
             .get_all(header::COOKIE)
             .iter()
@@ -368,7 +370,7 @@ fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> u64 {
             .flat_map(|v| v.split(';'))
             .filter_map(|kv| kv.trim().split_once('='))
             .find(|(k, _)| k == name)
-            .map_or(0, |(_, v)| hash_bytes(v.as_bytes())),
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
     }
 }
 
@@ -642,9 +644,11 @@ mod tests {
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; session=abc; b=2"));
         h.insert("x-user", HeaderValue::from_static("u7"));
         let cookie = Balance::Hash(HashKey::Cookie("session".into()));
-        assert_eq!(hash_key(&cookie, &conn, &h), hash_bytes(b"abc"));
+        assert_eq!(hash_key(&cookie, &conn, &h), Some(hash_bytes(b"abc")));
         let header = Balance::Hash(HashKey::Header("x-user".into()));
-        assert_eq!(hash_key(&header, &conn, &h), hash_bytes(b"u7"));
-        assert_eq!(hash_key(&Balance::RoundRobin, &conn, &h), 0);
+        assert_eq!(hash_key(&header, &conn, &h), Some(hash_bytes(b"u7")));
+        assert_eq!(hash_key(&Balance::RoundRobin, &conn, &h), None);
+        let absent = Balance::Hash(HashKey::Cookie("other".into()));
+        assert_eq!(hash_key(&absent, &conn, &h), None, "no cookie: not one fixed key for all");
     }
 }

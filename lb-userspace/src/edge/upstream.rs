@@ -164,7 +164,8 @@ pub type Tried = [usize];
 /// Inputs of a consistent-hash pick, computed from the request.
 #[derive(Debug, Clone, Copy)]
 pub struct Pick {
-    pub hash_key: u64,
+    /// `None`: no key (the service does not hash, or the request lacks it).
+    pub hash_key: Option<u64>,
 }
 
 impl ServiceState {
@@ -237,7 +238,10 @@ impl ServiceState {
             Balance::RoundRobin => balance::round_robin(&tier.sequence, tick, ok),
             Balance::LeastConn => balance::least_conn(n, view, tick, ok),
             Balance::P2cEwma => balance::p2c_ewma(n, view, |k| fastrand::usize(..k), ok),
-            Balance::Hash(_) => balance::rendezvous(n, view, pick.hash_key, ok),
+            Balance::Hash(_) => match pick.hash_key {
+                Some(key) => balance::rendezvous(n, view, key, ok),
+                None => balance::round_robin(&tier.sequence, tick, ok),
+            },
         }
     }
 
