@@ -36,6 +36,25 @@ fn paste(line: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Interrupts the demo if the test fails before it does (so the demo removes what it made),
+/// and waits for it to finish.
+struct Interrupt(Option<libc::pid_t>);
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        let Some(pid) = self.0.take() else { return };
+        // SAFETY: kill(2) and waitpid(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        for _ in 0..300 {
+            // SAFETY: as above; WNOHANG does not block.
+            if unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } != 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
     if !privileged("the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c") {
@@ -49,6 +68,7 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start lb-demo");
+    let mut interrupt = Interrupt(Some(libc::pid_t::try_from(demo.id()).expect("pid")));
     let mut stderr = demo.stderr.take().expect("stderr");
     let errors = std::thread::spawn(move || {
         let mut s = String::new();
@@ -69,7 +89,8 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
         }
     });
     let Ok(banner) = rx.recv_timeout(STARTUP_TIMEOUT) else {
-        let _ = demo.kill();
+        // The guard interrupts it: the demo removes what it made on SIGINT, even mid-setup.
+        drop(interrupt);
         panic!("the demo printed no banner:\n{}", errors.join().unwrap_or_default());
     };
     let command = |start: &str| -> String {
@@ -110,6 +131,7 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
     assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
     assert!(redirect.to_ascii_lowercase().contains("location: http://app.example/docs"), "{redirect}");
 
+    interrupt.0 = None;
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(libc::pid_t::try_from(demo.id()).expect("pid"), libc::SIGINT) };
     let status = wait_exit(demo, SHUTDOWN_TIMEOUT).expect("the demo exits after Ctrl-C");

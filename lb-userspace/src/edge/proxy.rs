@@ -231,9 +231,9 @@ async fn forward(
         let member = &svc.members[i];
         let b = &member.state;
         let body = match (&replay, stream.take()) {
-            (Some(bytes), _) => ReqBody::Full(Some(bytes.clone())),
+            (Some(bytes), _) => Frames::Full(Some(bytes.clone())),
             (None, Some(s)) => {
-                ReqBody::Stream(Limited::new(s, usize::try_from(max_body).unwrap_or(usize::MAX)))
+                Frames::Stream(Limited::new(s, usize::try_from(max_body).unwrap_or(usize::MAX)))
             }
             (None, None) => break, // a streamed body went to an earlier attempt
         };
@@ -432,13 +432,20 @@ fn local(status: StatusCode, text: &str, log: Option<AccessLog>) -> Response<Res
     resp
 }
 
-/// The request body sent to a backend.
-pub enum ReqBody {
+/// A body held whole, or streamed from a peer.
+pub enum Frames<S> {
     Full(Option<Bytes>),
-    Stream(Limited<Incoming>),
+    Stream(S),
 }
 
-impl Body for ReqBody {
+/// The request body sent to a backend.
+pub type ReqBody = Frames<Limited<Incoming>>;
+
+impl<S> Body for Frames<S>
+where
+    S: Body<Data = Bytes> + Unpin,
+    S::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -448,7 +455,7 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            Self::Stream(s) => Pin::new(s).poll_frame(cx),
+            Self::Stream(s) => Pin::new(s).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
         }
     }
 
@@ -501,15 +508,10 @@ impl AccessLog {
 
 /// The response body sent to the client: the backend's, or one the edge made.
 pub struct RespBody {
-    inner: Inner,
+    inner: Frames<Incoming>,
     bytes: u64,
     done: bool,
     finish: Option<Box<Finish>>,
-}
-
-enum Inner {
-    Full(Option<Bytes>),
-    Upstream(Incoming),
 }
 
 struct Finish {
@@ -522,7 +524,7 @@ struct Finish {
 impl RespBody {
     fn full(b: Bytes, log: Option<AccessLog>) -> Self {
         Self {
-            inner: Inner::Full(Some(b)),
+            inner: Frames::Full(Some(b)),
             bytes: 0,
             done: false,
             finish: Some(Box::new(Finish { _in_flight: None, log, on_done: None })),
@@ -531,7 +533,7 @@ impl RespBody {
 
     fn upstream(b: Incoming, in_flight: InFlight, log: AccessLog) -> Self {
         Self {
-            inner: Inner::Upstream(b),
+            inner: Frames::Stream(b),
             bytes: 0,
             done: false,
             finish: Some(Box::new(Finish { _in_flight: Some(in_flight), log: Some(log), on_done: None })),
@@ -570,10 +572,7 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let r = match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(s) => Pin::new(s).poll_frame(cx).map(|f| f.map(|r| r.map_err(BoxError::from))),
-        };
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
@@ -587,17 +586,11 @@ impl Body for RespBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
-            Inner::Upstream(s) => s.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream(s) => s.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 
