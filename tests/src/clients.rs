@@ -59,10 +59,10 @@ pub fn udp_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
 /// When the exchange fails or the answer is not `200 OK`.
 #[must_use]
 pub fn http_get(addr: SocketAddr) -> String {
-    let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let resp = String::from_utf8(tcp_exchange(addr, req.as_bytes(), false)).expect("utf-8");
-    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
-    resp.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_owned()
+    let reply =
+        crate::http::get(addr, &addr.to_string(), "/").unwrap_or_else(|e| panic!("GET / at {addr}: {e}"));
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.body.trim().to_owned()
 }
 
 /// A counter from lbd's `data plane counters` log line (`name=N`).

@@ -514,13 +514,18 @@ fn a_backend_whose_mac_changes_is_followed_without_a_reload() {
     wait_status(lb, "the new MAC in backend 0's record", |st| {
         backend_status(st, "echo", &identity(0)).is_some_and(|b| b["next_hop_mac"] == new_mac)
     });
+    backend_0_reached_without_a_reload(&s, lbd, "moved", "at its new MAC");
+}
+
+/// 40 exchanges work and backend 0 takes some; lbd followed the change without a reload.
+fn backend_0_reached_without_a_reload(s: &Setup, lbd: Lbd, tag: &str, how: &str) {
     s.topo.client.ns.run(|| {
         for i in 0..40 {
-            try_exchange(&payload("moved", i, 100)).expect("every exchange works after the MAC change");
+            try_exchange(&payload(tag, i, 100)).unwrap_or_else(|e| panic!("an exchange failed {how}: {e}"));
         }
     });
-    assert!(receivers(&s.servers, "moved").contains(&0), "backend 0 is reached at its new MAC");
-    assert_eq!(status(lb)["generation"], 1, "no reload was needed");
+    assert!(receivers(&s.servers, tag).contains(&0), "backend 0 is reached {how}");
+    assert_eq!(status(&s.topo.lb.ns)["generation"], 1, "no reload was needed");
     let stopped = lbd.stop(libc::SIGTERM);
     assert!(stopped.status.success(), "{}", stopped.log);
     assert!(stopped.log.contains("backend next hops changed"), "{}", stopped.log);
@@ -550,16 +555,7 @@ fn a_backend_whose_route_changes_is_followed_without_a_reload() {
     wait_status(lb, "backend 0 reached directly again", |st| {
         next_hop_of_0(st).is_some_and(|m| m == own.as_str())
     });
-    s.topo.client.ns.run(|| {
-        for i in 0..40 {
-            try_exchange(&payload("routed", i, 100)).expect("every exchange works after the route changes");
-        }
-    });
-    assert!(receivers(&s.servers, "routed").contains(&0), "backend 0 is reached directly again");
-    assert_eq!(status(lb)["generation"], 1, "no reload was needed");
-    let stopped = lbd.stop(libc::SIGTERM);
-    assert!(stopped.status.success(), "{}", stopped.log);
-    assert!(stopped.log.contains("backend next hops changed"), "{}", stopped.log);
+    backend_0_reached_without_a_reload(&s, lbd, "routed", "directly again");
 }
 
 /// Id of the XDP program on `iface`, as `ip link` shows it.

@@ -93,7 +93,10 @@ http:
 ";
     let (s, lbd) = setup("edge-route", 3, reg);
     let (edge, other) = (s.lb(EDGE), s.lb(OTHER));
-    let got = |addr, host: &str, path: &str| s.client(|| get(addr, host, path)).expect("an answer");
+    let got = |addr, host: &str, path: &str| {
+        s.client(|| get(addr, host, path))
+            .unwrap_or_else(|e| panic!("GET {host}{path} at {addr}: {e}\nlbd log:\n{}", lbd.log()))
+    };
 
     assert_eq!(got(edge, "example.org", "/").body, "backend-0\n");
     assert_eq!(

@@ -9,7 +9,7 @@ use std::{
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::schema::duration;
+use super::schema::{duration, yes};
 
 /// A port the HTTP edge serves.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -73,10 +73,6 @@ pub struct Redirect {
     /// 308 (permanent) or 307 (temporary); both keep the method and body. Default permanent.
     #[serde(default = "yes")]
     pub permanent: bool,
-}
-
-const fn yes() -> bool {
-    true
 }
 
 /// How a request picks among a service's usable backends: a name, or `{hash: KEY}`.

@@ -185,7 +185,7 @@ pub struct HttpService {
     pub when_all_down: AllDown,
 }
 
-const fn yes() -> bool {
+pub(super) const fn yes() -> bool {
     true
 }
 

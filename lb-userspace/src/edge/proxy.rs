@@ -81,24 +81,9 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
     let Some(host) = request_host(&req) else {
         return local(StatusCode::BAD_REQUEST, "request without a host\n", None);
     };
-    let log = |status: StatusCode, upstream: &str, tries: usize| AccessLog {
-        method: req.method().clone(),
-        host: host.clone(),
-        path: req.uri().path().to_owned(),
-        client: conn.client.ip(),
-        status,
-        upstream: upstream.to_owned(),
-        tries,
-        started,
-    };
-    let Some(route) = snap.tables.get(&conn.port).and_then(|t| t.find(&host, req.uri().path())) else {
-        return local(
-            StatusCode::NOT_FOUND,
-            "no route for this host and path\n",
-            Some(log(StatusCode::NOT_FOUND, "-", 0)),
-        );
-    };
-    let Some(svc) = snap.services.get(&route.service) else {
+    let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started);
+    let route = snap.tables.get(&conn.port).and_then(|t| t.find(&host, req.uri().path()));
+    let Some(svc) = route.and_then(|r| snap.services.get(&r.service)) else {
         return local(
             StatusCode::NOT_FOUND,
             "no route for this host and path\n",
@@ -115,6 +100,7 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
         return resp;
     }
     let max_body = snap.limits.get(&conn.port).map_or(u64::MAX, |l| l.max_body_bytes);
+    drop(log);
     forward(svc, conn, host, req, started, max_body).await
 }
 
@@ -187,16 +173,7 @@ async fn forward(
 ) -> Response<RespBody> {
     let spec = &svc.spec;
     let (mut parts, body) = req.into_parts();
-    let log = |status: StatusCode, upstream: &str, tries: usize| AccessLog {
-        method: parts.method.clone(),
-        host: host.clone(),
-        path: parts.uri.path().to_owned(),
-        client: conn.client.ip(),
-        status,
-        upstream: upstream.to_owned(),
-        tries,
-        started,
-    };
+    let log = access_log(&parts.method, &host, parts.uri.path(), conn.client.ip(), started);
     let refuse = |status, text| local(status, text, Some(log(status, "-", 0)));
     if svc.members.is_empty() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "this service has no backends\n");
@@ -471,6 +448,26 @@ where
             Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Stream(s) => s.size_hint(),
         }
+    }
+}
+
+/// Makes the access log record of one request, given how it ended.
+fn access_log<'a>(
+    method: &'a Method,
+    host: &'a str,
+    path: &'a str,
+    client: IpAddr,
+    started: Instant,
+) -> impl Fn(StatusCode, &str, usize) -> AccessLog + 'a {
+    move |status, upstream, tries| AccessLog {
+        method: method.clone(),
+        host: host.to_owned(),
+        path: path.to_owned(),
+        client,
+        status,
+        upstream: upstream.to_owned(),
+        tries,
+        started,
     }
 }
 
