@@ -51,6 +51,12 @@ pub enum Ask {
         backend: String,
         drained: bool,
     },
+    /// Replace served certificates with this PEM chain and key.
+    SslUpdate {
+        name: Option<String>,
+        cert: String,
+        key: String,
+    },
 }
 
 /// The controller's answer.
@@ -163,6 +169,21 @@ async fn route(req: Request<Incoming>, tx: &mpsc::Sender<Envelope>) -> Result<An
             let validate_only = matches!(param("validate_only").as_deref(), Some("1" | "true"));
             Ask::Apply { text, validate_only }
         }
+        (Method::POST, "/ssl/update") => {
+            let body = Limited::new(req.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| Answer::error(413, &format!("cannot read the body: {e}")))?
+                .to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| Answer::error(400, &format!("the body is not JSON: {e}")))?;
+            let field = |k: &str| v[k].as_str().map(str::to_owned);
+            Ask::SslUpdate {
+                name: field("name"),
+                cert: field("cert").ok_or_else(|| Answer::error(400, "missing cert (PEM text)"))?,
+                key: field("key").ok_or_else(|| Answer::error(400, "missing key (PEM text)"))?,
+            }
+        }
         (Method::POST, "/backends/drain" | "/backends/enable") => {
             let service = param("service").ok_or_else(|| Answer::error(400, "missing service"))?;
             let backend = param("backend").ok_or_else(|| Answer::error(400, "missing backend"))?;
@@ -171,7 +192,7 @@ async fn route(req: Request<Incoming>, tx: &mpsc::Sender<Envelope>) -> Result<An
         (
             _,
             "/health" | "/ready" | "/lb-status" | "/metrics" | "/lookup" | "/config" | "/backends/drain"
-            | "/backends/enable",
+            | "/backends/enable" | "/ssl/update",
         ) => {
             return Err(Answer::error(405, &format!("{method} is not allowed on {path}")));
         }

@@ -158,6 +158,62 @@ impl Controller {
         self.record("lb-ctl config apply", started, result)
     }
 
+    /// `lb-ctl ssl update`: writes `cert` and `key` over the files of the served certificates
+    /// named `name` (without one: those sharing a DNS name with the new certificate), then
+    /// reloads. A reload that fails puts the old files back.
+    pub async fn ssl_update(
+        &mut self,
+        name: Option<&str>,
+        cert: &str,
+        key: &str,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let new = crate::tls::Certificate::from_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            Path::new("the new certificate"),
+            Path::new("the new key"),
+        )?;
+        let targets: Vec<_> = (self.edge.certificates().into_iter())
+            .filter(|(_, c)| match name {
+                Some(n) => c.name == n,
+                None => c.names.iter().any(|x| new.names.contains(x)),
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(DaemonError::Unknown(match name {
+                Some(n) => format!("no served certificate is named `{n}`"),
+                None => format!("no served certificate is for {}", new.names.join(", ")),
+            }));
+        }
+        let files: BTreeMap<&Path, &str> =
+            targets.iter().flat_map(|(_, c)| [(c.key.as_path(), key), (c.file.as_path(), cert)]).collect();
+        let mut old = Vec::new();
+        for (&path, text) in &files {
+            old.push((path, std::fs::read_to_string(path).ok()));
+            write_atomically(path, text)
+                .map_err(|source| DaemonError::Write { file: path.to_owned(), source })?;
+        }
+        if let Err(e) = self.reload("lb-ctl ssl update").await {
+            for (path, text) in old.iter().filter_map(|(p, t)| Some((p, t.as_ref()?))) {
+                if let Err(e) = write_atomically(path, text) {
+                    error!(file = %path.display(), error = %e, "cannot restore the old certificate file");
+                }
+            }
+            let _ = self.reload("lb-ctl ssl update failed: old certificate files restored").await;
+            return Err(e);
+        }
+        info!(event = "ssl-update", names = ?new.names, not_after = new.not_after, "certificate replaced");
+        Ok(serde_json::json!({
+            "names": new.names,
+            "not_after_unix": new.not_after,
+            "generation": self.generation,
+            "updated": targets.iter().map(|(port, c)| serde_json::json!({
+                "listener": port, "name": c.name, "cert": c.file.display().to_string(),
+                "key": c.key.display().to_string(),
+            })).collect::<Vec<_>>(),
+        }))
+    }
+
     fn record(
         &mut self,
         cause: &str,
@@ -200,8 +256,15 @@ impl Controller {
 
     async fn apply_loaded(&mut self, loaded: Loaded) -> Result<Outcome, DaemonError> {
         if loaded.registry == self.loaded.registry {
+            // The same registry, but a certificate file may have been renewed.
+            let certificates = self.edge.tls_files_changed(&loaded.registry);
+            if certificates {
+                self.edge.apply(&loaded.registry, &self.over)?;
+                info!(event = "certificates", "certificates reloaded");
+                self.generation += 1;
+            }
             self.loaded = loaded;
-            return Ok(Outcome::Unchanged);
+            return Ok(if certificates { Outcome::Changed } else { Outcome::Unchanged });
         }
         let t0 = Instant::now();
         let resolved = resolve_hosts(&loaded.registry, &mut self.hops).await?;
@@ -434,6 +497,19 @@ impl Controller {
             last_reload: self.last_reload.clone(),
             services,
             counters: self.maps.counters()?.into_iter().map(|(c, n)| (c.name(), n)).collect(),
+            certificates: self
+                .edge
+                .certificates()
+                .into_iter()
+                .map(|(listener, c)| report::CertReport {
+                    listener,
+                    name: c.name,
+                    names: c.names,
+                    file: c.file.display().to_string(),
+                    not_after: c.not_after,
+                })
+                .collect(),
+            tls_handshake_failures: self.edge.tls_failures(),
         })
     }
 
@@ -640,6 +716,10 @@ fn write_atomically(file: &Path, text: &str) -> std::io::Result<()> {
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.lb-ctl.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
+    // A replaced file keeps its mode: a private key stays private.
+    if let Ok(m) = std::fs::metadata(file) {
+        f.set_permissions(m.permissions())?;
+    }
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, file)

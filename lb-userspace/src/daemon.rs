@@ -112,6 +112,9 @@ pub enum DaemonError {
     /// The registry watcher could not start.
     #[error("watching the registry")]
     Watch(#[source] std::io::Error),
+    /// A certificate or key given to `lb-ctl ssl update` is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A request named something that does not exist.
     #[error("{0}")]
     Unknown(String),
@@ -353,6 +356,18 @@ async fn answer(ctl: &mut Controller, env: admin::Envelope) -> Result<Outcome, D
             }
             a
         }
+        Ask::SslUpdate { name, cert, key } => match ctl.ssl_update(name.as_deref(), &cert, &key).await {
+            Ok(v) => Answer::json(200, &v),
+            Err(e @ DaemonError::Unknown(_)) => Answer::error(404, &e.to_string()),
+            Err(e @ (DaemonError::Tls(_) | DaemonError::Config(_))) => Answer::error(422, &error_chain(&e)),
+            Err(e) => {
+                let a = Answer::error(500, &error_chain(&e));
+                if matches!(&e, DaemonError::Maps(m) if m.is_inconsistent()) {
+                    outcome = Err(e);
+                }
+                a
+            }
+        },
         Ask::Drain { service, backend, drained } => match ctl.set_drained(&service, &backend, drained) {
             Ok(o) => Answer::json(
                 200,

@@ -16,6 +16,7 @@
 //! - [`control`]: the controller, sole owner of lbd's state; every change goes through it.
 //! - [`report`]: `/lb-status` JSON and `/metrics` text from a snapshot (pure).
 //! - [`admin`]: the admin API's HTTP side; [`client`]: the blocking client lb-ctl uses.
+//! - [`tls`]: certificates, SNI, and a listener's rustls settings.
 //! - [`watch`]: registry file watching (inotify).
 //! - [`daemon`]: lbd's lifecycle and event loop.
 //! - [`edge`]: the HTTP edge: listeners, routing, proxying with balancing, failover, retries.
@@ -40,4 +41,5 @@ pub mod pins;
 pub mod plan;
 pub mod report;
 pub mod resolve;
+pub mod tls;
 pub mod watch;

@@ -92,6 +92,21 @@ pub struct Snapshot {
     pub services: Vec<ServiceReport>,
     /// Data plane counters by name.
     pub counters: Vec<(&'static str, u64)>,
+    /// Certificates the HTTP edge serves.
+    pub certificates: Vec<CertReport>,
+    /// TLS handshakes the edge saw fail or time out.
+    pub tls_handshake_failures: u64,
+}
+
+/// A certificate served on a listener.
+#[derive(Debug, Clone)]
+pub struct CertReport {
+    pub listener: u16,
+    pub name: String,
+    pub names: Vec<String>,
+    pub file: String,
+    /// End of validity, seconds since the epoch.
+    pub not_after: i64,
 }
 
 /// A lookup: which backend gets the flow `src:sport -> dst:dport/proto`.
@@ -169,6 +184,10 @@ pub fn percent_decode(s: &str) -> String {
 
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs().cast_signed())
 }
 
 fn problem_json(p: &Problem) -> Value {
@@ -258,6 +277,15 @@ pub fn status(s: &Snapshot) -> Value {
         "last_reload": last_reload,
         "services": services,
         "counters": counters,
+        "certificates": s.certificates.iter().map(|c| json!({
+            "listener": c.listener,
+            "name": c.name,
+            "names": c.names,
+            "file": c.file,
+            "not_after_unix": c.not_after,
+            "seconds_left": c.not_after - unix_now(),
+        })).collect::<Vec<_>>(),
+        "tls_handshake_failures": s.tls_handshake_failures,
     })
 }
 
@@ -288,6 +316,26 @@ impl Metrics {
         }
         let _ = writeln!(self.0, " {value}");
     }
+}
+
+/// Certificates served, and failed handshakes.
+fn tls_metrics(m: &mut Metrics, s: &Snapshot) {
+    m.family(
+        "lb_tls_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until each served certificate expires (negative: expired).",
+    );
+    let now = unix_now();
+    for c in &s.certificates {
+        let port = c.listener.to_string();
+        m.sample(
+            "lb_tls_certificate_expiry_seconds",
+            &[("listener", &port), ("name", &c.name)],
+            c.not_after - now,
+        );
+    }
+    m.family("lb_tls_handshake_failures_total", "counter", "TLS handshakes that failed or timed out.");
+    m.sample("lb_tls_handshake_failures_total", &[], s.tls_handshake_failures);
 }
 
 /// The HTTP edge's view of each backend.
@@ -336,6 +384,7 @@ fn http_metrics(m: &mut Metrics, s: &Snapshot) {
 
 /// `/metrics`, in the Prometheus text format (0.0.4).
 #[must_use]
+#[expect(clippy::too_many_lines, reason = "one family after another, in the order /metrics lists them")]
 pub fn metrics(s: &Snapshot) -> String {
     let mut m = Metrics(String::with_capacity(4096));
     m.family("lb_config_generation", "gauge", "Registry generation serving now; +1 per applied change.");
@@ -414,6 +463,7 @@ pub fn metrics(s: &Snapshot) -> String {
         }
     }
     http_metrics(&mut m, s);
+    tls_metrics(&mut m, s);
     m.family("lb_health_checks_total", "counter", "Health check probes by result.");
     for (svc, b) in backends().filter(|(_, b)| b.health != "unchecked") {
         let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str()), ("result", "success")];
@@ -498,6 +548,14 @@ mod tests {
                 }],
             }],
             counters: vec![("ct_miss_established", 4)],
+            certificates: vec![CertReport {
+                listener: 443,
+                name: "example.org".into(),
+                names: vec!["example.org".into(), "*.example.org".into()],
+                file: "/etc/lb/example.pem".into(),
+                not_after: unix_now() + 86_400,
+            }],
+            tls_handshake_failures: 2,
         }
     }
 
@@ -516,6 +574,15 @@ mod tests {
             )
         );
         assert!(text.contains(r#"lb_datapath_events_total{event="ct_miss_established"} 4"#));
+        let expiry = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"lb_tls_certificate_expiry_seconds{listener="443",name="example.org"} "#)
+            })
+            .expect("the certificate's expiry");
+        let left: i64 = expiry.parse().unwrap();
+        assert!((86_000..=86_400).contains(&left), "{left}");
+        assert!(text.contains("lb_tls_handshake_failures_total 2\n"), "{text}");
         // Every sample belongs to a family declared before it.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {

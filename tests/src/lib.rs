@@ -26,10 +26,12 @@ pub mod frames;
 pub mod http;
 pub mod lbd;
 pub mod netns;
+pub mod pki;
 pub mod routed;
 pub mod scenario;
 pub mod servers;
 pub mod topology;
+pub mod ws;
 
 /// True when this process may create network namespaces and load XDP programs.
 ///

@@ -18,8 +18,9 @@ use crate::cmd;
 const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"];
 /// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
 /// validate the Vagrantfile; Debian's Python with `jsonschema` and `yaml`, to check
-/// `lb-ctl schema` against registries the way an editor does.
-const TEST_ONLY_PACKAGES: &[&str] = &["vagrant", "python3-jsonschema", "python3-yaml"];
+/// `lb-ctl schema` against registries the way an editor does; `openssl` to make test
+/// certificates and as a TLS client and server; `wrk` to load the edge while certificates change.
+const TEST_ONLY_PACKAGES: &[&str] = &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk"];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 

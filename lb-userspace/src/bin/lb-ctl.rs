@@ -67,6 +67,9 @@ enum Command {
     /// Replace a service's backends batch by batch.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// TLS certificates the HTTP edge serves.
+    #[command(subcommand)]
+    Ssl(SslCommand),
     /// Print the registry's JSON Schema (for editors: `# yaml-language-server: $schema=FILE`).
     Schema,
     /// Print a shell completion script.
@@ -96,6 +99,24 @@ enum BackendCommand {
     Drain { service: String, backend: String },
     /// Undo a drain.
     Enable { service: String, backend: String },
+}
+
+#[derive(Subcommand)]
+enum SslCommand {
+    /// Replace a served certificate under load: lbd checks the pair, writes it over the
+    /// configured files (so a restart keeps it) and reloads; new handshakes use it at once.
+    Update {
+        /// The new chain, PEM, leaf first.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key, PEM.
+        #[arg(long)]
+        key: PathBuf,
+        /// Which certificate to replace (its registry `name`, else its first DNS name);
+        /// default: those sharing a DNS name with the new one.
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,6 +197,9 @@ fn main() -> ExitCode {
             interval,
             health_timeout,
         }) => rollout(&ctl, &service, &new_backends, batch_size.max(1), interval, health_timeout),
+        Command::Ssl(SslCommand::Update { cert, key, name }) => {
+            ssl_update(&ctl, &cert, &key, name.as_deref())
+        }
         Command::Schema => {
             let schema = schemars::schema_for!(Registry);
             println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
@@ -235,6 +259,35 @@ fn apply(ctl: &Ctl, file: &std::path::Path, validate_only: bool) -> Result<(), F
         }
         s => Err(Fail(EXIT_FAILURE, format!("lbd answered {s}: {}", v["error"].as_str().unwrap_or(&r.body)))),
     }
+}
+
+fn ssl_update(
+    ctl: &Ctl,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    name: Option<&str>,
+) -> Result<(), Fail> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| Fail(EXIT_FAILURE, format!("{}: {e}", p.display())))
+    };
+    let body = serde_json::json!({ "cert": read(cert)?, "key": read(key)?, "name": name });
+    let v = ctl.json("POST", "/ssl/update", Some(&body.to_string()))?;
+    let until = v["not_after_unix"]
+        .as_u64()
+        .map(|t| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string()
+        })
+        .unwrap_or_default();
+    for u in v["updated"].as_array().into_iter().flatten() {
+        println!(
+            "listener {}: {} replaced ({})",
+            u["listener"],
+            u["name"].as_str().unwrap_or(""),
+            u["cert"].as_str().unwrap_or("")
+        );
+    }
+    println!("valid until {until}; generation {}", v["generation"]);
+    Ok(())
 }
 
 fn drain(ctl: &Ctl, service: &str, backend: &str, drained: bool) -> Result<(), Fail> {

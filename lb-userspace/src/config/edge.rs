@@ -22,6 +22,146 @@ pub struct Listener {
     /// Bounds on what one client may hold or send.
     #[serde(default)]
     pub limits: Limits,
+    /// Terminate TLS here (HTTPS); without it the listener serves plain HTTP.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// Also accept HTTP/2 without TLS from clients that start with its preface (h2c).
+    #[serde(default)]
+    pub h2c: bool,
+    /// Do not terminate TLS: read the SNI name of each connection's `ClientHello` and forward the
+    /// raw stream to a backend of the `http:` service whose `hosts` match it (Traefik's
+    /// `HostSNI`). The backends terminate TLS themselves.
+    #[serde(default)]
+    pub passthrough: bool,
+}
+
+/// TLS termination on a listener (seed 001's `ssl:` settings).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificates, chosen by the name a client asks for (SNI); the first is the default for
+    /// clients that ask for none or for a name no certificate has. Paths are relative to the
+    /// registry file. lbd reloads when one of these files changes.
+    pub certificates: Vec<CertSpec>,
+    /// `TLSv1.2` and/or `TLSv1.3`; default both. Older versions are not supported.
+    #[serde(default = "both_versions")]
+    pub protocols: Vec<TlsVersion>,
+    /// Cipher suites allowed, by OpenSSL (`ECDHE-RSA-AES128-GCM-SHA256`) or IANA
+    /// (`TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256`) name. As in nginx, a list without TLS 1.3
+    /// suites leaves TLS 1.3's own suites on. Default: all of rustls's suites.
+    #[serde(default)]
+    pub ciphers: Vec<String>,
+    /// Send `Strict-Transport-Security` on responses that lack it: `true` (one year), or
+    /// `{max_age, include_subdomains, preload}`.
+    #[serde(default)]
+    #[schemars(with = "serde_json::Value")]
+    pub hsts: Hsts,
+    /// Protocols offered by ALPN, preferred first; default `[h2, http/1.1]`.
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+    /// Ask clients for a certificate signed by this CA (mTLS).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// Staple the OCSP response found next to each certificate (`CERT.ocsp`, DER), when there
+    /// is one.
+    #[serde(default)]
+    pub ocsp_stapling: bool,
+}
+
+/// One certificate chain and its key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertSpec {
+    /// The chain, leaf first.
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// What `lb-ctl ssl update --name` calls it; default the certificate's first DNS name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSv1.2")]
+    Tls12,
+    #[serde(rename = "TLSv1.3")]
+    Tls13,
+}
+
+fn both_versions() -> Vec<TlsVersion> {
+    vec![TlsVersion::Tls12, TlsVersion::Tls13]
+}
+
+fn default_alpn() -> Vec<String> {
+    vec!["h2".to_owned(), "http/1.1".to_owned()]
+}
+
+/// HTTP Strict Transport Security.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hsts {
+    /// Zero: no header.
+    pub max_age: Duration,
+    pub include_subdomains: bool,
+    pub preload: bool,
+}
+
+impl Hsts {
+    /// The header's value, if one is sent.
+    #[must_use]
+    pub fn header(&self) -> Option<String> {
+        if self.max_age.is_zero() {
+            return None;
+        }
+        let mut v = format!("max-age={}", self.max_age.as_secs());
+        if self.include_subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        Some(v)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "true, false, or {max_age, include_subdomains, preload}")]
+enum HstsForm {
+    On(bool),
+    Set {
+        #[serde(default = "one_year", deserialize_with = "duration")]
+        max_age: Duration,
+        #[serde(default)]
+        include_subdomains: bool,
+        #[serde(default)]
+        preload: bool,
+    },
+}
+
+fn one_year() -> Duration {
+    Duration::from_hours(365 * 24)
+}
+
+impl<'de> Deserialize<'de> for Hsts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match HstsForm::deserialize(d)? {
+            HstsForm::On(false) => Self::default(),
+            HstsForm::On(true) => Self { max_age: one_year(), ..Self::default() },
+            HstsForm::Set { max_age, include_subdomains, preload } => {
+                Self { max_age, include_subdomains, preload }
+            }
+        })
+    }
+}
+
+/// Client certificates (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificates client certificates must chain to.
+    pub ca: std::path::PathBuf,
+    /// Refuse clients without a certificate (default); `false` only checks those that send one.
+    #[serde(default = "yes")]
+    pub required: bool,
 }
 
 fn any_v4() -> IpAddr {

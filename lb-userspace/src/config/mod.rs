@@ -16,7 +16,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use edge::{Balance, HashKey, Limits, Listener, Passive, Pool, Redirect, Retry, Timeouts};
+pub use edge::{
+    Balance, CertSpec, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Redirect, Retry, Timeouts,
+    Tls, TlsVersion,
+};
 pub use error::{ConfigError, Problem};
 pub use schema::{
     AllDown, BackendSpec, Datapath, Fragment, HealthCheck, HttpCheck, HttpService, L4Service, MAX_WEIGHT,
@@ -197,9 +200,61 @@ pub fn load_str(src: &str, file: &Path) -> Result<Loaded, ConfigError> {
         problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
         return Err(ConfigError::Invalid(problems));
     }
+    certificate_files(&mut reg, &base, file, &sources[0].1, &mut dirs)?;
     dirs.sort();
     dirs.dedup();
     Ok(Loaded { registry: reg, files: sources.into_iter().map(|(f, _)| f).collect(), dirs })
+}
+
+/// Makes the listeners' certificate paths absolute (they are relative to the registry file),
+/// reads them so a bad one is a problem at its line, and adds their directories to those
+/// watched: a renewed certificate reloads the registry.
+fn certificate_files(
+    reg: &mut Registry,
+    base: &Path,
+    file: &Path,
+    spans: &Spans,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for (i, l) in reg.listeners.iter_mut().enumerate() {
+        let Some(tls) = &mut l.tls else { continue };
+        let at = FieldPath::default().key("listeners").index(i).key("tls");
+        for (j, c) in tls.certificates.iter_mut().enumerate() {
+            c.cert = base.join(&c.cert);
+            c.key = base.join(&c.key);
+            dirs.extend([&c.cert, &c.key].into_iter().filter_map(|p| p.parent()).map(Path::to_owned));
+            if let Err(e) = crate::tls::Certificate::load(&c.cert, &c.key, false) {
+                let in_key = matches!(&e, crate::tls::TlsError::Read { path, .. }
+                    | crate::tls::TlsError::Invalid { path, .. } if *path == c.key);
+                let p = at.key("certificates").index(j).key(if in_key { "key" } else { "cert" });
+                problems.push(problem_at(
+                    file,
+                    spans.locate(&p),
+                    p.to_string(),
+                    crate::logging::error_chain(&e),
+                    None,
+                ));
+            }
+        }
+        if let Some(auth) = &mut tls.client_auth {
+            auth.ca = base.join(&auth.ca);
+            dirs.extend(auth.ca.parent().map(Path::to_owned));
+        }
+        if tls.client_auth.is_some()
+            && let Err(e) = crate::tls::server_config(tls, Vec::new())
+        {
+            let p = at.key("client_auth").key("ca");
+            problems.push(problem_at(
+                file,
+                spans.locate(&p),
+                p.to_string(),
+                crate::logging::error_chain(&e),
+                None,
+            ));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
 }
 
 /// The files an include names: a glob's matches in name order, or the one literal path.

@@ -147,6 +147,63 @@ fn listeners(path: &FieldPath, list: &[Listener], out: &mut Vec<Finding>) {
         if l.limits.max_connections_per_ip == 0 {
             out.push(finding(lim.key("max_connections_per_ip"), "0 would refuse every client", None));
         }
+        if let Some(tls) = &l.tls {
+            tls_settings(&p.key("tls"), tls, out);
+            if l.passthrough {
+                out.push(finding(
+                    p.key("passthrough"),
+                    "a passthrough listener does not terminate TLS: remove `tls` or `passthrough`",
+                    None,
+                ));
+            }
+        }
+        if l.h2c && (l.tls.is_some() || l.passthrough) {
+            out.push(finding(
+                p.key("h2c"),
+                "h2c is HTTP/2 without TLS, for plain HTTP listeners",
+                Some("over TLS, HTTP/2 is offered by ALPN (`tls.alpn`)"),
+            ));
+        }
+    }
+}
+
+fn tls_settings(p: &FieldPath, tls: &crate::config::Tls, out: &mut Vec<Finding>) {
+    if tls.certificates.is_empty() {
+        out.push(finding(p.key("certificates"), "a TLS listener needs at least one certificate", None));
+    }
+    if tls.protocols.is_empty() {
+        out.push(finding(p.key("protocols"), "no protocol left to speak", Some("TLSv1.2 and/or TLSv1.3")));
+    }
+    if let Err(e) = crate::tls::provider(&tls.ciphers) {
+        out.push(finding(p.key("ciphers"), e.to_string(), None));
+    }
+    if tls.protocols == [crate::config::TlsVersion::Tls12]
+        && !tls.ciphers.is_empty()
+        && crate::tls::provider(&tls.ciphers)
+            .is_ok_and(|pr| pr.cipher_suites.iter().all(|s| s.version() == &rustls::version::TLS13))
+    {
+        out.push(finding(p.key("ciphers"), "only TLS 1.3 suites, but only TLS 1.2 is on", None));
+    }
+    for (i, proto) in tls.alpn.iter().enumerate() {
+        if !matches!(proto.as_str(), "h2" | "http/1.1") {
+            out.push(finding(
+                p.key("alpn").index(i),
+                format!("`{proto}` is not a protocol the edge speaks"),
+                Some("h2 or http/1.1"),
+            ));
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, c) in tls.certificates.iter().enumerate() {
+        if let Some(n) = &c.name
+            && !names.insert(n)
+        {
+            out.push(finding(
+                p.key("certificates").index(i).key("name"),
+                format!("`{n}` names two certificates"),
+                None,
+            ));
+        }
     }
 }
 

@@ -5,16 +5,21 @@
 //! - `balance`: picking among usable backends (pure).
 //! - `upstream`: backend state (health, in flight, latency) and a service's tiers.
 //! - `proxy`: one request: redirect, forward, retry, access log.
-//! - `server`: accepting and serving connections under the listener's limits.
+//! - `server`: accepting and serving connections (HTTP/1.1, HTTP/2, TLS) under the
+//!   listener's limits.
+//! - `passthrough`: TLS connections forwarded by SNI without terminating them.
+//! - `sni`: reading the name a `ClientHello` asks for (pure).
 //!
 //! The controller owns an [`Edge`] and hands it every registry that is applied, and every
 //! change of health or drains. Requests read one immutable [`Snapshot`]; a reload swaps it
 //! whole, so a request never sees half of one.
 
 mod balance;
+mod passthrough;
 mod proxy;
 mod routes;
 mod server;
+mod sni;
 mod upstream;
 
 use std::{
@@ -44,14 +49,45 @@ pub enum EdgeError {
     },
     #[error("cannot start the HTTP edge's threads")]
     Runtime(#[source] std::io::Error),
+    #[error("listener {port}: TLS")]
+    Tls {
+        port: u16,
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
-/// What requests read: routes, services and limits of one applied registry.
+/// What requests read: routes, services and listener settings of one applied registry.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub tables: BTreeMap<u16, RouteTable>,
     pub services: HashMap<String, Arc<ServiceState>>,
-    pub limits: BTreeMap<u16, Limits>,
+    pub ports: BTreeMap<u16, Arc<Port>>,
+}
+
+/// How a listener port serves.
+#[derive(Debug, Default)]
+pub struct Port {
+    pub limits: Limits,
+    /// Terminates TLS with these settings (certificates included).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `Strict-Transport-Security` added to responses without one.
+    pub hsts: Option<http::HeaderValue>,
+    pub h2c: bool,
+    pub passthrough: bool,
+    /// Certificates served, for metrics and expiry warnings.
+    pub certificates: Vec<CertInfo>,
+}
+
+/// A certificate a listener serves.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    /// The registry's name for it, else its first DNS name.
+    pub name: String,
+    pub names: Vec<String>,
+    pub file: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub not_after: i64,
 }
 
 /// Shared by the controller and every connection.
@@ -59,6 +95,8 @@ pub struct Snapshot {
 pub struct Shared {
     current: ArcSwap<Snapshot>,
     clients: Arc<server::Clients>,
+    /// TLS handshakes that failed or timed out.
+    tls_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -77,6 +115,28 @@ pub struct Edge {
     listeners: HashMap<SocketAddr, watch::Sender<()>>,
     /// Backend state by (service, backend identity), kept across reloads.
     backends: HashMap<(String, String), Arc<BackendState>>,
+    /// The certificate, key and CA files served, as they were when read.
+    tls_files: Vec<FileStamp>,
+}
+
+/// Which version of a file was read: a replaced file (renamed over, rewritten) differs.
+type FileStamp = (std::path::PathBuf, Option<(u64, u64, i64, i64, u64)>);
+
+fn stamps(reg: &Registry) -> Vec<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let files = reg.listeners.iter().filter_map(|l| l.tls.as_ref()).flat_map(|t| {
+        t.certificates
+            .iter()
+            .flat_map(|c| [c.cert.clone(), c.key.clone()])
+            .chain(t.client_auth.as_ref().map(|a| a.ca.clone()))
+    });
+    files
+        .map(|f| {
+            let m =
+                std::fs::metadata(&f).ok().map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()));
+            (f, m)
+        })
+        .collect()
 }
 
 impl Edge {
@@ -88,6 +148,7 @@ impl Edge {
             shared: Arc::default(),
             listeners: HashMap::new(),
             backends: HashMap::new(),
+            tls_files: Vec::new(),
         }
     }
 
@@ -114,11 +175,28 @@ impl Edge {
                 .enable_all()
                 .build()
                 .map_err(EdgeError::Runtime)?;
+            let shared = self.shared.clone();
+            rt.spawn(async move {
+                let mut daily = tokio::time::interval(std::time::Duration::from_hours(24));
+                daily.tick().await;
+                loop {
+                    daily.tick().await;
+                    warn_expiring(&shared.snapshot(), std::time::SystemTime::now());
+                }
+            });
             self.runtime = Some(rt);
         }
 
+        let tls_files = stamps(reg);
+        let ports = reg
+            .listeners
+            .iter()
+            .map(|l| port(l).map(|p| (l.port, Arc::new(p))))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
         let node = self.node.clone().or_else(|| reg.node.clone());
-        let snap = self.build(reg, node.as_deref());
+        let snap = self.build(reg, node.as_deref(), ports);
+        warn_expiring(&snap, std::time::SystemTime::now());
+        self.tls_files = tls_files;
         self.shared.current.store(Arc::new(snap));
         self.set_overrides(over);
 
@@ -144,7 +222,7 @@ impl Edge {
         Ok(())
     }
 
-    fn build(&mut self, reg: &Registry, node: Option<&str>) -> Snapshot {
+    fn build(&mut self, reg: &Registry, node: Option<&str>, ports: BTreeMap<u16, Arc<Port>>) -> Snapshot {
         let previous = self.shared.snapshot();
         let mut backends = HashMap::new();
         let mut services = HashMap::new();
@@ -174,11 +252,14 @@ impl Edge {
             services.insert(name.clone(), Arc::new(ServiceState::new(name, spec.clone(), members, client)));
         }
         self.backends = backends;
-        Snapshot {
-            tables: routes::tables(reg),
-            services,
-            limits: reg.listeners.iter().map(|l| (l.port, l.limits.clone())).collect(),
-        }
+        Snapshot { tables: routes::tables(reg), services, ports }
+    }
+
+    /// Whether a certificate, key or CA file of `reg` changed since it was applied (the
+    /// registry itself may be the same).
+    #[must_use]
+    pub fn tls_files_changed(&self, reg: &Registry) -> bool {
+        stamps(reg) != self.tls_files
     }
 
     /// Takes backends that are down or drained out of new requests, and brings back the rest.
@@ -207,10 +288,67 @@ impl Edge {
         })
     }
 
+    /// Certificates served, by listener port.
+    #[must_use]
+    pub fn certificates(&self) -> Vec<(u16, CertInfo)> {
+        let snap = self.shared.snapshot();
+        snap.ports
+            .iter()
+            .flat_map(|(&p, port)| port.certificates.iter().map(move |c| (p, c.clone())))
+            .collect()
+    }
+
+    /// TLS handshakes that failed or timed out, since start.
+    #[must_use]
+    pub fn tls_failures(&self) -> u64 {
+        self.shared.tls_failures.load(Ordering::Relaxed)
+    }
+
     /// Addresses listened on.
     #[must_use]
     pub fn listening(&self) -> Vec<SocketAddr> {
         self.listeners.keys().copied().collect()
+    }
+}
+
+/// How a listener serves: loads its certificates (a failure fails the reload).
+fn port(l: &crate::config::Listener) -> Result<Port, EdgeError> {
+    let mut p = Port { limits: l.limits.clone(), h2c: l.h2c, passthrough: l.passthrough, ..Port::default() };
+    let Some(spec) = &l.tls else { return Ok(p) };
+    let fail = |source| EdgeError::Tls { port: l.port, source };
+    let mut certs = Vec::with_capacity(spec.certificates.len());
+    for c in &spec.certificates {
+        let loaded = crate::tls::Certificate::load(&c.cert, &c.key, spec.ocsp_stapling).map_err(fail)?;
+        p.certificates.push(CertInfo {
+            name: c.name.clone().or_else(|| loaded.names.first().cloned()).unwrap_or_default(),
+            names: loaded.names.clone(),
+            file: c.cert.clone(),
+            key: c.key.clone(),
+            not_after: loaded.not_after,
+        });
+        certs.push(Arc::new(loaded));
+    }
+    p.tls = Some(Arc::new(crate::tls::server_config(spec, certs).map_err(fail)?));
+    p.hsts = spec.hsts.header().and_then(|h| http::HeaderValue::from_str(&h).ok());
+    Ok(p)
+}
+
+/// Certificates expiring within 30 days are warned about, within 7 an error (seed 001's
+/// thresholds); on each reload and each day.
+fn warn_expiring(snap: &Snapshot, now: std::time::SystemTime) {
+    const DAY: i64 = 24 * 3600;
+    let now =
+        now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    for (port, p) in &snap.ports {
+        for c in &p.certificates {
+            let left = c.not_after - now;
+            let days = left / DAY;
+            if left <= 7 * DAY {
+                tracing::error!(port, name = %c.name, file = %c.file.display(), days, "certificate expires within 7 days: rotate it (lb-ctl ssl update)");
+            } else if left <= 30 * DAY {
+                tracing::warn!(port, name = %c.name, file = %c.file.display(), days, "certificate expires within 30 days");
+            }
+        }
     }
 }
 

@@ -13,7 +13,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::{Client as HyperClient, connect::HttpConnector};
+use hyper_util::{
+    client::legacy::{Client as HyperClient, connect::HttpConnector},
+    rt::TokioIo,
+};
 use tracing::info;
 
 use super::{
@@ -99,7 +102,7 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
         }
         return resp;
     }
-    let max_body = snap.limits.get(&conn.port).map_or(u64::MAX, |l| l.max_body_bytes);
+    let max_body = snap.ports.get(&conn.port).map_or(u64::MAX, |p| p.limits.max_body_bytes);
     drop(log);
     forward(svc, conn, host, req, started, max_body).await
 }
@@ -167,11 +170,13 @@ async fn forward(
     svc: &Arc<ServiceState>,
     conn: Conn,
     host: String,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     started: Instant,
     max_body: u64,
 ) -> Response<RespBody> {
     let spec = &svc.spec;
+    // WebSocket and other upgrades: the client's side of the tunnel, once answered 101.
+    let mut upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     let log = access_log(&parts.method, &host, parts.uri.path(), conn.client.ip(), started);
     let refuse = |status, text| local(status, text, Some(log(status, "-", 0)));
@@ -187,7 +192,7 @@ async fn forward(
     };
     let may_retry = replay.is_some() && (spec.retry.non_idempotent || idempotent(&parts.method));
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
-    clean_request_headers(&mut parts.headers, conn.client.ip(), conn.scheme(), &host);
+    upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
     let path_and_query = parts.uri.path_and_query().cloned();
 
     let deadline = started + spec.retry.within;
@@ -223,9 +228,15 @@ async fn forward(
         let result = tokio::time::timeout(spec.timeouts.response, svc.client.request(up)).await;
         let last_try = n == tries_allowed || !may_retry;
         match result {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
                 b.observe(attempt.elapsed());
                 let status = resp.status();
+                if status == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some((_, client_side)) = upgrade.take()
+                {
+                    let backend_side = hyper::upgrade::on(&mut resp);
+                    return tunnel(resp, client_side, backend_side, in_flight, log(status, &b.identity, n));
+                }
                 let retryable = spec.retry.statuses.contains(&status.as_u16());
                 if retryable {
                     svc.failed(i, Instant::now());
@@ -262,6 +273,63 @@ async fn forward(
         }
     }
     give_up(svc, &last_failure, n, &last_backend, log(StatusCode::OK, &last_backend, n))
+}
+
+/// The request's headers as a backend gets them: hop-by-hop ones gone, the forwarding ones
+/// set, a Host for HTTP/2 requests (which name it in the URI only), and the upgrade asked for.
+fn upstream_headers(h: &mut HeaderMap, uri: &Uri, conn: &Conn, host: &str, upgrade: Option<&HeaderValue>) {
+    if !h.contains_key(header::HOST)
+        && let Some(v) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        h.insert(header::HOST, v);
+    }
+    clean_request_headers(h, conn.client.ip(), conn.scheme(), host);
+    if let Some(proto) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
+}
+
+/// The protocol a request asks to switch to (`Upgrade`, with `Connection: upgrade`), if any.
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    (asks && req.version() == http::Version::HTTP_11).then(|| req.headers().get(header::UPGRADE).cloned())?
+}
+
+/// Answers 101 and joins the client's and the backend's upgraded connections, bytes both ways,
+/// until either side closes.
+fn tunnel(
+    resp: Response<Incoming>,
+    client_side: hyper::upgrade::OnUpgrade,
+    backend_side: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+    log: AccessLog,
+) -> Response<RespBody> {
+    let (mut parts, _) = resp.into_parts();
+    let proto = parts.headers.get(header::UPGRADE).cloned();
+    clean_response_headers(&mut parts.headers);
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = proto {
+        parts.headers.insert(header::UPGRADE, p);
+    }
+    tokio::spawn(async move {
+        // Counted in flight (least-conn) while the tunnel is open.
+        let _in_flight = in_flight;
+        match tokio::try_join!(client_side, backend_side) {
+            Ok((c, b)) => {
+                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
+        }
+    });
+    Response::from_parts(parts, RespBody::full(Bytes::new(), Some(log)))
 }
 
 /// The body to send: kept whole (`replay`) when empty or small enough to send again, else
@@ -332,7 +400,7 @@ fn upstream_request(
 /// The consistent-hash key of a request: `None` when the service does not hash, or the
 /// request lacks the header or cookie (it is then balanced round robin, not all to one
 /// backend).
-fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> Option<u64> {
+pub fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> Option<u64> {
     let Balance::Hash(key) = balance else { return None };
     match key {
         HashKey::ClientIp => Some(match conn.client.ip() {

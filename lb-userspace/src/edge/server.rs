@@ -16,7 +16,7 @@ use std::{
 };
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -25,7 +25,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    Shared,
+    Port, Shared,
     proxy::{self, Conn},
 };
 
@@ -93,16 +93,20 @@ pub async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
-        let limits = shared.snapshot().limits.get(&port).cloned().unwrap_or_default();
-        let Some(counted) = shared.clients.admit(peer.ip(), limits.max_connections_per_ip) else {
-            debug!(port, client = %peer.ip(), cap = limits.max_connections_per_ip, "connection refused: over the per-client cap");
-            let _ = stream.try_write(TOO_MANY);
+        let listener = shared.snapshot().ports.get(&port).cloned().unwrap_or_default();
+        let cap = listener.limits.max_connections_per_ip;
+        let Some(counted) = shared.clients.admit(peer.ip(), cap) else {
+            debug!(port, client = %peer.ip(), cap, "connection refused: over the per-client cap");
+            // Plain HTTP only: TLS clients would read this as a broken handshake anyway.
+            if listener.tls.is_none() && !listener.passthrough {
+                let _ = stream.try_write(TOO_MANY);
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            serve(stream, peer, port, shared, limits).await;
+            serve(stream, peer, port, shared, listener).await;
             drop(counted);
         });
     }
@@ -158,8 +162,9 @@ impl ConnState {
     }
 
     /// What to do now: `Ok(next check)` or `Err(true)` for a head that took too long (408),
-    /// `Err(false)` for an idle connection to close quietly.
-    fn check(&self, header: Duration, idle: Duration) -> Result<Duration, bool> {
+    /// `Err(false)` for an idle connection to close quietly. HTTP/2 (`h2`) sends frames of its
+    /// own between requests (pings, window updates): there only idleness counts.
+    fn check(&self, header: Duration, idle: Duration, h2: bool) -> Result<Duration, bool> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return Ok(header.min(idle));
         }
@@ -168,7 +173,7 @@ impl ConnState {
             let end = since.saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
             if now >= end { None } else { Some(Duration::from_nanos(end - now)) }
         };
-        if self.read.load(Ordering::Relaxed) > self.idle_read.load(Ordering::Relaxed) {
+        if !h2 && self.read.load(Ordering::Relaxed) > self.idle_read.load(Ordering::Relaxed) {
             // A request head is arriving.
             return after(self.first_byte.load(Ordering::Relaxed), header).ok_or(true);
         }
@@ -179,42 +184,118 @@ impl ConnState {
     }
 }
 
-async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    port: u16,
-    shared: Arc<Shared>,
-    limits: crate::config::Limits,
-) {
+async fn serve(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Shared>, listener: Arc<Port>) {
+    if listener.passthrough {
+        return super::passthrough::serve(stream, peer, port, &shared, &listener.limits).await;
+    }
     let fd: RawFd = stream.as_raw_fd();
     let state = Arc::new(ConnState::new());
-    let io = TokioIo::new(Counting { inner: stream, state: state.clone() });
-    let conn = Conn { client: peer, port, tls: false };
+    let io = Counting { inner: stream, state: state.clone() };
+    let limits = &listener.limits;
+    let Some(tls) = &listener.tls else {
+        let proto = if listener.h2c { Proto::Auto } else { Proto::Http1 };
+        let conn = Conn { client: peer, port, tls: false };
+        return drive(TokioIo::new(io), proto, Some(fd), conn, &shared, &listener, state).await;
+    };
+    // The handshake is part of the request head: both within the header timeout.
+    let accept = tokio_rustls::TlsAcceptor::from(tls.clone()).accept(io);
+    let stream = match tokio::time::timeout(limits.header_timeout, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.tls_failures.fetch_add(1, Ordering::Relaxed);
+            debug!(client = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.tls_failures.fetch_add(1, Ordering::Relaxed);
+            debug!(client = %peer, "TLS handshake not finished in time");
+            return;
+        }
+    };
+    let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") { Proto::Http2 } else { Proto::Http1 };
+    let conn = Conn { client: peer, port, tls: true };
+    // A 408 would have to go through TLS: a slow TLS client is closed without one.
+    drive(TokioIo::new(stream), proto, None, conn, &shared, &listener, state).await;
+}
+
+/// Which HTTP a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
+    /// HTTP/1.1, or HTTP/2 for a client that starts with its preface (h2c).
+    Auto,
+}
+
+/// Serves HTTP on `io` until the client leaves or a timeout closes it. `fd`: the plain socket,
+/// for a 408 written past hyper.
+async fn drive<I>(
+    io: TokioIo<I>,
+    proto: Proto,
+    fd: Option<RawFd>,
+    conn: Conn,
+    shared: &Arc<Shared>,
+    listener: &Arc<Port>,
+    state: Arc<ConnState>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let svc_state = state.clone();
+    let svc_shared = shared.clone();
+    let hsts = listener.hsts.clone();
     let svc = service_fn(move |req| {
-        let snap = shared.snapshot();
+        let snap = svc_shared.snapshot();
         let state = svc_state.clone();
+        let hsts = hsts.clone();
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         async move {
             let mut resp = proxy::handle(snap, conn, req).await;
+            if let Some(h) = hsts {
+                resp.headers_mut().entry(http::header::STRICT_TRANSPORT_SECURITY).or_insert(h);
+            }
             resp.body_mut().on_done(move || state.request_done());
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    let mut http1 = hyper::server::conn::http1::Builder::new();
+    let limits = &listener.limits;
+    let peer = conn.client;
     // Timeouts are the watchdog's below: hyper's one timer cannot tell idle from slow.
-    http1
-        .header_read_timeout(None)
-        .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-        .keep_alive(true);
-    let conn = http1.serve_connection(io, svc);
-    tokio::pin!(conn);
+    let result: Pin<Box<dyn Future<Output = Result<(), String>> + Send>> = match proto {
+        Proto::Http1 => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            h1.header_read_timeout(None)
+                .max_header_size(limits.max_header_bytes)
+                .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+                .keep_alive(true);
+            let c = h1.serve_connection(io, svc).with_upgrades();
+            Box::pin(async move { c.await.map_err(|e| e.to_string()) })
+        }
+        Proto::Http2 => {
+            let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            h2.timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            let c = h2.serve_connection(io, svc);
+            Box::pin(async move { c.await.map_err(|e| e.to_string()) })
+        }
+        Proto::Auto => {
+            let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            auto.http1()
+                .header_read_timeout(None)
+                .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+                .keep_alive(true);
+            auto.http2().timer(TokioTimer::new());
+            Box::pin(
+                async move { auto.serve_connection_with_upgrades(io, svc).await.map_err(|e| e.to_string()) },
+            )
+        }
+    };
+    let h2 = proto == Proto::Http2;
+    tokio::pin!(result);
     loop {
-        let wait = match state.check(limits.header_timeout, limits.idle_timeout) {
+        let wait = match state.check(limits.header_timeout, limits.idle_timeout, h2) {
             Ok(wait) => wait,
             Err(slow) => {
-                if slow {
+                if slow && let Some(fd) = fd {
                     debug!(client = %peer, "request head not received in time: 408");
                     // The connection future is not running: nothing else writes to the socket.
                     send_now(fd, REQUEST_TIMEOUT);
@@ -224,7 +305,7 @@ async fn serve(
             }
         };
         tokio::select! {
-            r = conn.as_mut() => {
+            r = result.as_mut() => {
                 if let Err(e) = r {
                     debug!(client = %peer, error = %e, "connection ended with an error");
                 }
@@ -298,23 +379,23 @@ mod tests {
         let ms = Duration::from_millis;
         let s = ConnState::new();
         // Fresh: the header timeout runs from the start.
-        assert!(s.check(ms(50), ms(500)).is_ok());
+        assert!(s.check(ms(50), ms(500), false).is_ok());
         std::thread::sleep(ms(60));
-        assert_eq!(s.check(ms(50), ms(500)), Err(false), "nothing sent: closed quietly");
+        assert_eq!(s.check(ms(50), ms(500), false), Err(false), "nothing sent: closed quietly");
         // A partial head: 408 once the header timeout passes from its first byte.
         let s = ConnState::new();
         s.on_read(10);
-        assert!(s.check(ms(50), ms(500)).is_ok());
+        assert!(s.check(ms(50), ms(500), false).is_ok());
         std::thread::sleep(ms(60));
-        assert_eq!(s.check(ms(50), ms(500)), Err(true));
+        assert_eq!(s.check(ms(50), ms(500), false), Err(true));
         // After a request: idle gets the idle timeout, not the header timeout.
         let s = ConnState::new();
         s.on_read(100);
         s.in_flight.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(ms(60));
-        assert!(s.check(ms(50), ms(500)).is_ok(), "no timeout while a request is served");
+        assert!(s.check(ms(50), ms(500), false).is_ok(), "no timeout while a request is served");
         s.request_done();
         std::thread::sleep(ms(60));
-        assert!(s.check(ms(50), ms(500)).is_ok(), "idle for 60 ms of 500");
+        assert!(s.check(ms(50), ms(500), false).is_ok(), "idle for 60 ms of 500");
     }
 }

@@ -1,0 +1,94 @@
+//! A WebSocket echo server (tokio-tungstenite) in a namespace, and a client.
+
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    sync::mpsc,
+    thread::JoinHandle,
+};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::{net::TcpListener, sync::oneshot};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+
+use crate::netns::NetNs;
+
+/// Echoes every text and binary message back, until dropped.
+pub struct WsEcho {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WsEcho {
+    #[must_use]
+    pub fn start(ns: &NetNs, port: u16) -> Self {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = ns.spawn("ws-echo", move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await;
+                let _ = ready_tx.send(listener.is_ok());
+                let Ok(listener) = listener else { return };
+                let serve = async {
+                    loop {
+                        let Ok((conn, _)) = listener.accept().await else { continue };
+                        tokio::spawn(async move {
+                            let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else { return };
+                            while let Some(Ok(m)) = ws.next().await {
+                                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = stop_rx => {}
+                    () = serve => {}
+                }
+            });
+        });
+        assert_eq!(ready_rx.recv().ok(), Some(true), "ws echo: cannot listen on {port} in {}", ns.name());
+        Self { stop: Some(stop_tx), thread: Some(thread) }
+    }
+}
+
+impl Drop for WsEcho {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens `ws://host/path` at `addr`, sends each message and returns what came back for each.
+pub fn echo(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    messages: Vec<Message>,
+) -> Result<Vec<Message>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let req = format!("ws://{host}{path}").into_client_request().map_err(|e| e.to_string())?;
+        let (mut ws, resp) =
+            tokio_tungstenite::client_async(req, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+        assert_eq!(resp.status(), 101);
+        let mut back = Vec::new();
+        for m in messages {
+            ws.send(m).await.map_err(|e| format!("send: {e}"))?;
+            let reply = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+                .await
+                .map_err(|_| "no echo within 5 s".to_owned())?
+                .ok_or("closed")?
+                .map_err(|e| format!("read: {e}"))?;
+            back.push(reply);
+        }
+        let _ = ws.close(None).await;
+        Ok(back)
+    })
+}
