@@ -280,6 +280,21 @@ impl Lbd {
         Self(Notified::start(lbd_command(ns, dir, registry, iface, extra), dir, "lbd"))
     }
 
+    /// [`Lbd::start`] with environment variables set (e.g. `RUST_LOG`).
+    #[must_use]
+    pub fn start_env(
+        ns: &NetNs,
+        dir: &TempDir,
+        registry: &Path,
+        iface: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = lbd_command(ns, dir, registry, iface, extra);
+        cmd.envs(env.iter().copied());
+        Self(Notified::start(cmd, dir, "lbd"))
+    }
+
     /// Runs an lbd that is expected to exit on its own (a refused start) and returns how.
     ///
     /// # Panics

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [xdp|maglev|l4|control|all]`: builds the release binaries and runs `lb-bench`,
+//! `cargo xtask bench [xdp|maglev|l4|http|control|all]`: builds the release binaries and runs `lb-bench`,
 //! which prints each benchmark's table and writes `target/bench/<name>.json`.
 
 use std::process::Command;
@@ -15,6 +15,8 @@ pub enum Which {
     Maglev,
     /// TCP connections/s and bulk throughput through lb, nftables DNAT and HAProxy.
     L4,
+    /// Requests/s, latency and CPU per request through lb's HTTP edge, HAProxy and nginx.
+    Http,
     /// Reload latency, health-check CPU and lbd memory with 100 services.
     Control,
     /// All of them.
@@ -32,7 +34,9 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     let needs = match opts.which {
-        Which::L4 | Which::All => setup::Needs::bench_l4(),
+        Which::L4 => setup::Needs::bench_l4(),
+        Which::Http => setup::Needs::bench_http(),
+        Which::All => setup::Needs::bench_all(),
         Which::Xdp | Which::Maglev => setup::Needs::lbd(),
         Which::Control => setup::Needs::demo(),
     };
@@ -44,8 +48,9 @@ pub fn run(opts: &Options) -> Result<()> {
         Which::Xdp => &["xdp"],
         Which::Maglev => &["maglev"],
         Which::L4 => &["l4"],
+        Which::Http => &["http"],
         Which::Control => &["control"],
-        Which::All => &["maglev", "xdp", "l4", "control"],
+        Which::All => &["maglev", "xdp", "l4", "http", "control"],
     };
     let root = workspace_root();
     for name in names {

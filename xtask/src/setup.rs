@@ -23,6 +23,9 @@ const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"
 const TEST_ONLY_PACKAGES: &[&str] = &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk"];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
+/// The HTTP benchmark's baselines (HAProxy, nginx, with nginx as the backend too), its
+/// clients (wrk, h2load) and openssl for the certificate.
+const BENCH_HTTP_PACKAGES: &[&str] = &["haproxy", "nginx", "wrk", "nghttp2-client", "openssl"];
 
 /// bpf-linker release known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -50,6 +53,19 @@ impl Needs {
     /// The L4 benchmark: the demo's tools and the baselines it compares against.
     pub fn bench_l4() -> Self {
         Self { packages: [DEMO_PACKAGES, BENCH_L4_PACKAGES].concat() }
+    }
+
+    /// The HTTP benchmark.
+    pub fn bench_http() -> Self {
+        Self { packages: [DEMO_PACKAGES, BENCH_HTTP_PACKAGES].concat() }
+    }
+
+    /// Every benchmark.
+    pub fn bench_all() -> Self {
+        let mut packages = [DEMO_PACKAGES, BENCH_L4_PACKAGES, BENCH_HTTP_PACKAGES].concat();
+        packages.sort_unstable();
+        packages.dedup();
+        Self { packages }
     }
 }
 

@@ -7,8 +7,11 @@
 //! - [`l4`]: TCP connections/s and bulk throughput through lb in each mode, against no
 //!   balancer, an nftables DNAT balancer and HAProxy, in network namespaces.
 //! - [`control`]: reload latency, health-check CPU and lbd's memory with 100 services.
+//! - [`http`]: requests/s, latency and CPU per request through lb's HTTP edge, HAProxy and
+//!   nginx, over HTTP/1.1, HTTPS and HTTP/2.
 
 pub mod control;
+pub mod http;
 pub mod l4;
 pub mod maglev;
 pub mod xdp;

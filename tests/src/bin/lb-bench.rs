@@ -1,4 +1,4 @@
-//! The benchmarks behind `cargo xtask bench`: `lb-bench xdp|maglev|l4|control --out FILE`. Each prints
+//! The benchmarks behind `cargo xtask bench`: `lb-bench xdp|maglev|l4|http|control --out FILE`. Each prints
 //! a table and writes its figures as JSON. Run it through `cargo xtask bench`, which builds it
 //! in release mode and installs what it needs.
 
@@ -49,6 +49,18 @@ enum Which {
         #[arg(long, default_value_t = bench::l4::Options::default().threads)]
         threads: usize,
     },
+    /// Requests/s, latency and CPU per request through lb, HAProxy and nginx (HTTP, HTTPS, h2).
+    Http {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = bench::http::Options::default().seconds)]
+        seconds: u32,
+        /// Rounds, each measuring every proxy and protocol (medians are reported).
+        #[arg(long, default_value_t = bench::http::Options::default().rounds)]
+        rounds: usize,
+        /// Client connections.
+        #[arg(long, default_value_t = bench::http::Options::default().connections)]
+        connections: u32,
+    },
     /// Reload latency, health-check CPU and lbd memory with 100 services of 10 backends.
     Control {
         #[arg(long, default_value_t = bench::control::Options::default().services)]
@@ -86,6 +98,10 @@ fn run(args: &Args) -> Result<()> {
         Which::L4 { seconds, rounds, threads } => {
             let report = bench::l4::run(bench::l4::Options { seconds, rounds, threads })?;
             bench::write_json(&out("l4"), &report)
+        }
+        Which::Http { seconds, rounds, connections } => {
+            let report = bench::http::run(bench::http::Options { seconds, rounds, connections })?;
+            bench::write_json(&out("http"), &report)
         }
         Which::Control { services, cpu_seconds, reload_rounds } => {
             let o = bench::control::Options { services, cpu_seconds, reload_rounds, ..Default::default() };

@@ -1,0 +1,537 @@
+//! `cargo xtask bench http`: requests/s, latency and CPU per request through lb's HTTP edge,
+//! HAProxy and nginx, each proxying to the same keep-alive backend (nginx answering a fixed
+//! body), in one run, interleaved round by round.
+//!
+//! Client (wrk; h2load for HTTP/2), proxies and backend sit in their own network namespaces on
+//! this machine's two cores, so the figures compare the proxies' cost rather than measure a
+//! network. Each proxy gets two worker threads, keep-alive to the backend, the same
+//! certificate, and no access log (lb's is switched off with `RUST_LOG`).
+//!
+//! Per proxy and protocol (`http`: HTTP/1.1, `https`: HTTP/1.1 over TLS, `h2`: HTTP/2 over
+//! TLS) it reports `rps`, `p50_ms`, `p99_ms` and `cpu_s_per_1m_req` (the proxy's processes'
+//! CPU time from /proc, per million requests), each the median over the rounds.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::Serialize;
+
+use super::{median, round, table};
+use crate::{
+    lbd::{Lbd, TempDir},
+    netns::NetNs,
+    pki::Pki,
+    topology::{DsrTopology, backend_ip},
+    unique_prefix,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Seconds per measurement.
+    pub seconds: u32,
+    /// Rounds; each measures every proxy and protocol once.
+    pub rounds: usize,
+    /// Client connections.
+    pub connections: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { seconds: 5, rounds: 3, connections: 32 }
+    }
+}
+
+const BACKEND_PORT: u16 = 8080;
+const PROXIES: [(&str, u16, u16); 3] = [("lb", 8000, 8443), ("haproxy", 8100, 8543), ("nginx", 8200, 8643)];
+const PROTOCOLS: [&str; 3] = ["http", "https", "h2"];
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One proxy and protocol: medians over the rounds.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Figure {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub cpu_s_per_1m_req: f64,
+    /// Failed requests (errors, non-2xx) over all rounds.
+    pub errors: u64,
+    pub rps_samples: Vec<f64>,
+    #[serde(skip)]
+    p50: Vec<f64>,
+    #[serde(skip)]
+    p99: Vec<f64>,
+    #[serde(skip)]
+    cpu: Vec<f64>,
+}
+
+/// lb against each baseline, per protocol.
+#[derive(Serialize, Debug)]
+pub struct Ratios {
+    pub rps_vs_haproxy: f64,
+    pub rps_vs_nginx: f64,
+    pub p99_vs_haproxy: f64,
+    pub cpu_vs_haproxy: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub seconds: u32,
+    pub rounds: usize,
+    pub connections: u32,
+    /// Proxy -> protocol -> figure.
+    pub proxies: BTreeMap<String, BTreeMap<String, Figure>>,
+    /// Protocol -> lb's ratios.
+    pub lb_ratios: BTreeMap<String, Ratios>,
+    pub targets: &'static str,
+}
+
+/// A process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc> {
+    let f = std::fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("start {what} (cargo xtask bench http installs it)"))?;
+    Ok(Proc(child))
+}
+
+fn backend_nginx(dir: &Path) -> String {
+    format!(
+        "daemon off;
+worker_processes 1;
+pid {d}/backend.pid;
+error_log {d}/backend.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/b-body;
+  proxy_temp_path {d}/b-proxy;
+  fastcgi_temp_path {d}/b-fcgi;
+  uwsgi_temp_path {d}/b-uwsgi;
+  scgi_temp_path {d}/b-scgi;
+  server {{
+    listen {BACKEND_PORT} reuseport;
+    location / {{ return 200 \"ok\\n\"; }}
+  }}
+}}
+",
+        d = dir.display()
+    )
+}
+
+fn proxy_nginx(dir: &Path, lb: &str, backend: &str) -> String {
+    format!(
+        "daemon off;
+worker_processes 2;
+pid {d}/proxy.pid;
+error_log {d}/proxy.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  # HTTP/2 too: the default 1000 requests a connection sends GOAWAYs mid-run.
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/p-body;
+  proxy_temp_path {d}/p-proxy;
+  fastcgi_temp_path {d}/p-fcgi;
+  uwsgi_temp_path {d}/p-uwsgi;
+  scgi_temp_path {d}/p-scgi;
+  upstream be {{
+    server {backend}:{BACKEND_PORT};
+    keepalive 64;
+    keepalive_requests 100;
+    keepalive_timeout 60s;
+  }}
+  server {{
+    listen {lb}:8200;
+    listen {lb}:8643 ssl http2;
+    ssl_certificate {d}/bench.pem;
+    ssl_certificate_key {d}/bench.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {{
+      proxy_pass http://be;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}
+}}
+",
+        d = dir.display()
+    )
+}
+
+fn haproxy(dir: &Path, lb: &str, backend: &str) -> String {
+    format!(
+        "global
+  nbthread 2
+  # Within this machine's open-file limit (two descriptors a connection).
+  maxconn 4000
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend bench
+  bind {lb}:8100
+  bind {lb}:8543 ssl crt {d}/bench-combined.pem alpn h2,http/1.1
+  option forwardfor
+  default_backend be
+backend be
+  server b0 {backend}:{BACKEND_PORT} maxconn 64
+",
+        d = dir.display()
+    )
+}
+
+fn lb_registry(backend: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - port: 8000
+  - port: 8443
+    tls: {{certificates: [{{cert: bench.pem, key: bench.key}}]}}
+http:
+  bench:
+    hosts: ['*']
+    backends: [{{host: {backend}, port: {BACKEND_PORT}}}]
+"
+    )
+}
+
+/// Waits until `addr` accepts TCP connections from `ns` (a server's listening socket is its
+/// readiness signal).
+fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if ns.run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))).is_ok() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{addr} not accepting after {START_TIMEOUT:?}")
+}
+
+/// CPU seconds used so far by `pid` and its children (nginx's workers).
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = |p: &str| -> Option<(u64, u32)> {
+        let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state ppid ... utime stime.
+        let rest = &s[s.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?, f.get(1)?.parse().ok()?))
+    };
+    let mut ticks = stat(&pid.to_string()).map_or(0, |(t, _)| t);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.bytes().all(|b| b.is_ascii_digit())
+            && let Some((t, ppid)) = stat(&name)
+            && ppid == pid
+        {
+            ticks += t;
+        }
+    }
+    ticks as f64 / hz
+}
+
+/// What one load run measured.
+struct Run {
+    requests: f64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+/// `12.5ms`, `980.00us`, `1.02s` -> ms.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let (n, unit) = v.find(|c: char| c.is_ascii_alphabetic()).map(|i| v.split_at(i))?;
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1e3,
+        "ms" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(out: &str) -> Result<Run> {
+    let find = |prefix: &str| out.lines().find_map(|l| l.trim().strip_prefix(prefix).map(str::trim));
+    let rps: f64 = find("Requests/sec:").and_then(|v| v.parse().ok()).context("no Requests/sec")?;
+    let requests: f64 = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
+        .context("no request count")?;
+    let p50 = find("50%").and_then(wrk_ms).context("no 50% latency")?;
+    let p99 = find("99%").and_then(wrk_ms).context("no 99% latency")?;
+    let mut errors = find("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if let Some(s) = find("Socket errors:") {
+        errors += s.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
+    }
+    Ok(Run { requests, rps, p50_ms: p50, p99_ms: p99, errors })
+}
+
+fn parse_h2load(out: &str, log: &str) -> Result<Run> {
+    // finished in 5.00s, 12345.60 req/s, 1.2MB/s
+    let rps: f64 = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("finished in ")?.split(", ").nth(1)?.strip_suffix(" req/s")?.parse().ok()
+        })
+        .context("no req/s")?;
+    // requests: 100 total, 100 started, 100 done, 98 succeeded, 2 failed, 0 errored, 0 timeout
+    let req = out.lines().find_map(|l| l.strip_prefix("requests: ")).context("no requests line")?;
+    let field = |name: &str| {
+        req.split(", ").find_map(|p| p.strip_suffix(name)?.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    let done = field(" done");
+    let errors = field(" failed") + field(" errored") + field(" timeout");
+    let mut lat: Vec<f64> = log
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok())
+        .map(|us| us / 1e3)
+        .collect();
+    ensure!(!lat.is_empty(), "h2load wrote no request log");
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    Ok(Run { requests: done as f64, rps, p50_ms: pct(0.5), p99_ms: pct(0.99), errors })
+}
+
+/// One load run against `addr` over `protocol`.
+fn load(client: &NetNs, dir: &Path, protocol: &str, addr: SocketAddr, opts: Options) -> Result<Run> {
+    let secs = opts.seconds.to_string();
+    if protocol == "h2" {
+        let log = dir.join("h2load.log");
+        let out = client
+            .command("h2load")
+            .args(["-D", &secs, "-c", &(opts.connections / 2).max(1).to_string(), "-m", "10", "-t", "1"])
+            .arg("--log-file")
+            .arg(&log)
+            .arg(format!("https://{addr}/"))
+            .output()
+            .context("run h2load (cargo xtask bench http installs nghttp2-client)")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        return parse_h2load(&text, &log).with_context(|| format!("h2load output:\n{text}"));
+    }
+    let scheme = if protocol == "http" { "http" } else { "https" };
+    let out = client
+        .command("wrk")
+        .args(["-t2", "-c", &opts.connections.to_string(), "-d", &format!("{secs}s"), "--latency"])
+        .arg(format!("{scheme}://{addr}/"))
+        .output()
+        .context("run wrk (cargo xtask bench http installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_wrk(&text).with_context(|| format!("wrk output:\n{text}"))
+}
+
+/// Runs the benchmark; prints the table and returns the report.
+#[expect(clippy::too_many_lines, reason = "one linear script: topology, servers, rounds, report")]
+pub fn run(opts: Options) -> Result<Report> {
+    let topo = DsrTopology::new(&unique_prefix("lbb-http"), 1);
+    let dir = TempDir::new("bench-http");
+    let d = dir.path();
+    let pki = Pki::new(d);
+    let (pem, key) = pki.server("bench", &["bench.example"], 30);
+    std::fs::write(d.join("bench-combined.pem"), [std::fs::read(&pem)?, std::fs::read(&key)?].concat())?;
+    let lb_ip = topo.lb.ip.to_string();
+    let backend = backend_ip(0).to_string();
+    let client = &topo.client.ns;
+
+    let _backend = spawn(
+        topo.backends[0].ns.command("nginx").arg("-c").arg(dir.write("backend.conf", &backend_nginx(d))),
+        "nginx",
+        &d.join("backend.log"),
+    )?;
+    wait_listening(client, SocketAddr::from((backend_ip(0), BACKEND_PORT)))?;
+    let nginx = spawn(
+        topo.lb.ns.command("nginx").arg("-c").arg(dir.write("proxy.conf", &proxy_nginx(d, &lb_ip, &backend))),
+        "nginx",
+        &d.join("proxy.log"),
+    )?;
+    let haproxy = spawn(
+        topo.lb
+            .ns
+            .command("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(dir.write("haproxy.cfg", &haproxy(d, &lb_ip, &backend))),
+        "haproxy",
+        &d.join("haproxy.log"),
+    )?;
+    // lb with its access log off, as the others.
+    let reg = dir.write("services.yaml", &lb_registry(&backend));
+    let lbd = Lbd::start_env(
+        &topo.lb.ns,
+        &dir,
+        &reg,
+        "eth0",
+        &[],
+        &[("RUST_LOG", "info,lb_userspace::access=off")],
+    );
+    let pid = |name: &str| match name {
+        "lb" => lbd.pid(),
+        "haproxy" => haproxy.0.id(),
+        _ => nginx.0.id(),
+    };
+    for (name, plain, tls) in PROXIES {
+        for port in [plain, tls] {
+            wait_listening(client, SocketAddr::from((topo.lb.ip, port))).with_context(|| {
+                let log = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+                let logs = match name {
+                    "lb" => lbd.log(),
+                    "haproxy" => log("haproxy.log"),
+                    _ => log("proxy.log") + &log("proxy.err"),
+                };
+                format!("{name} on {port}:\n{logs}")
+            })?;
+        }
+    }
+
+    let mut figures: BTreeMap<String, BTreeMap<String, Figure>> = BTreeMap::new();
+    for round_no in 0..opts.rounds {
+        eprintln!("http bench: round {}/{}", round_no + 1, opts.rounds);
+        for protocol in PROTOCOLS {
+            for (name, plain, tls) in PROXIES {
+                let port = if protocol == "http" { plain } else { tls };
+                let cpu0 = cpu_seconds(pid(name));
+                let r = load(client, d, protocol, SocketAddr::from((topo.lb.ip, port)), opts)?;
+                let cpu = cpu_seconds(pid(name)) - cpu0;
+                eprintln!(
+                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                    r.rps, r.p50_ms, r.p99_ms, r.errors
+                );
+                let f = figures.entry(name.to_owned()).or_default().entry(protocol.to_owned()).or_default();
+                f.rps_samples.push(round(r.rps, 0));
+                f.p50.push(r.p50_ms);
+                f.p99.push(r.p99_ms);
+                f.cpu.push(cpu / r.requests.max(1.0) * 1e6);
+                f.errors += r.errors;
+            }
+        }
+    }
+    for f in figures.values_mut().flat_map(|m| m.values_mut()) {
+        f.rps = median(&mut f.rps_samples.clone());
+        f.p50_ms = round(median(&mut f.p50), 3);
+        f.p99_ms = round(median(&mut f.p99), 3);
+        f.cpu_s_per_1m_req = round(median(&mut f.cpu), 2);
+    }
+    let mut lb_ratios = BTreeMap::new();
+    let mut rows = Vec::new();
+    for protocol in PROTOCOLS {
+        let get = |p: &str| figures[p][protocol].clone();
+        let (lb, ha, ng) = (get("lb"), get("haproxy"), get("nginx"));
+        let ratios = Ratios {
+            rps_vs_haproxy: round(lb.rps / ha.rps, 2),
+            rps_vs_nginx: round(lb.rps / ng.rps, 2),
+            p99_vs_haproxy: round(lb.p99_ms / ha.p99_ms, 2),
+            cpu_vs_haproxy: round(lb.cpu_s_per_1m_req / ha.cpu_s_per_1m_req, 2),
+        };
+        for (name, f) in [("lb", &lb), ("haproxy", &ha), ("nginx", &ng)] {
+            rows.push(vec![
+                protocol.to_owned(),
+                name.to_owned(),
+                format!("{:.0}", f.rps),
+                format!("{:.2}", f.p50_ms),
+                format!("{:.2}", f.p99_ms),
+                format!("{:.1}", f.cpu_s_per_1m_req),
+                f.errors.to_string(),
+            ]);
+        }
+        lb_ratios.insert(protocol.to_owned(), ratios);
+    }
+    println!(
+        "{}",
+        table(&["protocol", "proxy", "req/s", "p50 ms", "p99 ms", "cpu s/1M req", "errors"], &rows)
+    );
+    let mut ratio_rows = Vec::new();
+    for (p, r) in &lb_ratios {
+        ratio_rows.push(vec![
+            p.clone(),
+            format!("{:.2}", r.rps_vs_haproxy),
+            format!("{:.2}", r.rps_vs_nginx),
+            format!("{:.2}", r.p99_vs_haproxy),
+            format!("{:.2}", r.cpu_vs_haproxy),
+        ]);
+    }
+    println!(
+        "{}",
+        table(
+            &["lb, protocol", "rps vs HAProxy", "rps vs nginx", "p99 vs HAProxy", "cpu vs HAProxy"],
+            &ratio_rows
+        )
+    );
+    let mut note = String::new();
+    let _ = write!(note, "targets: rps >= 1.0 x HAProxy and >= 1.2 x nginx; p99 <= HAProxy; cpu <= HAProxy");
+    println!("{note}");
+    drop(lbd);
+    Ok(Report {
+        seconds: opts.seconds,
+        rounds: opts.rounds,
+        connections: opts.connections,
+        proxies: figures,
+        lb_ratios,
+        targets: "rps >= 1.0 x HAProxy and >= 1.2 x nginx, p99 <= HAProxy, CPU per request <= HAProxy",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_and_h2load_output_is_read() {
+        let wrk = "Running 5s test @ http://10.0.0.1:8000/
+  2 threads and 32 connections
+  Latency Distribution
+     50%  812.00us
+     75%    1.20ms
+     90%    2.00ms
+     99%   10.50ms
+  101234 requests in 5.00s, 12.3MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  20246.80
+";
+        let r = parse_wrk(wrk).unwrap();
+        assert!((r.rps - 20246.8).abs() < 1e-6 && (r.requests - 101_234.0).abs() < 1e-6);
+        assert!((r.p50_ms - 0.812).abs() < 1e-9 && (r.p99_ms - 10.5).abs() < 1e-9);
+        assert_eq!(r.errors, 7);
+        let h2 = "finished in 5.00s, 12345.60 req/s, 1.20MB/s
+requests: 61728 total, 61728 started, 61728 done, 61726 succeeded, 2 failed, 0 errored, 0 timeout
+";
+        let log = "1\t200\t1000\n2\t200\t3000\n3\t200\t2000\n";
+        let r = parse_h2load(h2, log).unwrap();
+        assert!((r.rps - 12345.6).abs() < 1e-6);
+        assert_eq!(r.errors, 2);
+        assert!((r.p50_ms - 2.0).abs() < 1e-9 && (r.p99_ms - 3.0).abs() < 1e-9);
+    }
+}
