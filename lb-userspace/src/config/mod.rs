@@ -217,6 +217,15 @@ fn certificate_files(
     dirs: &mut Vec<PathBuf>,
 ) -> Result<(), ConfigError> {
     let mut problems = Vec::new();
+    let mut report = |p: FieldPath, e: &crate::tls::TlsError| {
+        problems.push(problem_at(
+            file,
+            spans.locate(&p),
+            p.to_string(),
+            crate::logging::error_chain(e),
+            None,
+        ));
+    };
     for (i, l) in reg.listeners.iter_mut().enumerate() {
         let Some(tls) = &mut l.tls else { continue };
         let at = FieldPath::default().key("listeners").index(i).key("tls");
@@ -227,14 +236,7 @@ fn certificate_files(
             if let Err(e) = crate::tls::Certificate::load(&c.cert, &c.key, false) {
                 let in_key = matches!(&e, crate::tls::TlsError::Read { path, .. }
                     | crate::tls::TlsError::Invalid { path, .. } if *path == c.key);
-                let p = at.key("certificates").index(j).key(if in_key { "key" } else { "cert" });
-                problems.push(problem_at(
-                    file,
-                    spans.locate(&p),
-                    p.to_string(),
-                    crate::logging::error_chain(&e),
-                    None,
-                ));
+                report(at.key("certificates").index(j).key(if in_key { "key" } else { "cert" }), &e);
             }
         }
         if let Some(auth) = &mut tls.client_auth {
@@ -244,14 +246,7 @@ fn certificate_files(
         if tls.client_auth.is_some()
             && let Err(e) = crate::tls::server_config(tls, Vec::new())
         {
-            let p = at.key("client_auth").key("ca");
-            problems.push(problem_at(
-                file,
-                spans.locate(&p),
-                p.to_string(),
-                crate::logging::error_chain(&e),
-                None,
-            ));
+            report(at.key("client_auth").key("ca"), &e);
         }
     }
     if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
@@ -490,6 +485,27 @@ tcp:
     }
 
     const SVC: &str = "tcp:\n  NAME:\n    port: 80\n    backends:\n      - {host: 10.0.0.1, port: 80}\n";
+
+    #[test]
+    fn a_bad_certificate_file_is_a_problem_at_its_field() {
+        let d = Dir::new("certs");
+        std::fs::create_dir_all(d.0.join("certs")).unwrap();
+        d.write("certs/site.pem", "not a certificate\n");
+        let root = d.write(
+            "services.yaml",
+            "version: 1\nlisteners:\n  - port: 443\n    tls:\n      certificates:\n        - {cert: certs/site.pem, key: certs/missing.key}\n",
+        );
+        let e = load(&root).unwrap_err();
+        let p = &e.problems()[0];
+        assert_eq!(p.field, "listeners[0].tls.certificates[0].key", "{e}");
+        assert_eq!((p.file.as_path(), p.line), (root.as_path(), 6), "{e}");
+        assert!(p.message.contains("cannot read") && p.message.contains("missing.key"), "{e}");
+        d.write("certs/missing.key", "not a key either\n");
+        let e = load(&root).unwrap_err();
+        let p = &e.problems()[0];
+        assert_eq!(p.field, "listeners[0].tls.certificates[0].cert", "{e}");
+        assert!(p.message.contains("site.pem") && p.message.contains("holds no certificate"), "{e}");
+    }
 
     #[test]
     fn includes_merge_globs_and_files_and_report_what_they_read() {
