@@ -93,11 +93,23 @@ pub struct Report {
     pub targets: &'static str,
 }
 
-/// A process killed on drop.
+/// A server stopped on drop: SIGTERM first, so nginx's master stops its workers (a killed
+/// master leaves them running), then SIGKILL if it lingers.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: signalling our own child, which has not been waited for yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
