@@ -248,6 +248,7 @@ fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
 }
 
 /// CPU seconds used so far by `pid` and its children (nginx's workers).
+#[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
 fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -311,6 +312,12 @@ fn parse_wrk(out: &str) -> Result<Run> {
     Ok(Run { requests, rps, p50_ms: p50, p99_ms: p99, errors })
 }
 
+#[expect(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "request counts far below 2^52; a percentile's index is within the log"
+)]
 fn parse_h2load(out: &str, log: &str) -> Result<Run> {
     // finished in 5.00s, 12345.60 req/s, 1.2MB/s
     let rps: f64 = out
