@@ -12,14 +12,14 @@ use std::{
 };
 
 use rustls::{
-    RootCertStore, ServerConfig, SupportedCipherSuite, SupportedProtocolVersion,
+    ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite, SupportedProtocolVersion,
     crypto::{CryptoProvider, ring},
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
 
-use crate::config::{Tls, TlsVersion};
+use crate::config::{Tls, TlsVersion, UpstreamTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -228,16 +228,7 @@ pub fn server_config(spec: &Tls, certs: Vec<Arc<Certificate>>) -> Result<ServerC
     let builder = match &spec.client_auth {
         None => builder.with_no_client_auth(),
         Some(auth) => {
-            let pem =
-                std::fs::read(&auth.ca).map_err(|source| TlsError::Read { path: auth.ca.clone(), source })?;
-            let mut roots = RootCertStore::empty();
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| TlsError::Invalid { path: auth.ca.clone(), reason: e.to_string() })?;
-                roots
-                    .add(c)
-                    .map_err(|e| TlsError::Invalid { path: auth.ca.clone(), reason: e.to_string() })?;
-            }
-            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&auth.ca)?), provider);
             if !auth.required {
                 v = v.allow_unauthenticated();
             }
@@ -248,6 +239,54 @@ pub fn server_config(spec: &Tls, certs: Vec<Arc<Certificate>>) -> Result<ServerC
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(SniResolver::new(certs)));
     cfg.alpn_protocols = spec.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(cfg)
+}
+
+/// The system's CA bundle (Debian's ca-certificates), trusted when a backend's `ca` is unset.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| TlsError::Invalid { path: path.to_owned(), reason: e.to_string() })?;
+        // The system bundle holds a few certificates webpki cannot parse: skipped there.
+        if let Err(e) = roots.add(c)
+            && path != Path::new(SYSTEM_ROOTS)
+        {
+            return Err(TlsError::Invalid { path: path.to_owned(), reason: e.to_string() });
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Invalid { path: path.to_owned(), reason: "no certificate in it".into() });
+    }
+    Ok(roots)
+}
+
+/// The edge's rustls settings towards backends: their CA, the edge's client certificate for
+/// mTLS, and ALPN for the protocol spoken.
+pub fn client_config(spec: &UpstreamTls, http2: bool) -> Result<ClientConfig, TlsError> {
+    let ca = spec.ca.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Settings(e.to_string()))?
+        .with_root_certificates(roots(&ca)?);
+    let mut cfg = match (&spec.cert, &spec.key) {
+        (Some(cert), Some(key)) => {
+            // Loaded as a listener's would be: a key that does not match is named here.
+            let c = Certificate::load(cert, key, false)?;
+            let chain = c.key.cert.clone();
+            let pem = std::fs::read(key).map_err(|source| TlsError::Read { path: key.clone(), source })?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| TlsError::Invalid { path: key.clone(), reason: e.to_string() })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsError::Invalid { path: key.clone(), reason: e.to_string() })?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(TlsError::Settings("a client certificate needs both `cert` and `key`".into())),
+    };
+    cfg.alpn_protocols = vec![if http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     Ok(cfg)
 }
 

@@ -19,8 +19,11 @@ const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"
 /// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
 /// validate the Vagrantfile; Debian's Python with `jsonschema` and `yaml`, to check
 /// `lb-ctl schema` against registries the way an editor does; `openssl` to make test
-/// certificates and as a TLS client and server; `wrk` to load the edge while certificates change.
-const TEST_ONLY_PACKAGES: &[&str] = &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk"];
+/// certificates and as a TLS client and server; `wrk` to load the edge while certificates change;
+/// `nginx` as a backend that checks the edge's client certificate, speaks HTTP/2 and reads the
+/// PROXY protocol.
+const TEST_ONLY_PACKAGES: &[&str] =
+    &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk", "nginx"];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 /// The HTTP benchmark's baselines (HAProxy, nginx, with nginx as the backend too), its

@@ -77,6 +77,9 @@ struct Args {
     unpin: bool,
 }
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     logging::init(args.log_format);

@@ -378,12 +378,16 @@ impl Default for Timeouts {
     }
 }
 
-/// Keep-alive connections kept to each backend.
+/// Keep-alive connections kept to each backend (seed 002's nginx `keepalive 64`,
+/// `keepalive_requests 100`, `keepalive_timeout 60s`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pool {
     /// Idle connections kept per backend.
     pub max_idle: usize,
+    /// Requests one connection carries before it is closed; 0: no limit. With HTTP/2 to the
+    /// backend, streams.
+    pub max_requests: u32,
     /// An idle connection unused this long is closed.
     #[serde(deserialize_with = "duration")]
     #[schemars(with = "String")]
@@ -392,6 +396,44 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Self { max_idle: 64, idle_timeout: Duration::from_mins(1) }
+        Self { max_idle: 64, max_requests: 100, idle_timeout: Duration::from_mins(1) }
     }
+}
+
+/// How the edge talks to a service's backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    /// `http1` (default), or `http2`: one multiplexed connection per backend (h2 by ALPN over
+    /// TLS, prior knowledge without).
+    pub protocol: UpstreamProtocol,
+    /// HTTPS to the backends; without it, plain HTTP.
+    pub tls: Option<UpstreamTls>,
+    /// Start each connection with a PROXY protocol v2 header naming the client, so the backend
+    /// sees its address. A connection then carries one client's requests only. Applies to TLS
+    /// passthrough too.
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+/// TLS from the edge to the backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTls {
+    /// PEM file of the CAs a backend's certificate must chain to; default the system's
+    /// (`/etc/ssl/certs/ca-certificates.crt`). Relative to the registry file.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM) shown to backends that ask for one (mTLS); with `key`.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    /// The name a backend's certificate must carry and the SNI sent; default the backend's
+    /// host (its address for an IP, which a certificate must then list).
+    pub server_name: Option<String>,
 }

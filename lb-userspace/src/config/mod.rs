@@ -18,7 +18,7 @@ use std::{
 
 pub use edge::{
     Balance, CertSpec, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Redirect, Retry, Timeouts,
-    Tls, TlsVersion,
+    Tls, TlsVersion, Upstream, UpstreamProtocol, UpstreamTls,
 };
 pub use error::{ConfigError, Problem};
 pub use schema::{
@@ -247,6 +247,32 @@ fn certificate_files(
             && let Err(e) = crate::tls::server_config(tls, Vec::new())
         {
             report(at.key("client_auth").key("ca"), &e);
+        }
+    }
+    for (name, svc) in &mut reg.http {
+        let http2 = svc.upstream.protocol == UpstreamProtocol::Http2;
+        let Some(tls) = &mut svc.upstream.tls else { continue };
+        let at = FieldPath::default().key("http").key(name).key("upstream").key("tls");
+        for f in [&mut tls.ca, &mut tls.cert, &mut tls.key].into_iter().flatten() {
+            *f = base.join(&*f);
+            dirs.extend(f.parent().map(Path::to_owned));
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            continue; // validation names the missing one
+        }
+        if let Err(e) = crate::tls::client_config(tls, http2) {
+            let field = match &e {
+                crate::tls::TlsError::Read { path, .. }
+                | crate::tls::TlsError::Invalid { path, .. }
+                | crate::tls::TlsError::Mismatch { cert: path, .. } => {
+                    [(&tls.ca, "ca"), (&tls.key, "key"), (&tls.cert, "cert")]
+                        .into_iter()
+                        .find(|(f, _)| f.as_ref() == Some(path))
+                        .map_or("ca", |(_, n)| n)
+                }
+                _ => "ca",
+            };
+            report(at.key(field), &e);
         }
     }
     if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
@@ -505,6 +531,31 @@ tcp:
         let p = &e.problems()[0];
         assert_eq!(p.field, "listeners[0].tls.certificates[0].cert", "{e}");
         assert!(p.message.contains("site.pem") && p.message.contains("holds no certificate"), "{e}");
+    }
+
+    #[test]
+    fn upstream_tls_and_proxy_settings_are_checked_where_they_are_written() {
+        let d = Dir::new("upstream");
+        d.write("ca.pem", "no CA here\n");
+        let svc = |upstream: &str| {
+            format!(
+                "version: 1\nhttp:\n  x.org:\n    backends: [{{host: a, port: 1}}]\n    upstream: {upstream}\n"
+            )
+        };
+        let root = d.write("services.yaml", &svc("{tls: {ca: ca.pem}}"));
+        let e = load(&root).unwrap_err();
+        let p = &e.problems()[0];
+        assert_eq!((p.field.as_str(), p.line), ("http.x.org.upstream.tls.ca", 5), "{e}");
+        assert!(p.message.contains("ca.pem"), "{e}");
+        d.write("services.yaml", &svc("{tls: {cert: c.pem}}"));
+        let e = load(&root).unwrap_err();
+        assert_eq!(e.problems()[0].field, "http.x.org.upstream.tls.key", "{e}");
+        d.write("services.yaml", &svc("{protocol: http2, proxy_protocol: true}"));
+        let e = load(&root).unwrap_err();
+        assert_eq!(e.problems()[0].field, "http.x.org.upstream.proxy_protocol", "{e}");
+        d.write("services.yaml", &svc("{protocol: http3}"));
+        let e = load(&root).unwrap_err();
+        assert!(e.to_string().contains("http3"), "{e}");
     }
 
     #[test]

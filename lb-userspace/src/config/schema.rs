@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
-use super::edge::{Balance, Listener, Passive, Pool, Redirect, Retry, Timeouts};
+use super::edge::{Balance, Listener, Passive, Pool, Redirect, Retry, Timeouts, Upstream};
 
 /// The only registry format version.
 pub const REGISTRY_VERSION: u32 = 1;
@@ -179,6 +179,9 @@ pub struct HttpService {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub pool: Pool,
+    /// Protocol, TLS and PROXY protocol to the backends.
+    #[serde(default)]
+    pub upstream: Upstream,
     /// The answer when no backend (fallbacks included) is usable: `fail-open` tries them
     /// all anyway, `fail-closed` answers 503 at once.
     #[serde(default)]

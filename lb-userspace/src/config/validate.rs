@@ -207,6 +207,36 @@ fn tls_settings(p: &FieldPath, tls: &crate::config::Tls, out: &mut Vec<Finding>)
     }
 }
 
+fn upstream(p: &FieldPath, up: &crate::config::Upstream, out: &mut Vec<Finding>) {
+    if up.proxy_protocol && up.protocol == crate::config::UpstreamProtocol::Http2 {
+        out.push(finding(
+            p.key("proxy_protocol"),
+            "the PROXY protocol makes one connection per client, which HTTP/2 to backends would share",
+            Some("use protocol: http1 with proxy_protocol"),
+        ));
+    }
+    if let Some(tls) = &up.tls {
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => {
+                out.push(finding(p.key("tls").key("key"), "a client `cert` needs its `key`", None));
+            }
+            (None, Some(_)) => {
+                out.push(finding(p.key("tls").key("cert"), "a `key` needs its client `cert`", None));
+            }
+            _ => {}
+        }
+        if let Some(n) = &tls.server_name
+            && rustls::pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            out.push(finding(
+                p.key("tls").key("server_name"),
+                format!("`{n}` is not a DNS name or address"),
+                None,
+            ));
+        }
+    }
+}
+
 fn http_service(
     path: &FieldPath,
     name: &str,
@@ -272,6 +302,7 @@ fn http_service(
         fallback(path, &svc.backends, &svc.fallback, out);
     }
     health(&path.key("health"), &svc.health, true, out);
+    upstream(&path.key("upstream"), &svc.upstream, out);
     match &svc.balance {
         Balance::Hash(HashKey::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
             out.push(finding(

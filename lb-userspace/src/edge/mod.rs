@@ -16,7 +16,9 @@
 
 mod balance;
 mod passthrough;
+mod pool;
 mod proxy;
+mod proxy_v2;
 mod routes;
 mod server;
 mod sni;
@@ -52,6 +54,12 @@ pub enum EdgeError {
     #[error("listener {port}: TLS")]
     Tls {
         port: u16,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    #[error("service {service}: TLS to its backends")]
+    UpstreamTls {
+        service: String,
         #[source]
         source: crate::tls::TlsError,
     },
@@ -115,6 +123,9 @@ pub struct Edge {
     listeners: HashMap<SocketAddr, watch::Sender<()>>,
     /// Backend state by (service, backend identity), kept across reloads.
     backends: HashMap<(String, String), Arc<BackendState>>,
+    /// Connections by (service, backend identity), kept across reloads that keep their
+    /// settings.
+    pools: HashMap<(String, String), Arc<pool::BackendPool>>,
     /// The certificate, key and CA files served, as they were when read.
     tls_files: Vec<FileStamp>,
 }
@@ -124,12 +135,18 @@ type FileStamp = (std::path::PathBuf, Option<(u64, u64, i64, i64, u64)>);
 
 fn stamps(reg: &Registry) -> Vec<FileStamp> {
     use std::os::unix::fs::MetadataExt as _;
-    let files = reg.listeners.iter().filter_map(|l| l.tls.as_ref()).flat_map(|t| {
+    let listeners = reg.listeners.iter().filter_map(|l| l.tls.as_ref()).flat_map(|t| {
         t.certificates
             .iter()
             .flat_map(|c| [c.cert.clone(), c.key.clone()])
             .chain(t.client_auth.as_ref().map(|a| a.ca.clone()))
     });
+    let upstreams = reg
+        .http
+        .values()
+        .filter_map(|s| s.upstream.tls.as_ref())
+        .flat_map(|t| [t.ca.clone(), t.cert.clone(), t.key.clone()].into_iter().flatten());
+    let files = listeners.chain(upstreams);
     files
         .map(|f| {
             let m =
@@ -148,6 +165,7 @@ impl Edge {
             shared: Arc::default(),
             listeners: HashMap::new(),
             backends: HashMap::new(),
+            pools: HashMap::new(),
             tls_files: Vec::new(),
         }
     }
@@ -184,17 +202,31 @@ impl Edge {
                     warn_expiring(&shared.snapshot(), std::time::SystemTime::now());
                 }
             });
+            let shared = self.shared.clone();
+            rt.spawn(async move {
+                // Idle backend connections past their idle timeout, on backends no request
+                // checks out from.
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let now = std::time::Instant::now();
+                    for svc in shared.snapshot().services.values() {
+                        svc.members.iter().for_each(|m| m.pool.sweep(now));
+                    }
+                }
+            });
             self.runtime = Some(rt);
         }
 
         let tls_files = stamps(reg);
+        let files_changed = tls_files != self.tls_files;
         let ports = reg
             .listeners
             .iter()
             .map(|l| port(l).map(|p| (l.port, Arc::new(p))))
             .collect::<Result<BTreeMap<_, _>, _>>()?;
         let node = self.node.clone().or_else(|| reg.node.clone());
-        let snap = self.build(reg, node.as_deref(), ports);
+        let snap = self.build(reg, node.as_deref(), ports, files_changed)?;
         warn_expiring(&snap, std::time::SystemTime::now());
         self.tls_files = tls_files;
         self.shared.current.store(Arc::new(snap));
@@ -222,11 +254,27 @@ impl Edge {
         Ok(())
     }
 
-    fn build(&mut self, reg: &Registry, node: Option<&str>, ports: BTreeMap<u16, Arc<Port>>) -> Snapshot {
+    fn build(
+        &mut self,
+        reg: &Registry,
+        node: Option<&str>,
+        ports: BTreeMap<u16, Arc<Port>>,
+        files_changed: bool,
+    ) -> Result<Snapshot, EdgeError> {
         let previous = self.shared.snapshot();
         let mut backends = HashMap::new();
+        let mut pools = HashMap::new();
         let mut services = HashMap::new();
         for (name, spec) in &reg.http {
+            // Idle connections survive a reload that keeps their settings and files.
+            let old = previous.services.get(name).and_then(|s| s.members.first()).map(|m| m.pool.settings());
+            let settings = match old {
+                Some(s) if s.made_from(spec) && !files_changed => s.clone(),
+                _ => Arc::new(
+                    pool::Settings::new(spec)
+                        .map_err(|source| EdgeError::UpstreamTls { service: name.clone(), source })?,
+                ),
+            };
             let members: Vec<Member> = with_roles(&spec.backends, &spec.fallback)
                 .map(|(b, role)| {
                     let key = (name.clone(), b.identity());
@@ -235,24 +283,21 @@ impl Edge {
                         .get(&key)
                         .cloned()
                         .unwrap_or_else(|| Arc::new(BackendState::new(name, &key.1)));
+                    let pool = match self.pools.get(&key) {
+                        Some(p) if Arc::ptr_eq(p.settings(), &settings) => p.clone(),
+                        _ => Arc::new(pool::BackendPool::new(&key.1, settings.clone())),
+                    };
+                    pools.insert(key.clone(), pool.clone());
                     backends.insert(key, state.clone());
                     let local = node.is_some() && b.node.as_deref() == node;
-                    Member { state, weight: b.weight, role, local }
+                    Member { state, weight: b.weight, role, local, pool }
                 })
                 .collect();
-            // Idle connections survive a reload when the pool settings stay.
-            let client = match previous.services.get(name) {
-                Some(old)
-                    if old.spec.pool == spec.pool && old.spec.timeouts.connect == spec.timeouts.connect =>
-                {
-                    old.client.clone()
-                }
-                _ => proxy::client(spec),
-            };
-            services.insert(name.clone(), Arc::new(ServiceState::new(name, spec.clone(), members, client)));
+            services.insert(name.clone(), Arc::new(ServiceState::new(name, spec.clone(), members)));
         }
         self.backends = backends;
-        Snapshot { tables: routes::tables(reg), services, ports }
+        self.pools = pools;
+        Ok(Snapshot { tables: routes::tables(reg), services, ports })
     }
 
     /// Whether a certificate, key or CA file of `reg` changed since it was applied (the

@@ -13,6 +13,7 @@ use tracing::{debug, info};
 use super::{
     Shared,
     proxy::{self, Conn},
+    proxy_v2,
     sni::{self, Hello},
     upstream::{InFlight, Pick},
 };
@@ -48,7 +49,8 @@ pub async fn serve(
         info!(target: "lb_userspace::access", client = %peer.ip(), sni = %sni, "passthrough: no service for this name");
         return;
     };
-    let conn = Conn { client: peer, port, tls: true };
+    let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
+    let conn = Conn { client: peer, local, port, tls: true };
     let pick = Pick { hash_key: proxy::hash_key(&svc.spec.balance, &conn, &http::HeaderMap::new()) };
     let allowed = (svc.spec.retry.tries as usize).clamp(1, MAX_TRIES);
     let mut tried = [usize::MAX; MAX_TRIES];
@@ -81,6 +83,9 @@ pub async fn serve(
     let _ = up.set_nodelay(true);
     let (mut sent, mut received) = (0, 0);
     let result = async {
+        if svc.spec.upstream.proxy_protocol {
+            up.write_all(&proxy_v2::header(peer, local)).await?;
+        }
         up.write_all(&hello).await?;
         let (a, r) = tokio::io::copy_bidirectional(&mut client, &mut up).await?;
         sent = a;

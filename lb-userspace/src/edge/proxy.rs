@@ -13,22 +13,19 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::{
-    client::legacy::{Client as HyperClient, connect::HttpConnector},
-    rt::TokioIo,
-};
+use hyper_util::rt::TokioIo;
 use tracing::info;
 
 use super::{
     Snapshot,
     balance::hash_bytes,
+    pool::{Lease, SendError},
     routes::request_host,
     upstream::{InFlight, Pick, ServiceState},
 };
 use crate::config::{Balance, HashKey};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Client = HyperClient<HttpConnector, ReqBody>;
 
 /// Most attempts one request makes (the registry allows `tries` up to this).
 const MAX_TRIES: usize = 10;
@@ -53,6 +50,8 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 #[derive(Debug, Clone, Copy)]
 pub struct Conn {
     pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
     pub port: u16,
     pub tls: bool,
 }
@@ -61,21 +60,6 @@ impl Conn {
     const fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
     }
-}
-
-/// Builds a client for a service's pool and connect settings.
-#[must_use]
-pub fn client(spec: &crate::config::HttpService) -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(spec.timeouts.connect));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    HyperClient::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .pool_max_idle_per_host(spec.pool.max_idle)
-        .pool_idle_timeout(spec.pool.idle_timeout)
-        .retry_canceled_requests(false)
-        .build(connector)
 }
 
 /// Serves one request. Never fails: every outcome is a response.
@@ -159,10 +143,12 @@ enum Failure {
     Other(String),
 }
 
-impl From<&hyper_util::client::legacy::Error> for Failure {
-    fn from(e: &hyper_util::client::legacy::Error) -> Self {
-        let text = crate::logging::error_chain(e);
-        if e.is_connect() { Self::Connect(text) } else { Self::Other(text) }
+impl From<SendError> for Failure {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::NotSent(text) => Self::Connect(text),
+            SendError::Failed(text) => Self::Other(text),
+        }
     }
 }
 
@@ -219,23 +205,21 @@ async fn forward(
             }
             (None, None) => break, // a streamed body went to an earlier attempt
         };
-        let Ok(up) = upstream_request(&parts, &b.identity, path_and_query.as_ref(), body) else {
-            last_failure = Failure::Other(format!("bad upstream URI for {}", b.identity));
-            continue;
-        };
+        let up = upstream_request(&parts, path_and_query.as_ref(), body);
         let in_flight = InFlight::start(b);
         let attempt = Instant::now();
-        let result = tokio::time::timeout(spec.timeouts.response, svc.client.request(up)).await;
+        let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(up, &conn)).await;
         let last_try = n == tries_allowed || !may_retry;
         match result {
-            Ok(Ok(mut resp)) => {
+            Ok(Ok((mut resp, lease))) => {
                 b.observe(attempt.elapsed());
                 let status = resp.status();
                 if status == StatusCode::SWITCHING_PROTOCOLS
                     && let Some((_, client_side)) = upgrade.take()
                 {
                     let backend_side = hyper::upgrade::on(&mut resp);
-                    return tunnel(resp, client_side, backend_side, in_flight, log(status, &b.identity, n));
+                    let log = log(status, &b.identity, n);
+                    return tunnel(resp, client_side, backend_side, (in_flight, lease), log);
                 }
                 let retryable = spec.retry.statuses.contains(&status.as_u16());
                 if retryable {
@@ -252,11 +236,11 @@ async fn forward(
                 let (mut rparts, rbody) = resp.into_parts();
                 clean_response_headers(&mut rparts.headers);
                 let log = log(status, &b.identity, n);
-                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, log));
+                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, lease, log));
             }
             Ok(Err(e)) => {
                 svc.failed(i, Instant::now());
-                last_failure = Failure::from(&e);
+                last_failure = Failure::from(e);
             }
             Err(_) => {
                 svc.failed(i, Instant::now());
@@ -308,7 +292,7 @@ fn tunnel(
     resp: Response<Incoming>,
     client_side: hyper::upgrade::OnUpgrade,
     backend_side: hyper::upgrade::OnUpgrade,
-    in_flight: InFlight,
+    held: (InFlight, Option<Lease>),
     log: AccessLog,
 ) -> Response<RespBody> {
     let (mut parts, _) = resp.into_parts();
@@ -319,8 +303,8 @@ fn tunnel(
         parts.headers.insert(header::UPGRADE, p);
     }
     tokio::spawn(async move {
-        // Counted in flight (least-conn) while the tunnel is open.
-        let _in_flight = in_flight;
+        // Counted in flight (least-conn) while the tunnel is open; its connection is not reused.
+        let _held = held;
         match tokio::try_join!(client_side, backend_side) {
             Ok((c, b)) => {
                 let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
@@ -378,23 +362,17 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// The request one attempt sends to the backend at `authority`.
+/// The request one attempt sends: origin-form URI, the cleaned headers (Host included).
 fn upstream_request(
     parts: &http::request::Parts,
-    authority: &str,
     pq: Option<&http::uri::PathAndQuery>,
     body: ReqBody,
-) -> Result<Request<ReqBody>, http::Error> {
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq.map_or("/", http::uri::PathAndQuery::as_str))
-        .build()?;
+) -> Request<ReqBody> {
     let mut up = Request::new(body);
     *up.method_mut() = parts.method.clone();
-    *up.uri_mut() = uri;
+    *up.uri_mut() = pq.map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     *up.headers_mut() = parts.headers.clone();
-    Ok(up)
+    up
 }
 
 /// The consistent-hash key of a request: `None` when the service does not hash, or the
@@ -581,6 +559,8 @@ pub struct RespBody {
 
 struct Finish {
     _in_flight: Option<InFlight>,
+    /// The backend connection, back to its pool if the body ends cleanly.
+    lease: Option<Lease>,
     log: Option<AccessLog>,
     /// Ends the connection's request when the body is done (idle tracking).
     on_done: Option<Box<dyn FnOnce() + Send + Sync>>,
@@ -592,16 +572,21 @@ impl RespBody {
             inner: Frames::Full(Some(b)),
             bytes: 0,
             done: false,
-            finish: Some(Box::new(Finish { _in_flight: None, log, on_done: None })),
+            finish: Some(Box::new(Finish { _in_flight: None, lease: None, log, on_done: None })),
         }
     }
 
-    fn upstream(b: Incoming, in_flight: InFlight, log: AccessLog) -> Self {
+    fn upstream(b: Incoming, in_flight: InFlight, lease: Option<Lease>, log: AccessLog) -> Self {
         Self {
             inner: Frames::Stream(b),
             bytes: 0,
             done: false,
-            finish: Some(Box::new(Finish { _in_flight: Some(in_flight), log: Some(log), on_done: None })),
+            finish: Some(Box::new(Finish {
+                _in_flight: Some(in_flight),
+                lease,
+                log: Some(log),
+                on_done: None,
+            })),
         }
     }
 
@@ -610,14 +595,27 @@ impl RespBody {
         if let Some(fin) = &mut self.finish {
             fin.on_done = Some(Box::new(f));
         } else {
-            self.finish = Some(Box::new(Finish { _in_flight: None, log: None, on_done: Some(Box::new(f)) }));
+            self.finish = Some(Box::new(Finish {
+                _in_flight: None,
+                lease: None,
+                log: None,
+                on_done: Some(Box::new(f)),
+            }));
         }
     }
 }
 
 impl Drop for RespBody {
     fn drop(&mut self) {
-        if let Some(fin) = self.finish.take() {
+        // hyper stops polling once a body says it has ended.
+        self.done |= self.inner.is_end_stream();
+        if let Some(mut fin) = self.finish.take() {
+            // A body not read to its end leaves its connection mid-response: closed, not reused.
+            if self.done
+                && let Some(lease) = fin.lease.take()
+            {
+                lease.release();
+            }
             if let Some(log) = &fin.log {
                 log.write(self.bytes, self.done);
             }
@@ -697,7 +695,12 @@ mod tests {
 
     #[test]
     fn the_cookie_or_header_named_is_the_hash_key() {
-        let conn = Conn { client: "10.0.0.1:5555".parse().unwrap(), port: 80, tls: false };
+        let conn = Conn {
+            client: "10.0.0.1:5555".parse().unwrap(),
+            local: "10.0.0.2:80".parse().unwrap(),
+            port: 80,
+            tls: false,
+        };
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; session=abc; b=2"));
         h.insert("x-user", HeaderValue::from_static("u7"));

@@ -189,12 +189,13 @@ async fn serve(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Share
         return super::passthrough::serve(stream, peer, port, &shared, &listener.limits).await;
     }
     let fd: RawFd = stream.as_raw_fd();
+    let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port));
     let state = Arc::new(ConnState::new());
     let io = Counting { inner: stream, state: state.clone() };
     let limits = &listener.limits;
     let Some(tls) = &listener.tls else {
         let proto = if listener.h2c { Proto::Auto } else { Proto::Http1 };
-        let conn = Conn { client: peer, port, tls: false };
+        let conn = Conn { client: peer, local, port, tls: false };
         return drive(TokioIo::new(io), proto, Some(fd), conn, &shared, &listener, state).await;
     };
     // The handshake is part of the request head: both within the header timeout.
@@ -213,7 +214,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Share
         }
     };
     let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") { Proto::Http2 } else { Proto::Http1 };
-    let conn = Conn { client: peer, port, tls: true };
+    let conn = Conn { client: peer, local, port, tls: true };
     // A 408 would have to go through TLS: a slow TLS client is closed without one.
     drive(TokioIo::new(stream), proto, None, conn, &shared, &listener, state).await;
 }

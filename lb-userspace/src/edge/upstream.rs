@@ -135,6 +135,8 @@ pub struct Member {
     pub weight: u32,
     pub role: Role,
     pub local: bool,
+    /// Connections to it.
+    pub pool: Arc<super::pool::BackendPool>,
 }
 
 /// Backends tried together: primaries on this node, other primaries, then the same for
@@ -154,8 +156,6 @@ pub struct ServiceState {
     pub members: Vec<Member>,
     tiers: Vec<Tier>,
     tick: AtomicUsize,
-    /// Keep-alive pools to its backends.
-    pub client: super::proxy::Client,
 }
 
 /// What a pick may not return: backends this request already tried.
@@ -170,7 +170,7 @@ pub struct Pick {
 
 impl ServiceState {
     #[must_use]
-    pub fn new(name: &str, spec: HttpService, members: Vec<Member>, client: super::proxy::Client) -> Self {
+    pub fn new(name: &str, spec: HttpService, members: Vec<Member>) -> Self {
         let mut tiers = Vec::new();
         for (role, local) in
             [(Role::Primary, true), (Role::Primary, false), (Role::Fallback, true), (Role::Fallback, false)]
@@ -188,7 +188,7 @@ impl ServiceState {
             let weights: Vec<u32> = idx.iter().map(|&i| members[i].weight).collect();
             tiers.push(Tier { sequence: balance::smooth_sequence(&weights), members: idx });
         }
-        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0), client }
+        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0) }
     }
 
     fn usable(&self, i: usize, now: Instant) -> bool {

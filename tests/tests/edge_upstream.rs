@@ -1,0 +1,253 @@
+//! How the edge talks to backends, against a real nginx as the backend: HTTPS with the edge's
+//! client certificate (mTLS, seed 002), HTTP/2 over TLS and in the clear, the PROXY protocol v2
+//! (HTTP and TLS passthrough), and keep-alive connections closed after `max_requests`.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Child, Stdio},
+};
+
+use lb_tests::{
+    http::get,
+    lbd::{Lbd, TempDir, backend_status, wait_status},
+    netns::NetNs,
+    pki::Pki,
+    privileged,
+    topology::{DsrTopology, backend_ip},
+    unique_prefix,
+};
+
+/// nginx in the backend's namespace, stopped (master and workers) when dropped.
+struct Nginx {
+    child: Option<Child>,
+}
+
+impl Nginx {
+    fn start(ns: &NetNs, dir: &Path, servers: &str) -> Self {
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/nginx.err;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  default_type text/plain;
+  {servers}
+}}
+"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).expect("write nginx.conf");
+        let child = ns
+            .command("nginx")
+            .arg("-c")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run nginx (cargo xtask test installs it)");
+        Self { child: Some(child) }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: a single nginx process (master_process off) exits at once.
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(i32::try_from(c.id()).unwrap_or(0), libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// nginx servers answering with what they saw: protocol, TLS version, client certificate,
+/// PROXY address, connection serial and requests on it. 9443: TLS requiring a client
+/// certificate from `ca`; 9444: HTTP/2 over TLS; 9081: HTTP/2 in the clear; 9082: the PROXY
+/// protocol; 9445: the PROXY protocol, then TLS with the `pass` certificate.
+fn backend_servers(srv: (&Path, &Path), ca: &Path, pass: (&Path, &Path)) -> String {
+    let ssl = |port: u16, extra: &str| {
+        format!(
+            "ssl_certificate {};
+    ssl_certificate_key {};
+    listen {port} ssl{extra};",
+            srv.0.display(),
+            srv.1.display()
+        )
+    };
+    let echo = r#"return 200 "proto=$server_protocol tls=$ssl_protocol dn=$ssl_client_s_dn pp=$proxy_protocol_addr conn=$connection n=$connection_requests\n";"#;
+    format!(
+        "server {{ {mtls}
+    ssl_verify_client on;
+    ssl_client_certificate {ca};
+    location / {{ {echo} }} }}
+  server {{ {h2tls}
+    location / {{ {echo} }} }}
+  server {{ listen 9081 http2; location / {{ {echo} }} }}
+  server {{ listen 9082 proxy_protocol; location / {{ {echo} }} }}
+  server {{ listen 9445 ssl proxy_protocol;
+    ssl_certificate {pass_pem};
+    ssl_certificate_key {pass_key};
+    location / {{ {echo} }} }}",
+        mtls = ssl(9443, ""),
+        h2tls = ssl(9444, " http2"),
+        ca = ca.display(),
+        pass_pem = pass.0.display(),
+        pass_key = pass.1.display(),
+    )
+}
+
+fn registry(b: Ipv4Addr, ca: &Path, edge: (&Path, &Path)) -> String {
+    format!(
+        "version: 1
+listeners: [{{port: 8000}}, {{port: 8446, passthrough: true}}]
+http:
+  mtls.example:
+    listeners: [8000]
+    backends: [{{host: {b}, port: 9443}}]
+    pool: {{max_requests: 5}}
+    upstream:
+      tls: {{ca: {ca}, cert: {edge_pem}, key: {edge_key}, server_name: backend.internal}}
+  nocert.example:
+    listeners: [8000]
+    backends: [{{host: {b}, port: 9443}}]
+    upstream: {{tls: {{ca: {ca}, server_name: backend.internal}}}}
+  h2tls.example:
+    listeners: [8000]
+    backends: [{{host: {b}, port: 9444}}]
+    upstream: {{protocol: http2, tls: {{ca: {ca}, server_name: backend.internal}}}}
+  h2c.example:
+    listeners: [8000]
+    backends: [{{host: {b}, port: 9081}}]
+    upstream: {{protocol: http2}}
+  pp.example:
+    listeners: [8000]
+    backends: [{{host: {b}, port: 9082}}]
+    upstream: {{proxy_protocol: true}}
+  secure.example:
+    listeners: [8446]
+    backends: [{{host: {b}, port: 9445}}]
+    upstream: {{proxy_protocol: true}}
+",
+        ca = ca.display(),
+        edge_pem = edge.0.display(),
+        edge_key = edge.1.display(),
+    )
+}
+
+#[test]
+fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_requests() {
+    if !privileged("backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_requests") {
+        return;
+    }
+    let tag = "edge-up";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let dir = TempDir::new(tag);
+    let pki = Pki::new(dir.path());
+    let (srv_pem, srv_key) = pki.server("backend", &["backend.internal"], 30);
+    let (edge_pem, edge_key) = pki.client("edge", "lb-edge");
+    let (pass_pem, pass_key) = pki.server("secure", &["secure.example"], 30);
+    let ca = pki.ca();
+    let servers = backend_servers((&srv_pem, &srv_key), &ca, (&pass_pem, &pass_key));
+    let backend_dir = dir.path().join("nginx");
+    std::fs::create_dir_all(&backend_dir).expect("nginx dir");
+    let _nginx = Nginx::start(&topo.backends[0].ns, &backend_dir, &servers);
+
+    let b = backend_ip(0);
+    let reg = registry(b, &ca, (&edge_pem, &edge_key));
+    let reg = dir.write("services.yaml", &reg);
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    wait_status(&topo.lb.ns, "backends up", |st| {
+        [
+            ("mtls.example", 9443),
+            ("h2tls.example", 9444),
+            ("h2c.example", 9081),
+            ("pp.example", 9082),
+            ("secure.example", 9445),
+        ]
+        .iter()
+        .all(|(svc, port)| {
+            backend_status(st, svc, &format!("{b}:{port}")).is_some_and(|x| x["health"] == "up")
+        })
+    });
+
+    let edge = SocketAddr::from((topo.lb.ip, 8000));
+    let client_ip = topo.client.ip.to_string();
+    let ask = |host: &str| {
+        let r = topo.client.ns.run(|| get(edge, host, "/"));
+        let r = r.unwrap_or_else(|e| panic!("{host}: {e}\n{}", lbd.log()));
+        (r.status, r.body)
+    };
+    let field = |body: &str, name: &str| {
+        body.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // mTLS: the backend verified the edge's client certificate.
+    let (status, body) = ask("mtls.example");
+    assert_eq!(status, 200, "{body}\n{}", lbd.log());
+    assert_eq!(field(&body, "dn"), "CN=lb-edge", "{body}");
+    assert_eq!(field(&body, "proto"), "HTTP/1.1", "{body}");
+    // The same backend without the certificate: nginx refuses the request.
+    let (status, body) = ask("nocert.example");
+    assert_eq!(status, 400, "a backend requiring a client certificate got none: {body}");
+
+    // max_requests 5: twelve sequential requests over exactly three connections, none carrying
+    // more than five.
+    let mut conns = BTreeSet::new();
+    let mut most = 0;
+    for _ in 0..12 {
+        let (status, body) = ask("mtls.example");
+        assert_eq!(status, 200, "{body}");
+        conns.insert(field(&body, "conn"));
+        most = most.max(field(&body, "n").parse::<u32>().expect("n"));
+    }
+    eprintln!("max_requests 5: 12 requests over {} connection(s), at most {most} each", conns.len());
+    assert_eq!(most, 5, "a connection carries max_requests requests, then closes");
+    assert!((3..=4).contains(&conns.len()), "12 requests, 5 a connection: {conns:?}");
+
+    // HTTP/2 to the backend, by ALPN over TLS and by prior knowledge in the clear; several
+    // requests share one connection.
+    for host in ["h2tls.example", "h2c.example"] {
+        let mut conns = BTreeSet::new();
+        for _ in 0..4 {
+            let (status, body) = ask(host);
+            assert_eq!((status, field(&body, "proto").as_str()), (200, "HTTP/2.0"), "{host}: {body}");
+            conns.insert(field(&body, "conn"));
+        }
+        assert_eq!(conns.len(), 1, "{host}: streams of one connection: {conns:?}");
+    }
+
+    // PROXY protocol v2: the backend sees the client's address, not the lb's.
+    let (status, body) = ask("pp.example");
+    assert_eq!((status, field(&body, "pp")), (200, client_ip.clone()), "{body}\n{}", lbd.log());
+    // And through TLS passthrough: the header, then the client's own TLS stream.
+    let out = topo
+        .client
+        .ns
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("secure.example:8446:{}", topo.lb.ip))
+        .arg("https://secure.example:8446/")
+        .output()
+        .expect("run curl");
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), lbd.log());
+    assert_eq!(field(&body, "pp"), client_ip, "{body}");
+    assert!(field(&body, "tls").starts_with("TLSv1."), "the client's TLS reached the backend: {body}");
+    drop(lbd);
+}
