@@ -23,6 +23,7 @@ mod routes;
 mod server;
 mod sni;
 mod upstream;
+mod workers;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -117,8 +118,8 @@ impl Shared {
 pub struct Edge {
     /// This node's name from the command line; else the registry's.
     node: Option<String>,
-    /// Its own worker threads: proxying wants every core, the controller one thread.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Its own threads, one a core: proxying wants every core, the controller one thread.
+    workers: Option<workers::Workers>,
     shared: Arc<Shared>,
     listeners: HashMap<SocketAddr, watch::Sender<()>>,
     /// Backend state by (service, backend identity), kept across reloads.
@@ -161,7 +162,7 @@ impl Edge {
     pub fn new(node: Option<String>) -> Self {
         Self {
             node,
-            runtime: None,
+            workers: None,
             shared: Arc::default(),
             listeners: HashMap::new(),
             backends: HashMap::new(),
@@ -176,23 +177,15 @@ impl Edge {
     pub fn apply(&mut self, reg: &Registry, over: &Overrides) -> Result<(), EdgeError> {
         let wanted: BTreeMap<SocketAddr, u16> =
             reg.listeners.iter().map(|l| (SocketAddr::new(l.address, l.port), l.port)).collect();
+        let threads = workers::count();
         let mut fresh = Vec::new();
         for (&addr, &port) in wanted.iter().filter(|(a, _)| !self.listeners.contains_key(a)) {
-            let bind = |addr| -> std::io::Result<std::net::TcpListener> {
-                let l = std::net::TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            };
-            fresh.push((addr, port, bind(addr).map_err(|source| EdgeError::Bind { addr, source })?));
+            let sockets = workers::bind(addr, threads).map_err(|source| EdgeError::Bind { addr, source })?;
+            fresh.push((addr, port, sockets));
         }
-        if !fresh.is_empty() && self.runtime.is_none() {
-            let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("lb-edge")
-                .enable_all()
-                .build()
-                .map_err(EdgeError::Runtime)?;
+        if !fresh.is_empty() && self.workers.is_none() {
+            let w = workers::Workers::start(threads).map_err(EdgeError::Runtime)?;
+            let rt = &w.handles()[0];
             let shared = self.shared.clone();
             rt.spawn(async move {
                 let mut daily = tokio::time::interval(std::time::Duration::from_hours(24));
@@ -215,7 +208,7 @@ impl Edge {
                     }
                 }
             });
-            self.runtime = Some(rt);
+            self.workers = Some(w);
         }
 
         let tls_files = stamps(reg);
@@ -232,14 +225,16 @@ impl Edge {
         self.shared.current.store(Arc::new(snap));
         self.set_overrides(over);
 
-        if let Some(rt) = &self.runtime {
-            for (addr, port, l) in fresh {
-                let _guard = rt.enter();
-                let listener = tokio::net::TcpListener::from_std(l)
-                    .map_err(|source| EdgeError::Bind { addr, source })?;
+        if let Some(w) = &self.workers {
+            for (addr, port, sockets) in fresh {
                 let (tx, rx) = watch::channel(());
-                rt.spawn(server::accept_loop(listener, port, self.shared.clone(), rx));
-                info!(%addr, "HTTP listener started");
+                for (rt, l) in w.handles().iter().zip(sockets) {
+                    let _guard = rt.enter();
+                    let listener = tokio::net::TcpListener::from_std(l)
+                        .map_err(|source| EdgeError::Bind { addr, source })?;
+                    rt.spawn(server::accept_loop(listener, port, self.shared.clone(), rx.clone()));
+                }
+                info!(%addr, threads, "HTTP listener started");
                 self.listeners.insert(addr, tx);
             }
         }
@@ -399,10 +394,8 @@ fn warn_expiring(snap: &Snapshot, now: std::time::SystemTime) {
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        // Dropped inside the controller's runtime, where blocking on the workers is not allowed.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        // Stops the edge threads.
+        self.workers.take();
     }
 }
 

@@ -117,7 +117,9 @@ pub struct BackendPool {
     /// Its address, when `identity` is one (else it is resolved at each connect).
     addr: Option<SocketAddr>,
     settings: Arc<Settings>,
-    idle: Mutex<VecDeque<Idle>>,
+    /// Idle connections, a list per edge thread: a connection's task runs on the thread that
+    /// opened it, and requests there reuse it without waking another thread.
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
     /// The HTTP/2 connection and the streams it carried. An async lock: concurrent first
     /// requests wait for one connection instead of opening one each.
     h2: tokio::sync::Mutex<Option<(http2::SendRequest<ReqBody>, u32)>>,
@@ -156,7 +158,7 @@ impl BackendPool {
             identity: identity.to_owned(),
             addr: identity.parse().ok(),
             settings,
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..super::workers::count()).map(|_| Mutex::new(VecDeque::new())).collect(),
             h2: tokio::sync::Mutex::new(None),
         }
     }
@@ -247,7 +249,7 @@ impl BackendPool {
     async fn checkout(&self, client: Option<SocketAddr>) -> Option<(http1::SendRequest<ReqBody>, u32)> {
         loop {
             let idle = {
-                let mut q = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut q = self.idle().lock().unwrap_or_else(PoisonError::into_inner);
                 expire(&mut q, Instant::now(), self.settings.pool.idle_timeout);
                 let at = q.iter().rposition(|i| i.client == client)?;
                 q.remove(at)?
@@ -275,24 +277,25 @@ impl BackendPool {
         if p.max_idle == 0 || (p.max_requests != 0 && uses >= p.max_requests) || tx.is_closed() {
             return;
         }
-        let mut q = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if q.len() >= p.max_idle {
+        let mut q = self.idle().lock().unwrap_or_else(PoisonError::into_inner);
+        if q.len() >= p.max_idle.div_ceil(self.idle.len()) {
             q.pop_front();
         }
         q.push_back(Idle { tx, uses, since: Instant::now(), client });
     }
 
-    /// Closes idle connections unused for the idle timeout.
-    pub fn sweep(&self, now: Instant) {
-        let mut q = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        expire(&mut q, now, self.settings.pool.idle_timeout);
-        q.retain(|i| !i.tx.is_closed());
+    /// This thread's idle list.
+    fn idle(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.idle[super::workers::current() % self.idle.len()]
     }
 
-    /// Idle connections held now.
-    #[must_use]
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+    /// Closes idle connections unused for the idle timeout.
+    pub fn sweep(&self, now: Instant) {
+        for q in &self.idle {
+            let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
+            expire(&mut q, now, self.settings.pool.idle_timeout);
+            q.retain(|i| !i.tx.is_closed());
+        }
     }
 
     async fn connect(&self, conn: &Conn) -> Result<Sender, SendError> {
