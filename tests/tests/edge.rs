@@ -210,6 +210,9 @@ listeners:
 http:
   example.org:
     backends: [{host: B0, port: 8080}]
+  capped.org:
+    backends: [{host: B0, port: 8080}]
+    pool: {max_connections: 1}
 ";
     let (s, lbd) = setup("edge-conn", 1, reg);
     let edge = s.lb(EDGE);
@@ -229,6 +232,24 @@ http:
     assert!(requests >= 220, "{requests}");
     // Reused, and closed after 100 requests each (seed 002's `keepalive_requests 100`).
     assert!((3..=4).contains(&conns), "pooled connections carry 100 requests each: {conns} for 220 requests");
+
+    // max_connections 1: four clients at once share one backend connection, queued on it.
+    let before = s.backend(0).connections();
+    s.client(|| {
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let mut c = Client::connect(edge).expect("connect");
+                    for i in 0..20 {
+                        let r = c.request("GET", "capped.org", &format!("/{i}"), "", "").expect("answer");
+                        assert_eq!(r.status, 200);
+                    }
+                });
+            }
+        });
+    });
+    let conns = s.backend(0).connections() - before;
+    assert_eq!(conns, 1, "80 requests from 4 clients at once over max_connections 1");
 
     s.client(|| {
         // Malformed request line: 400, closed.

@@ -385,6 +385,9 @@ impl Default for Timeouts {
 pub struct Pool {
     /// Idle connections kept per backend.
     pub max_idle: usize,
+    /// Connections open to each backend at most, idle and busy; requests beyond wait for one
+    /// to go idle (HAProxy's `maxconn`), within the response timeout. 0: no cap.
+    pub max_connections: u32,
     /// Requests one connection carries before it is closed; 0: no limit. With HTTP/2 to the
     /// backend, streams.
     pub max_requests: u32,
@@ -396,7 +399,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Self { max_idle: 64, max_requests: 100, idle_timeout: Duration::from_mins(1) }
+        Self { max_idle: 64, max_connections: 0, max_requests: 100, idle_timeout: Duration::from_mins(1) }
     }
 }
 

@@ -9,7 +9,10 @@
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -23,6 +26,7 @@ use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::debug;
 
@@ -101,13 +105,20 @@ pub enum SendError {
     Failed(String),
 }
 
-struct Idle {
+/// An open HTTP/1.1 connection.
+struct H1 {
     tx: http1::SendRequest<ReqBody>,
-    /// Requests this connection carried.
+    /// Requests it carried.
     uses: u32,
-    since: Instant,
-    /// With the PROXY protocol, the client the connection speaks for.
+    /// With the PROXY protocol, the client it speaks for.
     client: Option<SocketAddr>,
+    /// Its place under `max_connections`, freed when it closes.
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+struct Idle {
+    conn: H1,
+    since: Instant,
 }
 
 /// The connections to one backend of one service.
@@ -120,6 +131,12 @@ pub struct BackendPool {
     /// Idle connections, a list per edge thread: a connection's task runs on the thread that
     /// opened it, and requests there reuse it without waking another thread.
     idle: Box<[Mutex<VecDeque<Idle>>]>,
+    /// Idle connections in all lists, against `max_idle`.
+    idle_total: AtomicUsize,
+    /// `max_connections` open connections at most (`None`: no cap).
+    slots: Option<Arc<Semaphore>>,
+    /// Woken when a connection goes idle, for requests waiting at the cap.
+    returned: Notify,
     /// The HTTP/2 connection and the streams it carried. An async lock: concurrent first
     /// requests wait for one connection instead of opening one each.
     h2: tokio::sync::Mutex<Option<(http2::SendRequest<ReqBody>, u32)>>,
@@ -134,15 +151,13 @@ impl std::fmt::Debug for BackendPool {
 /// A checked-out HTTP/1.1 connection: back to the pool when its response was read whole.
 pub struct Lease {
     pool: Arc<BackendPool>,
-    tx: http1::SendRequest<ReqBody>,
-    uses: u32,
-    client: Option<SocketAddr>,
+    conn: H1,
 }
 
 impl Lease {
     /// The response ended cleanly: the connection may carry another request.
     pub fn release(self) {
-        self.pool.put_back(self.tx, self.uses, self.client);
+        self.pool.put_back(self.conn);
     }
 }
 
@@ -154,11 +169,15 @@ enum Sender {
 impl BackendPool {
     #[must_use]
     pub fn new(identity: &str, settings: Arc<Settings>) -> Self {
+        let cap = settings.pool.max_connections;
         Self {
             identity: identity.to_owned(),
             addr: identity.parse().ok(),
             settings,
             idle: (0..super::workers::count()).map(|_| Mutex::new(VecDeque::new())).collect(),
+            idle_total: AtomicUsize::new(0),
+            slots: (cap > 0).then(|| Arc::new(Semaphore::new(cap as usize))),
+            returned: Notify::new(),
             h2: tokio::sync::Mutex::new(None),
         }
     }
@@ -180,21 +199,15 @@ impl BackendPool {
         let client = self.settings.proxy_protocol.then_some(conn.client);
         let mut req = req;
         loop {
-            let (mut tx, uses, pooled) = match self.checkout(client).await {
-                Some((tx, uses)) => (tx, uses, true),
-                None => match self.connect(conn).await? {
-                    Sender::H1(tx) => (tx, 0, false),
-                    Sender::H2(_) => unreachable!("HTTP/1.1 settings"),
-                },
-            };
-            let uses = uses + 1;
+            let (mut c, pooled) = self.obtain(conn, client).await?;
+            c.uses += 1;
             let max = self.settings.pool.max_requests;
-            if max != 0 && uses >= max {
+            if max != 0 && c.uses >= max {
                 // The last request it carries: the backend closes it cleanly after answering.
                 req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(Lease { pool: self.clone(), tx, uses, client }))),
+            match c.tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Some(Lease { pool: self.clone(), conn: c }))),
                 Err(mut e) => match e.take_message() {
                     // A pooled connection the backend had closed: the request is intact.
                     Some(r) if pooled => {
@@ -245,43 +258,86 @@ impl BackendPool {
         Ok(tx)
     }
 
-    /// The newest idle connection for `client` that is still open, dropping expired ones.
-    async fn checkout(&self, client: Option<SocketAddr>) -> Option<(http1::SendRequest<ReqBody>, u32)> {
+    /// A connection for the next request: an idle one, else a new one; at `max_connections`,
+    /// the first to go idle or close. True when it was idle.
+    async fn obtain(&self, conn: &Conn, client: Option<SocketAddr>) -> Result<(H1, bool), SendError> {
         loop {
-            let idle = {
-                let mut q = self.idle().lock().unwrap_or_else(PoisonError::into_inner);
-                expire(&mut q, Instant::now(), self.settings.pool.idle_timeout);
-                let at = q.iter().rposition(|i| i.client == client)?;
-                q.remove(at)?
+            if let Some(c) = self.checkout(client).await {
+                return Ok((c, true));
+            }
+            let slot = match &self.slots {
+                None => None,
+                Some(sem) => match sem.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        // At the cap: queued until a connection goes idle or closes.
+                        tokio::select! {
+                            () = self.returned.notified() => continue,
+                            p = sem.clone().acquire_owned() => p.ok(),
+                        }
+                    }
+                },
             };
-            let mut tx = idle.tx;
-            if tx.is_closed() {
-                continue;
-            }
-            // Its last response was read whole, but its task may not have run since.
-            if !tx.is_ready()
-                && !matches!(
-                    tokio::time::timeout(self.settings.connect_timeout, tx.ready()).await,
-                    Ok(Ok(()))
-                )
-            {
-                continue;
-            }
-            return Some((tx, idle.uses));
+            let Sender::H1(tx) = self.connect(conn).await? else { unreachable!("HTTP/1.1 settings") };
+            return Ok((H1 { tx, uses: 0, client, _slot: slot }, false));
         }
     }
 
-    fn put_back(&self, tx: http1::SendRequest<ReqBody>, uses: u32, client: Option<SocketAddr>) {
+    /// The newest idle connection for `client` that is still open, this thread's first,
+    /// dropping expired ones.
+    async fn checkout(&self, client: Option<SocketAddr>) -> Option<H1> {
+        let here = super::workers::current() % self.idle.len();
+        let order = (0..self.idle.len()).map(|k| (here + k) % self.idle.len());
+        for list in order {
+            loop {
+                let idle = {
+                    let mut q = self.idle[list].lock().unwrap_or_else(PoisonError::into_inner);
+                    let gone = expire(&mut q, Instant::now(), self.settings.pool.idle_timeout);
+                    let taken = q.iter().rposition(|i| i.conn.client == client).and_then(|at| q.remove(at));
+                    self.idle_total.fetch_sub(gone + usize::from(taken.is_some()), Ordering::Relaxed);
+                    match taken {
+                        Some(i) => i,
+                        None => break,
+                    }
+                };
+                let mut c = idle.conn;
+                if c.tx.is_closed() {
+                    continue;
+                }
+                // Its last response was read whole, but its task may not have run since.
+                if !c.tx.is_ready()
+                    && !matches!(
+                        tokio::time::timeout(self.settings.connect_timeout, c.tx.ready()).await,
+                        Ok(Ok(()))
+                    )
+                {
+                    continue;
+                }
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, c: H1) {
         let p = &self.settings.pool;
-        // Dropping the sender closes the connection.
-        if p.max_idle == 0 || (p.max_requests != 0 && uses >= p.max_requests) || tx.is_closed() {
+        // Dropping a connection closes it (and frees its slot).
+        if p.max_idle == 0 || (p.max_requests != 0 && c.uses >= p.max_requests) || c.tx.is_closed() {
             return;
         }
         let mut q = self.idle().lock().unwrap_or_else(PoisonError::into_inner);
-        if q.len() >= p.max_idle.div_ceil(self.idle.len()) {
-            q.pop_front();
+        if self.idle_total.load(Ordering::Relaxed) >= p.max_idle {
+            if q.pop_front().is_none() {
+                return; // the idle ones are other threads': this one closes
+            }
+        } else {
+            self.idle_total.fetch_add(1, Ordering::Relaxed);
         }
-        q.push_back(Idle { tx, uses, since: Instant::now(), client });
+        q.push_back(Idle { conn: c, since: Instant::now() });
+        drop(q);
+        if self.slots.is_some() {
+            self.returned.notify_one();
+        }
     }
 
     /// This thread's idle list.
@@ -293,8 +349,10 @@ impl BackendPool {
     pub fn sweep(&self, now: Instant) {
         for q in &self.idle {
             let mut q = q.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = q.len();
             expire(&mut q, now, self.settings.pool.idle_timeout);
-            q.retain(|i| !i.tx.is_closed());
+            q.retain(|i| !i.conn.tx.is_closed());
+            self.idle_total.fetch_sub(before - q.len(), Ordering::Relaxed);
         }
     }
 
@@ -366,11 +424,13 @@ impl BackendPool {
     }
 }
 
-/// Drops idle connections older than `timeout` (the oldest are at the front).
-fn expire(q: &mut VecDeque<Idle>, now: Instant, timeout: Duration) {
+/// Drops idle connections older than `timeout` (the oldest are at the front); how many.
+fn expire(q: &mut VecDeque<Idle>, now: Instant, timeout: Duration) -> usize {
+    let before = q.len();
     while q.front().is_some_and(|i| now.saturating_duration_since(i.since) >= timeout) {
         q.pop_front();
     }
+    before - q.len()
 }
 
 fn error_text(e: &hyper::Error) -> String {

@@ -83,7 +83,11 @@ impl Drop for Workers {
 pub fn bind(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
     (0..n)
         .map(|_| {
-            let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+            let s = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }?;
             s.set_reuseaddr(true)?;
             s.set_reuseport(true)?;
             s.bind(addr)?;

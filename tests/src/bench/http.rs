@@ -230,6 +230,8 @@ http:
   bench:
     hosts: ['*']
     backends: [{{host: {backend}, port: {BACKEND_PORT}}}]
+    # As HAProxy's `maxconn 64` and nginx's `keepalive 64` / `keepalive_requests 100`.
+    pool: {{max_connections: 64, max_idle: 64, max_requests: 100}}
 "
     )
 }
