@@ -27,6 +27,7 @@ pub mod http;
 pub mod lbd;
 pub mod netns;
 pub mod pki;
+pub mod process;
 pub mod routed;
 pub mod scenario;
 pub mod servers;

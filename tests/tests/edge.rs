@@ -15,6 +15,7 @@ use lb_tests::{
     http::{Client, HttpBackend, get},
     lbd::{Lbd, TempDir, backend_status, wait_status},
     privileged,
+    process::{Spawned, wrk_summary},
     topology::{DsrTopology, backend_ip},
     unique_prefix,
 };
@@ -208,11 +209,14 @@ listeners:
   - port: 8000
     limits: {header_timeout: 1s, max_connections_per_ip: 4}
 http:
+  # No health probes: the backend's connection count is the edge's connections alone.
   example.org:
     backends: [{host: B0, port: 8080}]
+    health: {enabled: false}
   capped.org:
     backends: [{host: B0, port: 8080}]
     pool: {max_connections: 1}
+    health: {enabled: false}
 ";
     let (s, lbd) = setup("edge-conn", 1, reg);
     let edge = s.lb(EDGE);
@@ -357,6 +361,19 @@ http:
     });
     let stop = Arc::new(AtomicBool::new(false));
     let workers = load(&s, 4, &stop);
+    // And wrk's keep-alive connections, stopped (SIGINT: it prints its summary) at the end.
+    let wrk = s
+        .topo
+        .client
+        .ns
+        .command("wrk")
+        .args(["-t1", "-c8", "-d60s", "-H", "Host: example.org"])
+        .arg(format!("http://{}/", s.lb(EDGE)))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wrk (cargo xtask test installs it)");
+    let wrk = Spawned::new(wrk);
     let states: Vec<Arc<lb_tests::http::Backend>> =
         s.backends.iter().map(|b| b.as_ref().unwrap().state.clone()).collect();
     let wait_served = |i: usize, more: u64| {
@@ -389,6 +406,11 @@ http:
     let fallback_after = states[2].requests();
 
     stop.store(true, Ordering::Relaxed);
+    let out = wrk.interrupt();
+    let (total, failures) = wrk_summary(&out).unwrap_or_else(|| panic!("wrk output:\n{out}"));
+    eprintln!("wrk: {total} requests across two kills, fallback and hand-back");
+    assert!(total > 1000, "{out}");
+    assert!(!failures, "wrk saw failed requests:\n{out}");
     let replies: Vec<(u16, String)> =
         workers.into_iter().flat_map(|w| w.join().expect("load thread")).collect();
     let failed: Vec<&(u16, String)> = replies.iter().filter(|(st, _)| *st != 200).collect();

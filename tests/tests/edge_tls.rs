@@ -6,7 +6,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -16,6 +16,7 @@ use lb_tests::{
     netns::NetNs,
     pki::{Pki, end_date},
     privileged,
+    process::{Spawned, text, wrk_summary},
     topology::{DsrTopology, backend_ip},
     unique_prefix,
     ws::{self, WsEcho},
@@ -94,10 +95,6 @@ impl Setup {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// The subject common name of the certificate a server presented, from `s_client`'s output.
@@ -264,7 +261,7 @@ http:
         .stderr(Stdio::piped())
         .spawn()
         .expect("run wrk");
-    let wrk = KillOnDrop(Some(wrk));
+    let wrk = Spawned::new(wrk);
     // Load is flowing when the backend has served some of it.
     let backend = &s.backends[0].state;
     wait_for("wrk's first requests", || backend.requests() >= 50);
@@ -277,12 +274,9 @@ http:
     let served_after_update = backend.requests();
     let out = wrk.wait();
     assert!(backend.requests() > served_after_update + 50, "wrk kept going after the update");
-    let total: u64 = out
-        .lines()
-        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.trim().parse().unwrap_or(0)))
-        .unwrap_or_else(|| panic!("wrk output:\n{out}"));
+    let (total, failures) = wrk_summary(&out).unwrap_or_else(|| panic!("wrk output:\n{out}"));
     assert!(total > 200, "{out}");
-    assert!(!out.contains("Non-2xx") && !out.contains("Socket errors"), "failed requests:\n{out}");
+    assert!(!failures, "failed requests:\n{out}");
 
     // Served now, and written where the registry points (a restart keeps it).
     assert_eq!(std::fs::read(&a_pem).unwrap(), std::fs::read(&new_pem).unwrap());
@@ -365,26 +359,6 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
     }
 }
 
-/// A child process killed if the test fails before waiting for it.
-struct KillOnDrop(Option<Child>);
-
-impl KillOnDrop {
-    /// Waits for it; its stdout and stderr.
-    fn wait(mut self) -> String {
-        let out = self.0.take().expect("running").wait_with_output().expect("wait");
-        text(&out)
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn tls_passes_through_by_sni_and_websockets_are_proxied_both_ways() {
     if !privileged("tls_passes_through_by_sni_and_websockets_are_proxied_both_ways") {
@@ -417,7 +391,7 @@ http:
         .stderr(Stdio::null())
         .spawn()
         .expect("run openssl s_server");
-    let _server = KillOnDrop(Some(server));
+    let _server = Spawned::new(server);
     let _echo = WsEcho::start(&s.topo.backends[0].ns, 9001);
     // Both are up once lbd's health checks pass.
     let b1 = format!("{}:8443", backend_ip(1));
