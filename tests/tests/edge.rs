@@ -16,7 +16,7 @@ use lb_tests::{
     lbd::{Lbd, TempDir, backend_status, wait_status},
     privileged,
     process::{Spawned, wrk_summary},
-    topology::{DsrTopology, backend_ip},
+    topology::{DsrTopology, VIP, backend_ip},
     unique_prefix,
 };
 
@@ -536,4 +536,58 @@ http:
     let stopped = lbd.stop(libc::SIGTERM);
     assert!(stopped.status.success(), "{}", stopped.log);
     let _ = &s.dir;
+}
+
+#[test]
+fn http_to_a_vip_is_passed_by_xdp_to_the_edge_while_its_l4_port_is_balanced_in_xdp() {
+    if !privileged("http_to_a_vip_is_passed_by_xdp_to_the_edge_while_its_l4_port_is_balanced_in_xdp") {
+        return;
+    }
+    // One VIP: port 7000 is an L4 service XDP balances to the backends by direct server
+    // return; port 8000 is no L4 service, so XDP passes it to this node's stack, where the
+    // edge listens.
+    let reg = format!(
+        "version: 1
+listeners: [{{port: 8000}}]
+http:
+  example.org:
+    health: {{enabled: false}}
+    backends: [{{host: B0, port: 8080}}]
+tcp:
+  raw:
+    vip: {VIP}
+    port: 7000
+    backends: [{{host: B0, port: 7000}}, {{host: B1, port: 7000}}]
+"
+    );
+    let (s, lbd) = setup("edge-vip", 2, &reg);
+    let _l4: Vec<HttpBackend> =
+        (0..2).map(|i| HttpBackend::start(&s.topo.backends[i].ns, &format!("l4-{i}"), 7000)).collect();
+    // The node holds the VIP (as a node offering HTTP on it would), on loopback.
+    s.topo.lb.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+    wait_status(&s.topo.lb.ns, "L4 backends up", |st| {
+        (0..2).all(|i| {
+            backend_status(st, "raw", &format!("{}:7000", backend_ip(i))).is_some_and(|b| b["health"] == "up")
+        })
+    });
+
+    let vip_http = SocketAddr::from((VIP, 8000));
+    let r = s.client(|| get(vip_http, "example.org", "/")).expect("HTTP to the VIP");
+    assert_eq!((r.status, r.body.as_str()), (200, "backend-0\n"), "through the edge\n{}", lbd.log());
+    // The L4 port is XDP's: answered by the backends themselves, never by the edge.
+    let edge_seen = s.backend(0).requests();
+    let mut bodies = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let r =
+            s.client(|| get(SocketAddr::from((VIP, 7000)), "raw", "/")).expect("TCP to the VIP's L4 port");
+        assert_eq!(r.status, 200);
+        bodies.insert(r.body);
+    }
+    assert_eq!(bodies.into_iter().collect::<Vec<_>>(), ["l4-0\n", "l4-1\n"], "balanced over both");
+    assert_eq!(s.backend(0).requests(), edge_seen, "the edge's backend saw none of the L4 traffic");
+    let st = lb_tests::lbd::status(&s.topo.lb.ns);
+    let edge = backend_status(&st, "example.org", &format!("{}:8080", backend_ip(0))).expect("edge backend");
+    assert_eq!(edge["http"]["requests"], 1, "{st:#}");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
 }
