@@ -126,6 +126,12 @@ http:
     listeners: [8000]
     backends: [{{host: {b}, port: 9444}}]
     upstream: {{protocol: http2, tls: {{ca: {ca}, server_name: backend.internal}}}}
+  idle.example:
+    listeners: [8000]
+    backends: [{{host: {b}, port: 9443}}]
+    pool: {{idle_timeout: 300ms}}
+    upstream:
+      tls: {{ca: {ca}, cert: {edge_pem}, key: {edge_key}, server_name: backend.internal}}
   h2c.example:
     listeners: [8000]
     backends: [{{host: {b}, port: 9081}}]
@@ -229,6 +235,15 @@ fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_request
         }
         assert_eq!(conns.len(), 1, "{host}: streams of one connection: {conns:?}");
     }
+
+    // idle_timeout 300 ms: a connection idle past it is closed and the next request opens
+    // another; within it, the connection is reused.
+    let (_, first) = ask("idle.example");
+    let (_, again) = ask("idle.example");
+    assert_eq!(field(&first, "conn"), field(&again, "conn"), "reused within the idle timeout");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let (_, later) = ask("idle.example");
+    assert_ne!(field(&again, "conn"), field(&later, "conn"), "closed after the idle timeout");
 
     // PROXY protocol v2: the backend sees the client's address, not the lb's.
     let (status, body) = ask("pp.example");
