@@ -96,6 +96,8 @@ pub struct Snapshot {
     pub certificates: Vec<CertReport>,
     /// TLS handshakes the edge saw fail or time out.
     pub tls_handshake_failures: u64,
+    /// Requests the edge refused over a rate limit.
+    pub rate_limited: RateLimited,
 }
 
 /// A certificate served on a listener.
@@ -286,6 +288,7 @@ pub fn status(s: &Snapshot) -> Value {
             "seconds_left": c.not_after - unix_now(),
         })).collect::<Vec<_>>(),
         "tls_handshake_failures": s.tls_handshake_failures,
+        "rate_limited": s.rate_limited,
     })
 }
 
@@ -336,6 +339,22 @@ fn tls_metrics(m: &mut Metrics, s: &Snapshot) {
     }
     m.family("lb_tls_handshake_failures_total", "counter", "TLS handshakes that failed or timed out.");
     m.sample("lb_tls_handshake_failures_total", &[], s.tls_handshake_failures);
+}
+
+/// Requests refused by the edge's rate limits, by limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RateLimited {
+    pub global: u64,
+    pub per_ip: u64,
+    pub route: u64,
+}
+
+fn rate_metrics(m: &mut Metrics, s: &Snapshot) {
+    m.family("lb_http_rate_limited_total", "counter", "Requests answered 429 over a rate limit, by limit.");
+    let r = &s.rate_limited;
+    for (limit, n) in [("global", r.global), ("per_ip", r.per_ip), ("route", r.route)] {
+        m.sample("lb_http_rate_limited_total", &[("limit", limit)], n);
+    }
 }
 
 /// The HTTP edge's view of each backend.
@@ -464,6 +483,7 @@ pub fn metrics(s: &Snapshot) -> String {
     }
     http_metrics(&mut m, s);
     tls_metrics(&mut m, s);
+    rate_metrics(&mut m, s);
     m.family("lb_health_checks_total", "counter", "Health check probes by result.");
     for (svc, b) in backends().filter(|(_, b)| b.health != "unchecked") {
         let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str()), ("result", "success")];
@@ -556,6 +576,7 @@ mod tests {
                 not_after: unix_now() + 86_400,
             }],
             tls_handshake_failures: 2,
+            rate_limited: RateLimited { global: 0, per_ip: 7, route: 1 },
         }
     }
 
@@ -583,6 +604,7 @@ mod tests {
         let left: i64 = expiry.parse().unwrap();
         assert!((86_000..=86_400).contains(&left), "{left}");
         assert!(text.contains("lb_tls_handshake_failures_total 2\n"), "{text}");
+        assert!(text.contains("lb_http_rate_limited_total{limit=\"per_ip\"} 7\n"), "{text}");
         // Every sample belongs to a family declared before it.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {

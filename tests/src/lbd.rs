@@ -397,6 +397,22 @@ pub fn admin(ns: &NetNs, method: &str, path: &str, body: Option<&str>) -> lb_use
         .unwrap_or_else(|e| panic!("admin API {method} {path}: {e}"))
 }
 
+/// The value of the `/metrics` sample that starts with `prefix` (its name and labels, then a
+/// space).
+///
+/// # Panics
+/// When there is no such sample, or it is not a number.
+#[must_use]
+pub fn metric(ns: &NetNs, prefix: &str) -> f64 {
+    let m = admin(ns, "GET", "/metrics", None).body;
+    m.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{m}"))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
 /// `/lb-status` of the lbd in `ns`.
 ///
 /// # Panics

@@ -12,8 +12,7 @@ use std::{
 
 use lb_tests::{
     http::{Client, HttpBackend},
-    lbd::{Lbd, TempDir, admin, backend_status, lb_ctl, status, wait_status},
-    netns::NetNs,
+    lbd::{Lbd, TempDir, backend_status, lb_ctl, metric, status, wait_status},
     pki::{Pki, end_date},
     privileged,
     process::{Spawned, text, wrk_summary},
@@ -103,6 +102,7 @@ fn subject(s_client: &str) -> Option<&str> {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one lbd, every TLS rule checked in turn")]
 fn https_chooses_certificates_by_sni_speaks_h2_and_refuses_what_it_must() {
     if !privileged("https_chooses_certificates_by_sni_speaks_h2_and_refuses_what_it_must") {
         return;
@@ -208,7 +208,8 @@ http:
     let key = dir.join("client.key").display().to_string();
     let (code, body, err) = s.curl("a.example", 8445, "/", &["--cert", &cert, "--key", &key]);
     assert_eq!((code, body.as_str()), (0, "backend-0\n"), "{err}");
-    assert_eq!(metric(&s.topo.lb.ns, "lb_tls_handshake_failures_total "), failures_after, "{err}");
+    let failures_now = metric(&s.topo.lb.ns, "lb_tls_handshake_failures_total ");
+    assert!((failures_now - failures_after).abs() < 0.5, "a good handshake is not a failure ({err})");
 
     // Expiry: exported per certificate, and b's 20 days warned about.
     let bee = metric(&s.topo.lb.ns, r#"lb_tls_certificate_expiry_seconds{listener="8443",name="bee"} "#);
@@ -224,14 +225,6 @@ http:
 }
 
 /// A sample's value from lbd's `/metrics`; `prefix` is its name and labels and a space.
-fn metric(ns: &NetNs, prefix: &str) -> f64 {
-    let m = admin(ns, "GET", "/metrics", None).body;
-    m.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{m}"))
-        .parse()
-        .expect("a number")
-}
 
 #[test]
 fn a_certificate_is_replaced_under_load_without_one_failed_request() {

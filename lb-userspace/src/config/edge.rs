@@ -440,3 +440,26 @@ pub struct UpstreamTls {
     /// host (its address for an IP, which a certificate must then list).
     pub server_name: Option<String>,
 }
+
+/// Request rate limits at the HTTP edge (seed 001's `rate_limit:`), as token buckets; a request
+/// over one is answered 429 with `Retry-After` and `RateLimit-*` headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// All requests the edge serves, together.
+    pub global: Option<Rate>,
+    /// Each client address (a bounded table: 4 MiB whatever the number of addresses).
+    pub per_ip: Option<Rate>,
+    /// Sources exempt from `global` and `per_ip` (a service's own `rate_limit` still applies):
+    /// addresses or CIDR ranges (`10.0.0.0/8`).
+    pub whitelist: Vec<String>,
+}
+
+/// A token bucket: `rate` requests a second on average, `burst` more at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub rate: u32,
+    #[serde(default)]
+    pub burst: u32,
+}

@@ -17,8 +17,8 @@ use std::{
 };
 
 pub use edge::{
-    Balance, CertSpec, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Redirect, Retry, Timeouts,
-    Tls, TlsVersion, Upstream, UpstreamProtocol, UpstreamTls,
+    Balance, CertSpec, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Rate, RateLimits,
+    Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream, UpstreamProtocol, UpstreamTls,
 };
 pub use error::{ConfigError, Problem};
 pub use schema::{
@@ -556,6 +556,22 @@ tcp:
         d.write("services.yaml", &svc("{protocol: http3}"));
         let e = load(&root).unwrap_err();
         assert!(e.to_string().contains("http3"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_need_a_rate_and_whitelists_need_addresses() {
+        let d = Dir::new("rates");
+        let root = d.write(
+            "services.yaml",
+            "version: 1\nrate_limit:\n  per_ip: {rate: 0}\n  whitelist: [10.0.0.0/8, 10.0.0.0/40, nope]\n",
+        );
+        let e = load(&root).unwrap_err();
+        let fields: Vec<(&str, usize)> = e.problems().iter().map(|p| (p.field.as_str(), p.line)).collect();
+        assert_eq!(
+            fields,
+            [("rate_limit.per_ip.rate", 3), ("rate_limit.whitelist[1]", 4), ("rate_limit.whitelist[2]", 4)],
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
-use super::edge::{Balance, Listener, Passive, Pool, Redirect, Retry, Timeouts, Upstream};
+use super::edge::{Balance, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Upstream};
 
 /// The only registry format version.
 pub const REGISTRY_VERSION: u32 = 1;
@@ -34,6 +34,9 @@ pub struct Registry {
     /// health-checked but not served by this node.
     #[serde(default)]
     pub listeners: Vec<Listener>,
+    /// Request rate limits of the HTTP edge: global, per client address, with a whitelist.
+    #[serde(default)]
+    pub rate_limit: RateLimits,
     /// HTTP services by host name (or by name, with `hosts`), served by the HTTP edge.
     #[serde(default)]
     pub http: BTreeMap<String, HttpService>,
@@ -182,6 +185,9 @@ pub struct HttpService {
     /// Protocol, TLS and PROXY protocol to the backends.
     #[serde(default)]
     pub upstream: Upstream,
+    /// A rate limit of this service's routes, all clients together.
+    #[serde(default)]
+    pub rate_limit: Option<Rate>,
     /// The answer when no backend (fallbacks included) is usable: `fail-open` tries them
     /// all anyway, `fail-closed` answers 503 at once.
     #[serde(default)]

@@ -53,6 +53,7 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
     }
     datapath(&root.key("datapath"), &reg.datapath, &mut out);
     listeners(&root.key("listeners"), &reg.listeners, &mut out);
+    rate_limits(&root.key("rate_limit"), &reg.rate_limit, &mut out);
     let ports: HashSet<u16> = reg.listeners.iter().map(|l| l.port).collect();
     // (listener port, host pattern, path, priority) -> service: two services must
     // not claim the same requests with nothing to choose between them.
@@ -207,6 +208,29 @@ fn tls_settings(p: &FieldPath, tls: &crate::config::Tls, out: &mut Vec<Finding>)
     }
 }
 
+fn rate_limits(p: &FieldPath, r: &crate::config::RateLimits, out: &mut Vec<Finding>) {
+    for (name, rate) in [("global", &r.global), ("per_ip", &r.per_ip)] {
+        if let Some(rate) = rate {
+            rate_setting(&p.key(name), *rate, out);
+        }
+    }
+    for (i, c) in r.whitelist.iter().enumerate() {
+        if let Err(e) = crate::edge::Cidr::parse(c) {
+            out.push(finding(p.key("whitelist").index(i), e, Some("an address or a CIDR range: 10.0.0.0/8")));
+        }
+    }
+}
+
+fn rate_setting(p: &FieldPath, r: crate::config::Rate, out: &mut Vec<Finding>) {
+    if r.rate == 0 {
+        out.push(finding(
+            p.key("rate"),
+            "a rate of 0 would refuse everything",
+            Some("leave the limit out instead"),
+        ));
+    }
+}
+
 fn upstream(p: &FieldPath, up: &crate::config::Upstream, out: &mut Vec<Finding>) {
     if up.proxy_protocol && up.protocol == crate::config::UpstreamProtocol::Http2 {
         out.push(finding(
@@ -237,6 +261,7 @@ fn upstream(p: &FieldPath, up: &crate::config::Upstream, out: &mut Vec<Finding>)
     }
 }
 
+#[expect(clippy::too_many_lines, reason = "one service's rules, checked in the order they are written")]
 fn http_service(
     path: &FieldPath,
     name: &str,
@@ -303,6 +328,9 @@ fn http_service(
     }
     health(&path.key("health"), &svc.health, true, out);
     upstream(&path.key("upstream"), &svc.upstream, out);
+    if let Some(r) = svc.rate_limit {
+        rate_setting(&path.key("rate_limit"), r, out);
+    }
     match &svc.balance {
         Balance::Hash(HashKey::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
             out.push(finding(

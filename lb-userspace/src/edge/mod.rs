@@ -19,6 +19,7 @@ mod passthrough;
 mod pool;
 mod proxy;
 mod proxy_v2;
+mod ratelimit;
 mod routes;
 mod server;
 mod sni;
@@ -32,6 +33,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+pub use ratelimit::Cidr;
 pub use routes::{RouteTable, tables};
 use tokio::sync::watch;
 use tracing::info;
@@ -72,6 +74,7 @@ pub struct Snapshot {
     pub tables: BTreeMap<u16, RouteTable>,
     pub services: HashMap<String, Arc<ServiceState>>,
     pub ports: BTreeMap<u16, Arc<Port>>,
+    pub rate: ratelimit::Limiter,
 }
 
 /// How a listener port serves.
@@ -127,6 +130,10 @@ pub struct Edge {
     /// Connections by (service, backend identity), kept across reloads that keep their
     /// settings.
     pools: HashMap<(String, String), Arc<pool::BackendPool>>,
+    /// Per-address rate buckets (made when first needed) and refusal counts, kept across
+    /// reloads.
+    per_ip: Option<Arc<ratelimit::PerAddress>>,
+    rate_counts: Arc<ratelimit::Counts>,
     /// The certificate, key and CA files served, as they were when read.
     tls_files: Vec<FileStamp>,
 }
@@ -167,6 +174,8 @@ impl Edge {
             listeners: HashMap::new(),
             backends: HashMap::new(),
             pools: HashMap::new(),
+            per_ip: None,
+            rate_counts: Arc::default(),
             tls_files: Vec::new(),
         }
     }
@@ -292,7 +301,9 @@ impl Edge {
         }
         self.backends = backends;
         self.pools = pools;
-        Ok(Snapshot { tables: routes::tables(reg), services, ports })
+        let table = || self.per_ip.get_or_insert_with(Arc::default).clone();
+        let rate = ratelimit::Limiter::new(&reg.rate_limit, table, self.rate_counts.clone());
+        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate })
     }
 
     /// Whether a certificate, key or CA file of `reg` changed since it was applied (the
@@ -336,6 +347,17 @@ impl Edge {
             .iter()
             .flat_map(|(&p, port)| port.certificates.iter().map(move |c| (p, c.clone())))
             .collect()
+    }
+
+    /// Requests refused by rate limits since start: global, per client address, per route.
+    #[must_use]
+    pub fn rate_limited(&self) -> crate::report::RateLimited {
+        let c = &self.rate_counts;
+        crate::report::RateLimited {
+            global: c.global.load(Ordering::Relaxed),
+            per_ip: c.per_ip.load(Ordering::Relaxed),
+            route: c.route.load(Ordering::Relaxed),
+        }
     }
 
     /// TLS handshakes that failed or timed out, since start.

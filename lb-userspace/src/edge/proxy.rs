@@ -77,6 +77,9 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
             Some(log(StatusCode::NOT_FOUND, "-", 0)),
         );
     };
+    if let Err(r) = snap.rate.check(conn.client.ip(), svc.rate.as_ref(), super::upstream::clock(started)) {
+        return too_many(&r, log(StatusCode::TOO_MANY_REQUESTS, "-", 0));
+    }
     if let Some(to) = redirect_location(svc, &conn, &host, &req) {
         let permanent = svc.spec.redirect.as_ref().is_some_and(|r| r.permanent);
         let status = redirect_status(req.method(), permanent);
@@ -89,6 +92,23 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
     let max_body = snap.ports.get(&conn.port).map_or(u64::MAX, |p| p.limits.max_body_bytes);
     drop(log);
     forward(svc, conn, host, req, started, max_body).await
+}
+
+/// 429 for a request over a rate limit: when to come back (`Retry-After`, whole seconds,
+/// at least 1) and the limit, as the IETF draft's `RateLimit-*` fields.
+fn too_many(r: &super::ratelimit::Refused, log: AccessLog) -> Response<RespBody> {
+    let mut resp = local(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded\n", Some(log));
+    let secs = r.wait.as_secs() + u64::from(r.wait.subsec_nanos() > 0);
+    let secs = HeaderValue::from(secs.max(1));
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, secs.clone());
+    h.insert(HeaderName::from_static("ratelimit-limit"), HeaderValue::from(r.rate));
+    h.insert(HeaderName::from_static("ratelimit-remaining"), HeaderValue::from_static("0"));
+    h.insert(HeaderName::from_static("ratelimit-reset"), secs);
+    if let Ok(v) = HeaderValue::from_str(&format!("{};w=1;scope={}", r.rate, r.scope)) {
+        h.insert(HeaderName::from_static("ratelimit-policy"), v);
+    }
+    resp
 }
 
 /// Where a redirect sends this request, if the service redirects it.

@@ -36,7 +36,7 @@ pub struct BackendState {
 }
 
 /// Nanoseconds since the first call: a clock atomics can hold.
-fn clock(now: Instant) -> u64 {
+pub(super) fn clock(now: Instant) -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX).max(1)
@@ -156,6 +156,8 @@ pub struct ServiceState {
     pub members: Vec<Member>,
     tiers: Vec<Tier>,
     tick: AtomicUsize,
+    /// Its own rate limit (`rate_limit:`), all clients together.
+    pub rate: Option<super::ratelimit::RouteLimit>,
 }
 
 /// What a pick may not return: backends this request already tried.
@@ -188,7 +190,11 @@ impl ServiceState {
             let weights: Vec<u32> = idx.iter().map(|&i| members[i].weight).collect();
             tiers.push(Tier { sequence: balance::smooth_sequence(&weights), members: idx });
         }
-        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0) }
+        let rate = spec
+            .rate_limit
+            .and_then(|r| super::ratelimit::Limit::new(r.rate, r.burst))
+            .map(|l| (l, super::ratelimit::Bucket::default()));
+        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0), rate }
     }
 
     fn usable(&self, i: usize, now: Instant) -> bool {

@@ -1,0 +1,88 @@
+//! Edge policies with real clients against a real lbd in namespaces: rate limits (429 with
+//! `Retry-After` past the burst, none for a whitelisted source, a route's own limit).
+
+use std::net::SocketAddr;
+
+use lb_tests::{
+    http::{Client, HttpBackend, Reply},
+    lbd::{Lbd, TempDir, metric},
+    privileged,
+    topology::{DsrTopology, backend_ip},
+    unique_prefix,
+};
+
+fn registry(whitelist: &str) -> String {
+    format!(
+        "version: 1
+listeners: [{{port: 8000}}]
+rate_limit:
+  per_ip: {{rate: 2, burst: 3}}
+  whitelist: [{whitelist}]
+http:
+  example.org:
+    health: {{enabled: false}}
+    backends: [{{host: {b}, port: 8080}}]
+  slow.example.org:
+    health: {{enabled: false}}
+    rate_limit: {{rate: 1, burst: 0}}
+    backends: [{{host: {b}, port: 8080}}]
+",
+        b = backend_ip(0)
+    )
+}
+
+/// `n` requests to `host` on one keep-alive connection, as fast as they come back.
+fn burst(topo: &DsrTopology, edge: SocketAddr, host: &str, n: usize) -> Vec<Reply> {
+    topo.client.ns.run(|| {
+        let mut c = Client::connect(edge).expect("connect");
+        (0..n).map(|i| c.request("GET", host, &format!("/{i}"), "", "").expect("answer")).collect()
+    })
+}
+
+#[test]
+fn requests_past_a_rate_limit_get_429_with_retry_after_and_whitelisted_sources_none() {
+    if !privileged("requests_past_a_rate_limit_get_429_with_retry_after_and_whitelisted_sources_none") {
+        return;
+    }
+    let tag = "edge-rate";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let backend = HttpBackend::start(&topo.backends[0].ns, "backend-0", 8080);
+    let dir = TempDir::new(tag);
+    let reg = dir.write("services.yaml", &registry("192.0.2.0/24"));
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let edge = SocketAddr::from((topo.lb.ip, 8000));
+
+    // Per address 2/s, burst 3: ten requests at once, the first four (or five, should half a
+    // second pass) answered, the rest refused, and only the answered ones reach the backend.
+    let before = backend.state.requests();
+    let replies = burst(&topo, edge, "example.org", 10);
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!((4..=5).contains(&ok) && ok + refused.len() == 10, "{replies:?}\n{}", lbd.log());
+    assert!(replies[..4].iter().all(|r| r.status == 200), "the burst comes first: {replies:?}");
+    assert_eq!(backend.state.requests() - before, ok as u64, "refused requests reach no backend");
+    let r = refused[0];
+    assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
+    assert_eq!(r.header("ratelimit-limit"), Some("2"), "{r:?}");
+    assert_eq!(r.header("ratelimit-remaining"), Some("0"), "{r:?}");
+    assert!(r.header("ratelimit-policy").is_some_and(|p| p.contains("scope=per_ip")), "{r:?}");
+    let counted = metric(&topo.lb.ns, "lb_http_rate_limited_total{limit=\"per_ip\"} ");
+    let n = u32::try_from(refused.len()).expect("a few");
+    assert!((counted - f64::from(n)).abs() < 0.5, "counted {counted}, refused {n}");
+
+    // The client's address whitelisted: twenty at once, all answered.
+    let reg_text = registry(&format!("192.0.2.0/24, {}/32", topo.client.ip));
+    let tmp = dir.write("services.yaml.new", &reg_text);
+    std::fs::rename(&tmp, &reg).expect("rename the registry into place");
+    assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
+    let replies = burst(&topo, edge, "example.org", 20);
+    assert!(replies.iter().all(|r| r.status == 200), "whitelisted: {replies:?}");
+
+    // A route's own limit (1/s, no burst) applies to whitelisted clients too.
+    let replies = burst(&topo, edge, "slow.example.org", 3);
+    assert_eq!(replies.iter().map(|r| r.status).collect::<Vec<_>>()[..2], [200, 429], "{replies:?}");
+    assert!(replies[1].header("ratelimit-policy").is_some_and(|p| p.contains("scope=route")));
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(stopped.log.contains("status=429"), "the refusals are in the access log");
+}
