@@ -273,11 +273,13 @@ pub fn client_config(spec: &UpstreamTls, http2: bool) -> Result<ClientConfig, Tl
         .with_root_certificates(roots(&ca)?);
     let mut cfg = match (&spec.cert, &spec.key) {
         (Some(cert), Some(key)) => {
-            // Loaded as a listener's would be: a key that does not match is named here.
-            let c = Certificate::load(cert, key, false)?;
-            let chain = c.key.cert.clone();
-            let pem = std::fs::read(key).map_err(|source| TlsError::Read { path: key.clone(), source })?;
-            let key_der = PrivateKeyDer::from_pem_slice(&pem)
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| TlsError::Read { path: path.clone(), source })
+            };
+            let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+            // Checked as a listener's would be: a key that does not match is named here.
+            let chain = Certificate::from_pem(&cert_pem, &key_pem, cert, key)?.key.cert.clone();
+            let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
                 .map_err(|e| TlsError::Invalid { path: key.clone(), reason: e.to_string() })?;
             builder
                 .with_client_auth_cert(chain, key_der)

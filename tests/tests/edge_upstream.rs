@@ -6,7 +6,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    process::{Child, Stdio},
+    process::Stdio,
 };
 
 use lb_tests::{
@@ -15,20 +15,17 @@ use lb_tests::{
     netns::NetNs,
     pki::Pki,
     privileged,
+    process::Spawned,
     topology::{DsrTopology, backend_ip},
     unique_prefix,
 };
 
-/// nginx in the backend's namespace, stopped (master and workers) when dropped.
-struct Nginx {
-    child: Option<Child>,
-}
-
-impl Nginx {
-    fn start(ns: &NetNs, dir: &Path, servers: &str) -> Self {
-        let d = dir.display();
-        let conf = format!(
-            "daemon off;
+/// nginx in the backend's namespace: one process (`master_process off`), so killing it when
+/// dropped leaves no worker behind.
+fn start_nginx(ns: &NetNs, dir: &Path, servers: &str) -> Spawned {
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;
 master_process off;
 pid {d}/nginx.pid;
 error_log {d}/nginx.err;
@@ -44,31 +41,19 @@ http {{
   {servers}
 }}
 "
-        );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, conf).expect("write nginx.conf");
-        let child = ns
-            .command("nginx")
-            .arg("-c")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run nginx (cargo xtask test installs it)");
-        Self { child: Some(child) }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: a single nginx process (master_process off) exits at once.
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(i32::try_from(c.id()).unwrap_or(0), libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    let child = ns
+        .command("nginx")
+        .arg("-c")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run nginx (cargo xtask test installs it)");
+    Spawned::new(child)
 }
 
 /// nginx servers answering with what they saw: protocol, TLS version, client certificate,
@@ -167,7 +152,7 @@ fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_request
     let servers = backend_servers((&srv_pem, &srv_key), &ca, (&pass_pem, &pass_key));
     let backend_dir = dir.path().join("nginx");
     std::fs::create_dir_all(&backend_dir).expect("nginx dir");
-    let _nginx = Nginx::start(&topo.backends[0].ns, &backend_dir, &servers);
+    let _nginx = start_nginx(&topo.backends[0].ns, &backend_dir, &servers);
 
     let b = backend_ip(0);
     let reg = registry(b, &ca, (&edge_pem, &edge_key));

@@ -271,8 +271,7 @@ impl Edge {
         let mut services = HashMap::new();
         for (name, spec) in &reg.http {
             // Idle connections survive a reload that keeps their settings and files.
-            let old = previous.services.get(name).and_then(|s| s.members.first()).map(|m| m.pool.settings());
-            let settings = match old {
+            let settings = match previous.services.get(name).map(|s| &s.upstream) {
                 Some(s) if s.made_from(spec) && !files_changed => s.clone(),
                 _ => Arc::new(
                     pool::Settings::new(spec)
@@ -297,7 +296,7 @@ impl Edge {
                     Member { state, weight: b.weight, role, local, pool }
                 })
                 .collect();
-            services.insert(name.clone(), Arc::new(ServiceState::new(name, spec.clone(), members)));
+            services.insert(name.clone(), Arc::new(ServiceState::new(name, spec.clone(), members, settings)));
         }
         self.backends = backends;
         self.pools = pools;

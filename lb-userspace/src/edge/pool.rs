@@ -35,24 +35,26 @@ use super::{
     proxy_v2,
 };
 use crate::{
-    config::{HttpService, Pool, UpstreamProtocol},
+    config::{HttpService, Pool, Upstream, UpstreamProtocol},
     tls::TlsError,
 };
 
-/// How a service's connections to its backends are made and kept.
+/// How a service's connections to its backends are made and kept: its registry settings and
+/// the TLS client made from them.
 pub struct Settings {
     connect_timeout: Duration,
     pool: Pool,
-    http2: bool,
+    upstream: Upstream,
     tls: Option<(tokio_rustls::TlsConnector, Option<ServerName<'static>>)>,
-    proxy_protocol: bool,
-    /// What these were made from, to tell whether a reload changes them.
-    source: (Duration, Pool, crate::config::Upstream),
 }
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings").field("source", &self.source).finish_non_exhaustive()
+        f.debug_struct("Settings")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pool", &self.pool)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,22 +78,21 @@ impl Settings {
         Ok(Self {
             connect_timeout: spec.timeouts.connect,
             pool: spec.pool.clone(),
-            http2,
+            upstream: up.clone(),
             tls,
-            proxy_protocol: up.proxy_protocol,
-            source: (spec.timeouts.connect, spec.pool.clone(), up.clone()),
         })
     }
 
     /// True when `spec` would make the same settings (certificate file contents aside).
     #[must_use]
     pub fn made_from(&self, spec: &HttpService) -> bool {
-        self.source.0 == spec.timeouts.connect && self.source.1 == spec.pool && self.source.2 == spec.upstream
+        self.connect_timeout == spec.timeouts.connect
+            && self.pool == spec.pool
+            && self.upstream == spec.upstream
     }
 
-    #[must_use]
-    pub const fn proxy_protocol(&self) -> bool {
-        self.proxy_protocol
+    fn http2(&self) -> bool {
+        self.upstream.protocol == UpstreamProtocol::Http2
     }
 }
 
@@ -193,10 +194,10 @@ impl BackendPool {
         req: Request<ReqBody>,
         conn: &Conn,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        if self.settings.http2 {
+        if self.settings.http2() {
             return self.send_h2(req, conn).await.map(|r| (r, None));
         }
-        let client = self.settings.proxy_protocol.then_some(conn.client);
+        let client = self.settings.upstream.proxy_protocol.then_some(conn.client);
         let mut req = req;
         loop {
             let (mut c, pooled) = self.obtain(conn, client).await?;
@@ -369,7 +370,7 @@ impl BackendPool {
             };
             let mut tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
-            if s.proxy_protocol {
+            if s.upstream.proxy_protocol {
                 tcp.write_all(&proxy_v2::header(conn.client, conn.local)).await?;
             }
             std::io::Result::Ok(tcp)
@@ -400,7 +401,7 @@ impl BackendPool {
         let io = TokioIo::new(io);
         let identity = self.identity.clone();
         let failed = |e: hyper::Error| SendError::NotSent(format!("handshake: {}", error_text(&e)));
-        if self.settings.http2 {
+        if self.settings.http2() {
             let (tx, c) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)

@@ -113,10 +113,7 @@ impl Default for PerAddress {
 impl PerAddress {
     /// Takes a token of `ip`'s bucket at `now`, or says how long to wait.
     pub fn take(&self, ip: IpAddr, limit: Limit, now: u64) -> Result<(), Duration> {
-        let key = match ip {
-            IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
-            IpAddr::V6(a) => u128::from(a),
-        };
+        let key = bits(ip);
         let mut h = self.seed.build_hasher();
         h.write_u128(key);
         let hash = h.finish();
@@ -242,26 +239,27 @@ impl Cidr {
             None => (s, None),
         };
         let ip: IpAddr = addr.parse().map_err(|_| format!("`{addr}` is not an IP address"))?;
-        let (bits, offset) = match ip {
-            IpAddr::V4(a) => (u128::from(a.to_ipv6_mapped()), 96),
-            IpAddr::V6(a) => (u128::from(a), 0),
-        };
+        let offset = if ip.is_ipv4() { 96 } else { 0 };
         let len = len.unwrap_or(128 - offset);
         if len > 128 - offset {
             return Err(format!("prefix length {len} is too long in `{s}`"));
         }
         let total = len + offset;
         let mask = if total == 0 { 0 } else { u128::MAX << (128 - total) };
-        Ok(Self { net: bits & mask, mask })
+        Ok(Self { net: bits(ip) & mask, mask })
     }
 
     #[must_use]
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let bits = match ip {
-            IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
-            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(u128::from(a), |v4| u128::from(v4.to_ipv6_mapped())),
-        };
-        bits & self.mask == self.net
+        bits(ip) & self.mask == self.net
+    }
+}
+
+/// An address as 128 bits, IPv4 mapped into IPv6 (so `::ffff:10.0.0.1` is `10.0.0.1`).
+fn bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
     }
 }
 

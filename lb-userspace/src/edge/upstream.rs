@@ -158,6 +158,8 @@ pub struct ServiceState {
     tick: AtomicUsize,
     /// Its own rate limit (`rate_limit:`), all clients together.
     pub rate: Option<super::ratelimit::RouteLimit>,
+    /// How its members' connections are made (shared by their pools).
+    pub upstream: Arc<super::pool::Settings>,
 }
 
 /// What a pick may not return: backends this request already tried.
@@ -172,7 +174,12 @@ pub struct Pick {
 
 impl ServiceState {
     #[must_use]
-    pub fn new(name: &str, spec: HttpService, members: Vec<Member>) -> Self {
+    pub fn new(
+        name: &str,
+        spec: HttpService,
+        members: Vec<Member>,
+        upstream: Arc<super::pool::Settings>,
+    ) -> Self {
         let mut tiers = Vec::new();
         for (role, local) in
             [(Role::Primary, true), (Role::Primary, false), (Role::Fallback, true), (Role::Fallback, false)]
@@ -194,7 +201,7 @@ impl ServiceState {
             .rate_limit
             .and_then(|r| super::ratelimit::Limit::new(r.rate, r.burst))
             .map(|l| (l, super::ratelimit::Bucket::default()));
-        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0), rate }
+        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0), rate, upstream }
     }
 
     fn usable(&self, i: usize, now: Instant) -> bool {

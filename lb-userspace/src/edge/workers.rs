@@ -16,10 +16,12 @@ thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Edge threads: one a core.
+/// Edge threads: one a core. Read once: `available_parallelism` reads cgroup files, and every
+/// backend pool asks.
 #[must_use]
 pub fn count() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
 }
 
 /// The edge thread running the caller (0 outside them).
