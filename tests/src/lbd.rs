@@ -55,6 +55,17 @@ impl TempDir {
         fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
         p
     }
+
+    /// Replaces `name` the way a deploy tool does: the new text goes to a hidden file (which
+    /// lbd's watcher ignores, so no reload starts on the half-step) renamed over `name`.
+    ///
+    /// # Panics
+    /// When the file cannot be written or renamed.
+    pub fn replace(&self, name: &str, contents: &str) {
+        let tmp = self.write(&format!(".{name}.new"), contents);
+        let to = self.0.join(name);
+        fs::rename(&tmp, &to).unwrap_or_else(|e| panic!("rename into {}: {e}", to.display()));
+    }
 }
 
 impl Drop for TempDir {

@@ -166,7 +166,7 @@ http:
             .replace("{port: 9000}]", "{port: 9000}, {port: 9100}]"),
         backend_ip(1)
     );
-    replace(&s.dir, &added);
+    s.dir.replace("services.yaml", &added);
     assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
     assert_eq!(
         s.client(|| kept.request("GET", "example.org", "/", "", "")).unwrap().status,
@@ -175,7 +175,10 @@ http:
     );
     assert_eq!(got(s.lb(9100), "new.example.org", "/").body, "backend-1\n");
     // A listener that cannot bind (lbd's own admin port) fails the reload; the old one serves.
-    replace(&s.dir, &added.replace("{port: 9100}]", "{port: 9100}, {port: 9180, address: 127.0.0.1}]"));
+    s.dir.replace(
+        "services.yaml",
+        &added.replace("{port: 9100}]", "{port: 9100}, {port: 9180, address: 127.0.0.1}]"),
+    );
     assert_eq!(lbd.wait_reload(), "reload failed", "{}", lbd.log());
     assert_eq!(got(s.lb(9100), "new.example.org", "/").body, "backend-1\n");
     let st = lb_tests::lbd::status(&s.topo.lb.ns);
@@ -191,12 +194,6 @@ http:
         "access log lines: {}",
         stopped.log
     );
-}
-
-/// Replaces the registry the way a deploy tool does: a new file renamed over the old.
-fn replace(dir: &TempDir, text: &str) {
-    let tmp = dir.write("services.yaml.new", text);
-    std::fs::rename(&tmp, dir.path().join("services.yaml")).expect("rename the registry into place");
 }
 
 #[test]

@@ -72,8 +72,7 @@ fn requests_past_a_rate_limit_get_429_with_retry_after_and_whitelisted_sources_n
 
     // The client's address whitelisted: twenty at once, all answered.
     let reg_text = registry(&format!("192.0.2.0/24, {}/32", topo.client.ip));
-    let tmp = dir.write("services.yaml.new", &reg_text);
-    std::fs::rename(&tmp, &reg).expect("rename the registry into place");
+    dir.replace("services.yaml", &reg_text);
     assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
     let replies = burst(&topo, edge, "example.org", 20);
     assert!(replies.iter().all(|r| r.status == 200), "whitelisted: {replies:?}");
