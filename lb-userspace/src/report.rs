@@ -57,6 +57,10 @@ pub struct HttpStats {
     pub in_flight: u32,
     /// Taken out by passive health now.
     pub passive_out: bool,
+    /// Its circuit breaker: `closed`, `open` or `half-open` (`None`: the service has none).
+    pub circuit: Option<&'static str>,
+    /// Times its circuit opened.
+    pub circuit_opened: u64,
     /// Average time to response headers.
     pub latency: Option<Duration>,
 }
@@ -246,6 +250,8 @@ pub fn status(s: &Snapshot) -> Value {
                             "failures": h.failures,
                             "in_flight": h.in_flight,
                             "passive_out": h.passive_out,
+                            "circuit": h.circuit,
+                            "circuit_opened": h.circuit_opened,
                             "latency_ms": h.latency.map(|d| d.as_secs_f64() * 1e3),
                         })),
                     })
@@ -388,6 +394,31 @@ fn http_metrics(m: &mut Metrics, s: &Snapshot) {
             &[("service", &svc.name), ("backend", &b.backend)],
             u8::from(h.passive_out),
         );
+    }
+    m.family(
+        "lb_http_circuit_state",
+        "gauge",
+        "Circuit breaker per backend: 0 closed, 1 open, 2 half-open (services with a breaker).",
+    );
+    for (svc, b, h) in http() {
+        if let Some(state) = h.circuit {
+            let v = match state {
+                "open" => 1,
+                "half-open" => 2,
+                _ => 0,
+            };
+            m.sample("lb_http_circuit_state", &[("service", &svc.name), ("backend", &b.backend)], v);
+        }
+    }
+    m.family("lb_http_circuit_opened_total", "counter", "Times a backend's circuit breaker opened.");
+    for (svc, b, h) in http() {
+        if h.circuit.is_some() {
+            m.sample(
+                "lb_http_circuit_opened_total",
+                &[("service", &svc.name), ("backend", &b.backend)],
+                h.circuit_opened,
+            );
+        }
     }
     m.family("lb_http_latency_ewma_seconds", "gauge", "Average time to response headers per backend.");
     for (svc, b, h) in http() {

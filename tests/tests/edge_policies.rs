@@ -1,11 +1,12 @@
 //! Edge policies with real clients against a real lbd in namespaces: rate limits (429 with
-//! `Retry-After` past the burst, none for a whitelisted source, a route's own limit).
+//! `Retry-After` past the burst, none for a whitelisted source, a route's own limit), the
+//! circuit breaker (open, refusing, half-open, closed again).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::atomic::Ordering};
 
 use lb_tests::{
     http::{Client, HttpBackend, Reply},
-    lbd::{Lbd, TempDir, metric},
+    lbd::{Lbd, TempDir, backend_status, metric, wait_status},
     privileged,
     topology::{DsrTopology, backend_ip},
     unique_prefix,
@@ -84,4 +85,83 @@ fn requests_past_a_rate_limit_get_429_with_retry_after_and_whitelisted_sources_n
     let stopped = lbd.stop(libc::SIGTERM);
     assert!(stopped.status.success(), "{}", stopped.log);
     assert!(stopped.log.contains("status=429"), "the refusals are in the access log");
+}
+
+#[test]
+fn a_failing_backends_circuit_opens_refuses_half_opens_and_closes_when_it_recovers() {
+    if !privileged("a_failing_backends_circuit_opens_refuses_half_opens_and_closes_when_it_recovers") {
+        return;
+    }
+    let tag = "edge-breaker";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let backend = HttpBackend::start(&topo.backends[0].ns, "backend-0", 8080);
+    let dir = TempDir::new(tag);
+    let reg = dir.write(
+        "services.yaml",
+        &format!(
+            "version: 1
+listeners: [{{port: 8000}}]
+http:
+  example.org:
+    health: {{enabled: false}}
+    passive: {{failures: 0}}
+    circuit_breaker: {{consecutive_errors: 3, error_rate: 0, slow: 300ms, open_for: 1s}}
+    backends: [{{host: {b}, port: 8080}}]
+",
+            b = backend_ip(0)
+        ),
+    );
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let edge = SocketAddr::from((topo.lb.ip, 8000));
+    let identity = format!("{}:8080", backend_ip(0));
+    let circuit = |s: &serde_json::Value| {
+        backend_status(s, "example.org", &identity).map(|b| b["http"]["circuit"].clone()).unwrap_or_default()
+    };
+    let one = || burst(&topo, edge, "example.org", 1).remove(0);
+    let sent = || backend.state.requests();
+
+    // Two 500s and one slow answer: three errors in a row open the circuit.
+    backend.state.status.store(500, Ordering::Relaxed);
+    assert_eq!([one().status, one().status], [500, 500]);
+    backend.state.status.store(200, Ordering::Relaxed);
+    backend.state.delay_ms.store(500, Ordering::Relaxed);
+    assert_eq!(one().status, 200, "a slow answer is still passed on");
+    backend.state.delay_ms.store(0, Ordering::Relaxed);
+    assert_eq!(sent(), 3);
+    let s = lb_tests::lbd::status(&topo.lb.ns);
+    assert_eq!(circuit(&s), "open", "{s:#}");
+    let labels = format!("{{service=\"example.org\",backend=\"{identity}\"}} ");
+    let state = metric(&topo.lb.ns, &format!("lb_http_circuit_state{labels}"));
+    assert!((state - 1.0).abs() < 0.5, "state {state}, 1 is open");
+
+    // Open: refused at the edge, the backend sees nothing.
+    let r = one();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("circuit is open"), "{r:?}");
+    assert_eq!(sent(), 3, "nothing reaches a backend whose circuit is open");
+
+    // Half-open after open_for: the trial fails (500), and the circuit opens again.
+    backend.state.status.store(500, Ordering::Relaxed);
+    wait_status(&topo.lb.ns, "half-open", |s| circuit(s) == "half-open");
+    assert_eq!(one().status, 500, "the trial reaches the backend");
+    assert_eq!(sent(), 4);
+    assert_eq!(one().status, 503, "open again after the failed trial");
+    assert_eq!(sent(), 4);
+
+    // The backend recovers: the next trial succeeds and closes the circuit.
+    backend.state.status.store(200, Ordering::Relaxed);
+    wait_status(&topo.lb.ns, "half-open again", |s| circuit(s) == "half-open");
+    let replies = burst(&topo, edge, "example.org", 5);
+    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    assert_eq!(sent(), 9);
+    let s = lb_tests::lbd::status(&topo.lb.ns);
+    assert_eq!(circuit(&s), "closed", "{s:#}");
+    let opened = metric(&topo.lb.ns, &format!("lb_http_circuit_opened_total{labels}"));
+    assert!((opened - 2.0).abs() < 0.5, "opened {opened} times, not 2");
+
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+    for state in ["state=\"open\"", "state=\"half-open\"", "state=\"closed\""] {
+        assert!(stopped.log.contains(state), "{state} logged: {}", stopped.log);
+    }
 }

@@ -358,6 +358,49 @@ impl Default for Passive {
     }
 }
 
+/// A circuit breaker on each backend of a service (seed 001's numbers are the defaults): errors
+/// seen in real traffic stop requests to a backend for `open_for`, then trial requests decide
+/// whether it is back. An error is a failed connection, a timeout, a 5xx answer or one slower
+/// than `slow`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreaker {
+    /// Errors in a row that open it; 0 turns this trigger off.
+    pub consecutive_errors: u32,
+    /// Errors, in percent of the requests within `window`, that open it; 0 turns this off.
+    pub error_rate: u32,
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub window: Duration,
+    /// Requests within `window` before `error_rate` is judged.
+    pub min_requests: u32,
+    /// An answer whose headers take longer counts as an error; 0s turns this off.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub slow: Duration,
+    /// How long no request is sent once open.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub open_for: Duration,
+    /// Trial requests let through at once when `open_for` has passed; as many successes close
+    /// it, one error opens it again.
+    pub half_open_requests: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            consecutive_errors: 5,
+            error_rate: 50,
+            window: Duration::from_secs(10),
+            min_requests: 10,
+            slow: Duration::from_secs(5),
+            open_for: Duration::from_secs(30),
+            half_open_requests: 1,
+        }
+    }
+}
+
 /// Bounds on one attempt to a backend.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]

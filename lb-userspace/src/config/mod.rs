@@ -17,8 +17,8 @@ use std::{
 };
 
 pub use edge::{
-    Balance, CertSpec, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Rate, RateLimits,
-    Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream, UpstreamProtocol, UpstreamTls,
+    Balance, CertSpec, CircuitBreaker, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Rate,
+    RateLimits, Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream, UpstreamProtocol, UpstreamTls,
 };
 pub use error::{ConfigError, Problem};
 pub use schema::{
@@ -572,6 +572,26 @@ tcp:
             [("rate_limit.per_ip.rate", 3), ("rate_limit.whitelist[1]", 4), ("rate_limit.whitelist[2]", 4)],
             "{e}"
         );
+    }
+
+    #[test]
+    fn circuit_breakers_take_seed_001s_defaults_and_refuse_what_could_never_close() {
+        let d = Dir::new("breakers");
+        let svc = |b: &str| {
+            format!(
+                "version: 1\nhttp:\n  x.org:\n    backends: [{{host: a, port: 1}}]\n    circuit_breaker: {b}\n"
+            )
+        };
+        let root = d.write("services.yaml", &svc("{}"));
+        let b = load(&root).unwrap().registry.http["x.org"].circuit_breaker.clone().expect("on");
+        assert_eq!((b.consecutive_errors, b.error_rate, b.window.as_secs()), (5, 50, 10));
+        assert_eq!((b.slow.as_secs(), b.open_for.as_secs(), b.half_open_requests), (5, 30, 1));
+        d.write("services.yaml", &svc("{error_rate: 150, open_for: 0s, half_open_requests: 0}"));
+        let e = load(&root).unwrap_err();
+        let fields: Vec<(&str, usize)> = e.problems().iter().map(|p| (p.field.as_str(), p.line)).collect();
+        let at = |f: &str| (format!("http.x.org.circuit_breaker.{f}"), 5);
+        let want = [at("error_rate"), at("open_for"), at("half_open_requests")];
+        assert_eq!(fields, want.iter().map(|(f, l)| (f.as_str(), *l)).collect::<Vec<_>>(), "{e}");
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
-use super::edge::{Balance, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Upstream};
+use super::edge::{
+    Balance, CircuitBreaker, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Upstream,
+};
 
 /// The only registry format version.
 pub const REGISTRY_VERSION: u32 = 1;
@@ -188,6 +190,10 @@ pub struct HttpService {
     /// A rate limit of this service's routes, all clients together.
     #[serde(default)]
     pub rate_limit: Option<Rate>,
+    /// A circuit breaker on each backend; `circuit_breaker: {}` takes the defaults. Off
+    /// when left out.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreaker>,
     /// The answer when no backend (fallbacks included) is usable: `fail-open` tries them
     /// all anyway, `fail-closed` answers 503 at once.
     #[serde(default)]

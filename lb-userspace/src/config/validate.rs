@@ -231,6 +231,28 @@ fn rate_setting(p: &FieldPath, r: crate::config::Rate, out: &mut Vec<Finding>) {
     }
 }
 
+fn breaker(p: &FieldPath, b: &crate::config::CircuitBreaker, out: &mut Vec<Finding>) {
+    if b.error_rate > 100 {
+        out.push(finding(p.key("error_rate"), "a percentage is at most 100", None));
+    }
+    if b.error_rate > 0 && b.window.is_zero() {
+        out.push(finding(p.key("window"), "must be longer than 0 for error_rate", None));
+    }
+    if b.open_for.is_zero() {
+        out.push(finding(
+            p.key("open_for"),
+            "must be longer than 0",
+            Some("leave circuit_breaker out instead"),
+        ));
+    }
+    if b.half_open_requests == 0 {
+        out.push(finding(p.key("half_open_requests"), "at least 1 trial is needed to close it again", None));
+    }
+    if b.consecutive_errors == 0 && b.error_rate == 0 && b.slow.is_zero() {
+        out.push(finding(p.clone(), "every trigger is off", Some("leave circuit_breaker out instead")));
+    }
+}
+
 fn upstream(p: &FieldPath, up: &crate::config::Upstream, out: &mut Vec<Finding>) {
     if up.proxy_protocol && up.protocol == crate::config::UpstreamProtocol::Http2 {
         out.push(finding(
@@ -330,6 +352,9 @@ fn http_service(
     upstream(&path.key("upstream"), &svc.upstream, out);
     if let Some(r) = svc.rate_limit {
         rate_setting(&path.key("rate_limit"), r, out);
+    }
+    if let Some(b) = &svc.circuit_breaker {
+        breaker(&path.key("circuit_breaker"), b, out);
     }
     match &svc.balance {
         Balance::Hash(HashKey::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {

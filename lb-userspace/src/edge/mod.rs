@@ -15,6 +15,7 @@
 //! whole, so a request never sees half of one.
 
 mod balance;
+mod breaker;
 mod passthrough;
 mod pool;
 mod proxy;
@@ -329,11 +330,16 @@ impl Edge {
     pub fn stats(&self, service: &str, backend: &str) -> Option<crate::report::HttpStats> {
         let b = self.backends.get(&(service.to_owned(), backend.to_owned()))?;
         let ewma = b.ewma_ns.load(Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let has_breaker =
+            self.shared.snapshot().services.get(service).is_some_and(|s| s.spec.circuit_breaker.is_some());
         Some(crate::report::HttpStats {
             requests: b.requests.load(Ordering::Relaxed),
             failures: b.failures.load(Ordering::Relaxed),
             in_flight: b.in_flight.load(Ordering::Relaxed),
-            passive_out: b.passively_out(std::time::Instant::now()),
+            passive_out: b.passively_out(now),
+            circuit: has_breaker.then(|| b.breaker.state(upstream::clock(now)).as_str()),
+            circuit_opened: b.breaker.opened.load(Ordering::Relaxed),
             latency: (ewma > 0).then(|| std::time::Duration::from_nanos(ewma)),
         })
     }

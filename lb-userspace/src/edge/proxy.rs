@@ -213,7 +213,9 @@ async fn forward(
         if n > 0 && now >= deadline {
             break;
         }
-        let Some(i) = next.take().or_else(|| svc.pick(pick, &tried[..n], now)) else { break };
+        let Some((i, pass)) = next.take().or_else(|| svc.pick_admitted(pick, &tried[..n], now)) else {
+            break;
+        };
         tried[n] = i;
         n += 1;
         let member = &svc.members[i];
@@ -229,6 +231,8 @@ async fn forward(
         let in_flight = InFlight::start(b);
         let attempt = Instant::now();
         let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(up, &conn)).await;
+        let answered = result.as_ref().ok().and_then(|r| r.as_ref().ok()).map(|(resp, _)| resp.status());
+        svc.outcome(i, pass, answered, attempt.elapsed());
         let last_try = n == tries_allowed || !may_retry;
         match result {
             Ok(Ok((mut resp, lease))) => {
@@ -247,7 +251,7 @@ async fn forward(
                 }
                 // Dropped for a retry only when another backend can take it.
                 if retryable && !last_try && Instant::now() < deadline {
-                    next = svc.pick(pick, &tried[..n], Instant::now());
+                    next = svc.pick_admitted(pick, &tried[..n], Instant::now());
                     if next.is_some() {
                         last_backend.clone_from(&b.identity);
                         continue;
@@ -362,6 +366,9 @@ fn give_up(
     mut log: AccessLog,
 ) -> Response<RespBody> {
     let (status, text) = match (last, tries) {
+        (_, 0) if svc.all_circuits_open(Instant::now()) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("every backend's circuit is open for {}\n", svc.name))
+        }
         (_, 0) => (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy backend for {}\n", svc.name)),
         (Failure::Timeout, _) => {
             (StatusCode::GATEWAY_TIMEOUT, format!("backend {backend} did not answer in time\n"))

@@ -10,9 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::warn;
+use tracing::{info, warn};
 
-use super::balance::{self, View};
+use super::{
+    balance::{self, View},
+    breaker::{Breaker, Change, Pass},
+};
 use crate::config::{AllDown, Balance, HttpService, Role};
 
 /// Runtime state of one backend of one service; kept across reloads while the backend stays.
@@ -33,6 +36,8 @@ pub struct BackendState {
     out_until: AtomicU64,
     /// Recent failed attempts, oldest first (touched only on failures).
     recent: Mutex<VecDeque<Instant>>,
+    /// Used when its service has `circuit_breaker:`.
+    pub breaker: Breaker,
 }
 
 /// Nanoseconds since the first call: a clock atomics can hold.
@@ -56,6 +61,7 @@ impl BackendState {
             failures: AtomicU64::new(0),
             out_until: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
+            breaker: Breaker::default(),
         }
     }
 
@@ -206,7 +212,90 @@ impl ServiceState {
 
     fn usable(&self, i: usize, now: Instant) -> bool {
         let m = &self.members[i];
-        m.weight > 0 && m.state.usable.load(Ordering::Relaxed) && !m.state.passively_out(now)
+        m.weight > 0
+            && m.state.usable.load(Ordering::Relaxed)
+            && !m.state.passively_out(now)
+            && self.circuit_allows(i, now)
+    }
+
+    fn circuit_allows(&self, i: usize, now: Instant) -> bool {
+        self.spec.circuit_breaker.as_ref().is_none_or(|s| self.members[i].state.breaker.allows(s, clock(now)))
+    }
+
+    /// True when the service has a circuit breaker and every backend's is open.
+    #[must_use]
+    pub fn all_circuits_open(&self, now: Instant) -> bool {
+        self.spec.circuit_breaker.is_some() && (0..self.members.len()).all(|i| !self.circuit_allows(i, now))
+    }
+
+    /// The backend for the next attempt, let through by its circuit breaker (as a trial when
+    /// half-open), or `None` as [`Self::pick`].
+    #[must_use]
+    pub fn pick_admitted(
+        &self,
+        pick: Pick,
+        tried: &Tried,
+        now: Instant,
+    ) -> Option<(usize, Option<Pass<'_>>)> {
+        let Some(settings) = &self.spec.circuit_breaker else {
+            return self.pick(pick, tried, now).map(|i| (i, None));
+        };
+        // Another request may take a half-open backend's last trial between the pick and the
+        // admission: that backend is then left out of this pick (rare, so the list is a Vec).
+        let mut excluded: Vec<usize> = Vec::new();
+        loop {
+            let i = if excluded.is_empty() {
+                self.pick(pick, tried, now)?
+            } else {
+                self.pick(pick, &excluded, now)?
+            };
+            let b = &self.members[i].state;
+            let (pass, change) = b.breaker.admit(settings, clock(now));
+            self.log_change(i, change);
+            if let Some(pass) = pass {
+                return Some((i, Some(pass)));
+            }
+            if excluded.is_empty() {
+                excluded.extend_from_slice(tried);
+            }
+            excluded.push(i);
+        }
+    }
+
+    /// Tells member `i`'s circuit breaker how the attempt `pass` let through went: `answered`
+    /// with a status after `took`, or not at all.
+    pub fn outcome(
+        &self,
+        i: usize,
+        pass: Option<Pass<'_>>,
+        answered: Option<http::StatusCode>,
+        took: Duration,
+    ) {
+        let (Some(settings), Some(pass)) = (&self.spec.circuit_breaker, pass) else { return };
+        let slow = !settings.slow.is_zero() && took > settings.slow;
+        let ok = answered.is_some_and(|s| !s.is_server_error()) && !slow;
+        let change = self.members[i].state.breaker.record(settings, pass, ok, clock(Instant::now()));
+        self.log_change(i, change);
+    }
+
+    fn log_change(&self, i: usize, change: Option<Change>) {
+        let Some(change) = change else { return };
+        let b = &self.members[i].state;
+        let (service, backend) = (&self.name, &b.identity);
+        match change {
+            Change::Opened(reason) => {
+                warn!(event = "circuit", state = "open", %service, %backend, %reason, "circuit opened");
+            }
+            Change::Reopened => {
+                warn!(event = "circuit", state = "open", %service, %backend, "circuit opened again: a trial failed");
+            }
+            Change::HalfOpened => {
+                info!(event = "circuit", state = "half-open", %service, %backend, "circuit half-open: trial requests");
+            }
+            Change::Closed => {
+                info!(event = "circuit", state = "closed", %service, %backend, "circuit closed");
+            }
+        }
     }
 
     /// The backend for the next attempt, or `None` when no backend may take it (then, under
@@ -224,9 +313,12 @@ impl ServiceState {
             }
         }
         if self.spec.when_all_down == AllDown::FailOpen && !self.any_usable(now) {
+            // Health checks may be wrong; an open circuit is what real traffic just saw.
             for tier in &self.tiers {
-                let ok =
-                    |k: usize| !tried.contains(&tier.members[k]) && self.members[tier.members[k]].weight > 0;
+                let ok = |k: usize| {
+                    let i = tier.members[k];
+                    !tried.contains(&i) && self.members[i].weight > 0 && self.circuit_allows(i, now)
+                };
                 if let Some(k) = self.pick_in(tier, pick, tick, ok) {
                     return Some(tier.members[k]);
                 }
