@@ -460,6 +460,7 @@ impl Controller {
                 packets,
                 bytes,
                 backends,
+                http: None,
             });
         }
         for (name, svc) in &reg.http {
@@ -483,6 +484,7 @@ impl Controller {
                 packets: 0,
                 bytes: 0,
                 backends,
+                http: self.edge.traffic(name),
             });
         }
         Ok(Snapshot {

@@ -80,6 +80,18 @@ pub struct ServiceReport {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendReport>,
+    /// What the HTTP edge answered for it (HTTP services).
+    pub http: Option<HttpTraffic>,
+}
+
+/// An HTTP service's answers: by status class, and a histogram of their durations.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpTraffic {
+    /// 1xx to 5xx.
+    pub classes: [u64; 5],
+    /// Per bucket of [`crate::edge::DURATION_BOUNDS`], not cumulative; the last is above them.
+    pub buckets: [u64; crate::edge::DURATION_BOUNDS.len() + 1],
+    pub sum: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -269,6 +281,10 @@ pub fn status(s: &Snapshot) -> Value {
                 "packets": svc.packets,
                 "bytes": svc.bytes,
                 "backends": backends,
+                "http": svc.http.as_ref().map(|t| json!({
+                    "responses": t.classes.iter().sum::<u64>(),
+                    "by_class": {"1xx": t.classes[0], "2xx": t.classes[1], "3xx": t.classes[2], "4xx": t.classes[3], "5xx": t.classes[4]},
+                })),
             })
         })
         .collect();
@@ -360,6 +376,38 @@ fn rate_metrics(m: &mut Metrics, s: &Snapshot) {
     let r = &s.rate_limited;
     for (limit, n) in [("global", r.global), ("per_ip", r.per_ip), ("route", r.route)] {
         m.sample("lb_http_rate_limited_total", &[("limit", limit)], n);
+    }
+}
+
+/// What each HTTP service answered, and how fast.
+fn http_service_metrics(m: &mut Metrics, s: &Snapshot) {
+    let http = || s.services.iter().filter_map(|svc| svc.http.as_ref().map(|t| (svc, t)));
+    m.family("lb_http_responses_total", "counter", "Responses per HTTP service, by status class.");
+    for (svc, t) in http() {
+        for (class, n) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().zip(t.classes) {
+            m.sample("lb_http_responses_total", &[("service", &svc.name), ("code", class)], n);
+        }
+    }
+    m.family(
+        "lb_http_request_duration_seconds",
+        "histogram",
+        "Time from a request's arrival to the end of its response, per HTTP service.",
+    );
+    for (svc, t) in http() {
+        let mut below = 0;
+        for (bound, n) in crate::edge::DURATION_BOUNDS.iter().zip(t.buckets) {
+            below += n;
+            let le = bound.to_string();
+            m.sample(
+                "lb_http_request_duration_seconds_bucket",
+                &[("service", &svc.name), ("le", &le)],
+                below,
+            );
+        }
+        let count: u64 = t.buckets.iter().sum();
+        m.sample("lb_http_request_duration_seconds_bucket", &[("service", &svc.name), ("le", "+Inf")], count);
+        m.sample("lb_http_request_duration_seconds_sum", &[("service", &svc.name)], t.sum.as_secs_f64());
+        m.sample("lb_http_request_duration_seconds_count", &[("service", &svc.name)], count);
     }
 }
 
@@ -512,6 +560,7 @@ pub fn metrics(s: &Snapshot) -> String {
             m.sample("lb_backend_weight", &[("service", &svc.name), ("backend", &b.backend)], w);
         }
     }
+    http_service_metrics(&mut m, s);
     http_metrics(&mut m, s);
     tls_metrics(&mut m, s);
     rate_metrics(&mut m, s);
@@ -568,36 +617,58 @@ mod tests {
                     hint: None,
                 }],
             }),
-            services: vec![ServiceReport {
-                name: "web".into(),
-                kind: "tcp",
-                vip: Some("10.0.0.1".parse().unwrap()),
-                port: Some(80),
-                protocols: vec!["tcp"],
-                mode: Some("nat"),
-                serving: Some("primaries"),
-                when_all_down: "fail-open",
-                packets: 10,
-                bytes: 1000,
-                backends: vec![BackendReport {
-                    backend: "10.0.0.11:80".into(),
-                    role: "primary",
-                    node: None,
-                    weight: 1,
-                    table_weight: Some(0),
-                    reason: Some("health check failing: refused".into()),
-                    health: "down",
-                    drained: false,
-                    checks: 5,
-                    check_failures: 3,
-                    last_check_latency: Some(Duration::from_millis(2)),
-                    last_error: Some("refused".into()),
-                    packets: Some(10),
-                    bytes: Some(1000),
-                    next_hop_mac: Some([2, 0, 10, 10, 0, 11]),
+            services: vec![
+                ServiceReport {
+                    name: "web".into(),
+                    kind: "tcp",
+                    vip: Some("10.0.0.1".parse().unwrap()),
+                    port: Some(80),
+                    protocols: vec!["tcp"],
+                    mode: Some("nat"),
+                    serving: Some("primaries"),
+                    when_all_down: "fail-open",
+                    packets: 10,
+                    bytes: 1000,
                     http: None,
-                }],
-            }],
+                    backends: vec![BackendReport {
+                        backend: "10.0.0.11:80".into(),
+                        role: "primary",
+                        node: None,
+                        weight: 1,
+                        table_weight: Some(0),
+                        reason: Some("health check failing: refused".into()),
+                        health: "down",
+                        drained: false,
+                        checks: 5,
+                        check_failures: 3,
+                        last_check_latency: Some(Duration::from_millis(2)),
+                        last_error: Some("refused".into()),
+                        packets: Some(10),
+                        bytes: Some(1000),
+                        next_hop_mac: Some([2, 0, 10, 10, 0, 11]),
+                        http: None,
+                    }],
+                },
+                ServiceReport {
+                    name: "api.example.org".into(),
+                    kind: "http",
+                    vip: None,
+                    port: None,
+                    protocols: vec!["http"],
+                    mode: None,
+                    serving: None,
+                    when_all_down: "fail-closed",
+                    packets: 0,
+                    bytes: 0,
+                    // Three answers: two 2xx within 5 ms and 10 ms, a 5xx after 3 s.
+                    http: Some(HttpTraffic {
+                        classes: [0, 2, 0, 0, 1],
+                        buckets: [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+                        sum: Duration::from_millis(3012),
+                    }),
+                    backends: Vec::new(),
+                },
+            ],
             counters: vec![("ct_miss_established", 4)],
             certificates: vec![CertReport {
                 listener: 443,
@@ -636,14 +707,31 @@ mod tests {
         assert!((86_000..=86_400).contains(&left), "{left}");
         assert!(text.contains("lb_tls_handshake_failures_total 2\n"), "{text}");
         assert!(text.contains("lb_http_rate_limited_total{limit=\"per_ip\"} 7\n"), "{text}");
-        // Every sample belongs to a family declared before it.
+        let api = "service=\"api.example.org\"";
+        for line in [
+            format!("lb_http_responses_total{{{api},code=\"5xx\"}} 1\n"),
+            format!("lb_http_responses_total{{{api},code=\"2xx\"}} 2\n"),
+            format!("lb_http_request_duration_seconds_bucket{{{api},le=\"0.01\"}} 2\n"),
+            format!("lb_http_request_duration_seconds_bucket{{{api},le=\"2.5\"}} 2\n"),
+            format!("lb_http_request_duration_seconds_bucket{{{api},le=\"5\"}} 3\n"),
+            format!("lb_http_request_duration_seconds_bucket{{{api},le=\"+Inf\"}} 3\n"),
+            format!("lb_http_request_duration_seconds_sum{{{api}}} 3.012\n"),
+            format!("lb_http_request_duration_seconds_count{{{api}}} 3\n"),
+        ] {
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        // Every sample belongs to a family declared before it (a histogram's by its suffixes).
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 declared.insert(rest.split(' ').next().unwrap().to_owned());
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(declared.contains(name), "{line}");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+                    .unwrap_or(name);
+                assert!(declared.contains(family), "{line}");
             }
         }
     }

@@ -38,6 +38,7 @@ pub use ratelimit::Cidr;
 pub use routes::{RouteTable, tables};
 use tokio::sync::watch;
 use tracing::info;
+pub use upstream::DURATION_BOUNDS;
 use upstream::{BackendState, Member, ServiceState};
 
 use crate::{
@@ -297,7 +298,9 @@ impl Edge {
                     Member { state, weight: b.weight, role, local, pool }
                 })
                 .collect();
-            services.insert(name.clone(), Arc::new(ServiceState::new(name, spec.clone(), members, settings)));
+            let traffic = previous.services.get(name).map(|s| s.traffic.clone()).unwrap_or_default();
+            let svc = ServiceState::new(name, spec.clone(), members, settings, traffic);
+            services.insert(name.clone(), Arc::new(svc));
         }
         self.backends = backends;
         self.pools = pools;
@@ -341,6 +344,19 @@ impl Edge {
             circuit: has_breaker.then(|| b.breaker.state(upstream::clock(now)).as_str()),
             circuit_opened: b.breaker.opened.load(Ordering::Relaxed),
             latency: (ewma > 0).then(|| std::time::Duration::from_nanos(ewma)),
+        })
+    }
+
+    /// What a service answered, and how fast.
+    #[must_use]
+    pub fn traffic(&self, service: &str) -> Option<crate::report::HttpTraffic> {
+        let snap = self.shared.snapshot();
+        let t = &snap.services.get(service)?.traffic;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Some(crate::report::HttpTraffic {
+            classes: t.classes.each_ref().map(load),
+            buckets: t.buckets.each_ref().map(load),
+            sum: std::time::Duration::from_micros(load(&t.sum_us)),
         })
     }
 

@@ -68,15 +68,17 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
     let Some(host) = request_host(&req) else {
         return local(StatusCode::BAD_REQUEST, "request without a host\n", None);
     };
-    let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started);
     let route = snap.tables.get(&conn.port).and_then(|t| t.find(&host, req.uri().path()));
     let Some(svc) = route.and_then(|r| snap.services.get(&r.service)) else {
+        let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, None);
         return local(
             StatusCode::NOT_FOUND,
             "no route for this host and path\n",
             Some(log(StatusCode::NOT_FOUND, "-", 0)),
         );
     };
+    let log =
+        access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, Some(&svc.traffic));
     if let Err(r) = snap.rate.check(conn.client.ip(), svc.rate.as_ref(), super::upstream::clock(started)) {
         return too_many(&r, log(StatusCode::TOO_MANY_REQUESTS, "-", 0));
     }
@@ -184,7 +186,8 @@ async fn forward(
     // WebSocket and other upgrades: the client's side of the tunnel, once answered 101.
     let mut upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
-    let log = access_log(&parts.method, &host, parts.uri.path(), conn.client.ip(), started);
+    let log =
+        access_log(&parts.method, &host, parts.uri.path(), conn.client.ip(), started, Some(&svc.traffic));
     let refuse = |status, text| local(status, text, Some(log(status, "-", 0)));
     if svc.members.is_empty() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "this service has no backends\n");
@@ -531,8 +534,10 @@ fn access_log<'a>(
     path: &'a str,
     client: IpAddr,
     started: Instant,
+    traffic: Option<&'a Arc<super::upstream::Traffic>>,
 ) -> impl Fn(StatusCode, &str, usize) -> AccessLog + 'a {
     move |status, upstream, tries| AccessLog {
+        traffic: traffic.cloned(),
         method: method.clone(),
         host: host.to_owned(),
         path: path.to_owned(),
@@ -555,10 +560,16 @@ pub struct AccessLog {
     upstream: String,
     tries: usize,
     started: Instant,
+    /// The service's counts, when the request was routed to one.
+    traffic: Option<Arc<super::upstream::Traffic>>,
 }
 
 impl AccessLog {
     fn write(&self, bytes: u64, complete: bool) {
+        let took = self.started.elapsed();
+        if let Some(t) = &self.traffic {
+            t.record(self.status, took);
+        }
         info!(
             target: "lb_userspace::access",
             client = %self.client,
@@ -570,7 +581,7 @@ impl AccessLog {
             tries = self.tries,
             bytes,
             complete,
-            ms = format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
+            ms = format_args!("{:.3}", took.as_secs_f64() * 1e3),
             "request"
         );
     }

@@ -134,6 +134,32 @@ impl Drop for InFlight {
     }
 }
 
+/// Upper bounds of the response-time histogram's buckets, seconds: Prometheus' defaults with
+/// 2 s added (seed 001's warning threshold).
+pub const DURATION_BOUNDS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0];
+
+/// What a service answered: responses by status class and how long they took (to the end of
+/// the body), kept across reloads while the service stays.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// 1xx to 5xx.
+    pub classes: [AtomicU64; 5],
+    /// Responses per bucket of [`DURATION_BOUNDS`] (not cumulative); the last is above them.
+    pub buckets: [AtomicU64; DURATION_BOUNDS.len() + 1],
+    pub sum_us: AtomicU64,
+}
+
+impl Traffic {
+    pub fn record(&self, status: http::StatusCode, took: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let bucket = DURATION_BOUNDS.iter().position(|&b| secs <= b).unwrap_or(DURATION_BOUNDS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
 /// One backend's place in a service.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -166,6 +192,7 @@ pub struct ServiceState {
     pub rate: Option<super::ratelimit::RouteLimit>,
     /// How its members' connections are made (shared by their pools).
     pub upstream: Arc<super::pool::Settings>,
+    pub traffic: Arc<Traffic>,
 }
 
 /// What a pick may not return: backends this request already tried.
@@ -185,6 +212,7 @@ impl ServiceState {
         spec: HttpService,
         members: Vec<Member>,
         upstream: Arc<super::pool::Settings>,
+        traffic: Arc<Traffic>,
     ) -> Self {
         let mut tiers = Vec::new();
         for (role, local) in
@@ -207,7 +235,16 @@ impl ServiceState {
             .rate_limit
             .and_then(|r| super::ratelimit::Limit::new(r.rate, r.burst))
             .map(|l| (l, super::ratelimit::Bucket::default()));
-        Self { name: name.to_owned(), spec, members, tiers, tick: AtomicUsize::new(0), rate, upstream }
+        Self {
+            name: name.to_owned(),
+            spec,
+            members,
+            tiers,
+            tick: AtomicUsize::new(0),
+            rate,
+            upstream,
+            traffic,
+        }
     }
 
     fn usable(&self, i: usize, now: Instant) -> bool {
