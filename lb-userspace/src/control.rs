@@ -463,30 +463,7 @@ impl Controller {
                 http: None,
             });
         }
-        for (name, svc) in &reg.http {
-            let backends = (svc.all_backends())
-                .map(|(b, role)| {
-                    let id = b.identity();
-                    let mut r = self.backend_report(name, &id, role, b.weight, b.node.as_deref(), None, None);
-                    r.http = self.edge.stats(name, &id);
-                    r
-                })
-                .collect();
-            services.push(ServiceReport {
-                name: name.clone(),
-                kind: "http",
-                vip: None,
-                port: None,
-                protocols: vec!["http"],
-                mode: None,
-                serving: None,
-                when_all_down: svc.when_all_down.as_str(),
-                packets: 0,
-                bytes: 0,
-                backends,
-                http: self.edge.traffic(name),
-            });
-        }
+        services.extend(self.http_service_reports(reg));
         Ok(Snapshot {
             generation: self.generation,
             config_file: self.opts.config.display().to_string(),
@@ -514,6 +491,38 @@ impl Controller {
             tls_handshake_failures: self.edge.tls_failures(),
             rate_limited: self.edge.rate_limited(),
         })
+    }
+
+    /// The HTTP services as the edge serves them.
+    fn http_service_reports(&self, reg: &Registry) -> Vec<ServiceReport> {
+        reg.http
+            .iter()
+            .map(|(name, svc)| {
+                let backends = (svc.all_backends())
+                    .map(|(b, role)| {
+                        let id = b.identity();
+                        let mut r =
+                            self.backend_report(name, &id, role, b.weight, b.node.as_deref(), None, None);
+                        r.http = self.edge.stats(name, &id);
+                        r
+                    })
+                    .collect();
+                ServiceReport {
+                    name: name.clone(),
+                    kind: "http",
+                    vip: None,
+                    port: None,
+                    protocols: vec!["http"],
+                    mode: None,
+                    serving: None,
+                    when_all_down: svc.when_all_down.as_str(),
+                    packets: 0,
+                    bytes: 0,
+                    backends,
+                    http: self.edge.traffic(name),
+                }
+            })
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
