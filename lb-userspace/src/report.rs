@@ -311,6 +311,7 @@ pub fn status(s: &Snapshot) -> Value {
         })).collect::<Vec<_>>(),
         "tls_handshake_failures": s.tls_handshake_failures,
         "rate_limited": s.rate_limited,
+        "acl_denied": s.rate_limited.acl,
     })
 }
 
@@ -369,6 +370,9 @@ pub struct RateLimited {
     pub global: u64,
     pub per_ip: u64,
     pub route: u64,
+    /// Refused by the ACL (403); `acl_denied` in the status document.
+    #[serde(skip)]
+    pub acl: u64,
 }
 
 fn rate_metrics(m: &mut Metrics, s: &Snapshot) {
@@ -377,6 +381,8 @@ fn rate_metrics(m: &mut Metrics, s: &Snapshot) {
     for (limit, n) in [("global", r.global), ("per_ip", r.per_ip), ("route", r.route)] {
         m.sample("lb_http_rate_limited_total", &[("limit", limit)], n);
     }
+    m.family("lb_http_acl_denied_total", "counter", "Requests answered 403 by the access control lists.");
+    m.sample("lb_http_acl_denied_total", &[], r.acl);
 }
 
 /// What each HTTP service answered, and how fast.
@@ -678,7 +684,7 @@ mod tests {
                 not_after: unix_now() + 86_400,
             }],
             tls_handshake_failures: 2,
-            rate_limited: RateLimited { global: 0, per_ip: 7, route: 1 },
+            rate_limited: RateLimited { global: 0, per_ip: 7, route: 1, acl: 3 },
         }
     }
 
@@ -707,6 +713,7 @@ mod tests {
         assert!((86_000..=86_400).contains(&left), "{left}");
         assert!(text.contains("lb_tls_handshake_failures_total 2\n"), "{text}");
         assert!(text.contains("lb_http_rate_limited_total{limit=\"per_ip\"} 7\n"), "{text}");
+        assert!(text.contains("lb_http_acl_denied_total 3\n"), "{text}");
         let api = "service=\"api.example.org\"";
         for line in [
             format!("lb_http_responses_total{{{api},code=\"5xx\"}} 1\n"),

@@ -1,6 +1,6 @@
 //! Edge policies with real clients against a real lbd in namespaces: rate limits (429 with
 //! `Retry-After` past the burst, none for a whitelisted source, a route's own limit), the
-//! circuit breaker (open, refusing, half-open, closed again).
+//! circuit breaker (open, refusing, half-open, closed again), access control lists.
 
 use std::{net::SocketAddr, sync::atomic::Ordering};
 
@@ -164,4 +164,63 @@ http:
     for state in ["state=\"open\"", "state=\"half-open\"", "state=\"closed\""] {
         assert!(stopped.log.contains(state), "{state} logged: {}", stopped.log);
     }
+}
+
+#[test]
+fn acls_refuse_admin_paths_to_sources_outside_their_ranges_and_denied_sources_everything() {
+    if !privileged("acls_refuse_admin_paths_to_sources_outside_their_ranges_and_denied_sources_everything") {
+        return;
+    }
+    let tag = "edge-acl";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let backend = HttpBackend::start(&topo.backends[0].ns, "backend-0", 8080);
+    let dir = TempDir::new(tag);
+    let registry = |acl: &str| {
+        format!(
+            "version: 1
+listeners: [{{port: 8000}}]
+acl:
+{acl}
+http:
+  example.org:
+    health: {{enabled: false}}
+    backends: [{{host: {b}, port: 8080}}]
+",
+            b = backend_ip(0)
+        )
+    };
+    // Seed 001's rule, with a range the client (10.10.0.10) is not in.
+    let admin_rule = "  rules:\n    - path: /admin/*\n      allow: 192.168.0.0/16\n";
+    let reg = dir.write("services.yaml", &registry(&format!("  deny: [203.0.113.0/24]\n{admin_rule}")));
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let edge = SocketAddr::from((topo.lb.ip, 8000));
+    let get = |path: &str| {
+        {
+            topo.client
+                .ns
+                .run(|| Client::connect(edge).and_then(|mut c| c.request("GET", "example.org", path, "", "")))
+        }
+        .expect("an answer")
+    };
+
+    let before = backend.state.requests();
+    for path in ["/admin/users", "/admin", "/%61dmin/users", "//admin/../admin/x"] {
+        assert_eq!(get(path).status, 403, "{path}");
+    }
+    assert_eq!(get("/shop").status, 200);
+    assert_eq!(backend.state.requests() - before, 1, "refused requests reach no backend");
+    let denied = metric(&topo.lb.ns, "lb_http_acl_denied_total ");
+    assert!((denied - 4.0).abs() < 0.5, "counted {denied}");
+
+    // The client's range allowed on /admin: served.
+    dir.replace("services.yaml", &registry("  rules:\n    - path: /admin/*\n      allow: 10.0.0.0/8\n"));
+    assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
+    assert_eq!(get("/admin/users").status, 200);
+
+    // The client denied: nothing is served to it.
+    dir.replace("services.yaml", &registry(&format!("  deny: {}\n", topo.client.ip)));
+    assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
+    assert_eq!(get("/shop").status, 403);
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
 }

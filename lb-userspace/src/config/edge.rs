@@ -498,6 +498,50 @@ pub struct RateLimits {
     pub whitelist: Vec<String>,
 }
 
+/// Who the HTTP edge serves, by source address (seed 001's `acl:`). A source in `deny` is
+/// refused; with `allow` given, so is a source outside it; then the first rule whose path
+/// matches decides the same way. Refused requests get 403.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Acl {
+    #[serde(deserialize_with = "one_or_many")]
+    #[schemars(with = "Vec<String>")]
+    pub allow: Vec<String>,
+    #[serde(deserialize_with = "one_or_many")]
+    #[schemars(with = "Vec<String>")]
+    pub deny: Vec<String>,
+    pub rules: Vec<AclRule>,
+}
+
+/// Sources allowed or denied one path and what lies under it: `/admin/*` (or `/admin`) covers
+/// `/admin` and `/admin/...`. Paths are compared after `.`/`..` segments, repeated slashes and
+/// encoded unreserved characters are resolved, as a backend would read them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub path: String,
+    #[serde(default, deserialize_with = "one_or_many")]
+    #[schemars(with = "Vec<String>")]
+    pub allow: Vec<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    #[schemars(with = "Vec<String>")]
+    pub deny: Vec<String>,
+}
+
+/// One string or a list of them (seed 001 writes `allow: 10.0.0.0/8`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// A token bucket: `rate` requests a second on average, `burst` more at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -17,8 +17,9 @@ use std::{
 };
 
 pub use edge::{
-    Balance, CertSpec, CircuitBreaker, ClientAuth, HashKey, Hsts, Limits, Listener, Passive, Pool, Rate,
-    RateLimits, Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream, UpstreamProtocol, UpstreamTls,
+    Acl, AclRule, Balance, CertSpec, CircuitBreaker, ClientAuth, HashKey, Hsts, Limits, Listener, Passive,
+    Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream, UpstreamProtocol,
+    UpstreamTls,
 };
 pub use error::{ConfigError, Problem};
 pub use schema::{
@@ -592,6 +593,22 @@ tcp:
         let at = |f: &str| (format!("http.x.org.circuit_breaker.{f}"), 5);
         let want = [at("error_rate"), at("open_for"), at("half_open_requests")];
         assert_eq!(fields, want.iter().map(|(f, l)| (f.as_str(), *l)).collect::<Vec<_>>(), "{e}");
+    }
+
+    #[test]
+    fn acls_take_one_range_or_a_list_and_refuse_bad_ranges_and_paths() {
+        let d = Dir::new("acls");
+        let root = d.write(
+            "services.yaml",
+            "version: 1\nacl:\n  allow: 10.0.0.0/8\n  rules:\n    - {path: /admin/*, allow: [10.0.0.0/8, 192.168.0.0/16]}\n",
+        );
+        let acl = load(&root).unwrap().registry.acl;
+        assert_eq!(acl.allow, ["10.0.0.0/8"]);
+        assert_eq!(acl.rules[0].allow, ["10.0.0.0/8", "192.168.0.0/16"]);
+        d.write("services.yaml", "version: 1\nacl:\n  deny: [10.0.0.0/33]\n  rules:\n    - {path: admin}\n");
+        let e = load(&root).unwrap_err();
+        let fields: Vec<(&str, usize)> = e.problems().iter().map(|p| (p.field.as_str(), p.line)).collect();
+        assert_eq!(fields, [("acl.deny[0]", 3), ("acl.rules[0]", 5), ("acl.rules[0].path", 5)], "{e}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
 use super::edge::{
-    Balance, CircuitBreaker, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Upstream,
+    Acl, Balance, CircuitBreaker, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts,
+    Upstream,
 };
 
 /// The only registry format version.
@@ -39,6 +40,9 @@ pub struct Registry {
     /// Request rate limits of the HTTP edge: global, per client address, with a whitelist.
     #[serde(default)]
     pub rate_limit: RateLimits,
+    /// Who the HTTP edge serves: allow and deny lists of sources, and per-path rules.
+    #[serde(default)]
+    pub acl: Acl,
     /// HTTP services by host name (or by name, with `hosts`), served by the HTTP edge.
     #[serde(default)]
     pub http: BTreeMap<String, HttpService>,

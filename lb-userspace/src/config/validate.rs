@@ -54,6 +54,7 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
     datapath(&root.key("datapath"), &reg.datapath, &mut out);
     listeners(&root.key("listeners"), &reg.listeners, &mut out);
     rate_limits(&root.key("rate_limit"), &reg.rate_limit, &mut out);
+    acl(&root.key("acl"), &reg.acl, &mut out);
     let ports: HashSet<u16> = reg.listeners.iter().map(|l| l.port).collect();
     // (listener port, host pattern, path, priority) -> service: two services must
     // not claim the same requests with nothing to choose between them.
@@ -214,9 +215,34 @@ fn rate_limits(p: &FieldPath, r: &crate::config::RateLimits, out: &mut Vec<Findi
             rate_setting(&p.key(name), *rate, out);
         }
     }
-    for (i, c) in r.whitelist.iter().enumerate() {
+    cidrs(&p.key("whitelist"), &r.whitelist, out);
+}
+
+fn acl(p: &FieldPath, acl: &crate::config::Acl, out: &mut Vec<Finding>) {
+    cidrs(&p.key("allow"), &acl.allow, out);
+    cidrs(&p.key("deny"), &acl.deny, out);
+    for (i, rule) in acl.rules.iter().enumerate() {
+        let p = p.key("rules").index(i);
+        if !rule.path.starts_with('/') {
+            out.push(finding(
+                p.key("path"),
+                format!("`{}` does not start with /", rule.path),
+                Some("/admin/*"),
+            ));
+        }
+        if rule.allow.is_empty() && rule.deny.is_empty() {
+            out.push(finding(p.clone(), "a rule needs `allow` or `deny`", None));
+        }
+        cidrs(&p.key("allow"), &rule.allow, out);
+        cidrs(&p.key("deny"), &rule.deny, out);
+    }
+}
+
+/// Addresses or CIDR ranges.
+pub(super) fn cidrs(p: &FieldPath, list: &[String], out: &mut Vec<Finding>) {
+    for (i, c) in list.iter().enumerate() {
         if let Err(e) = crate::edge::Cidr::parse(c) {
-            out.push(finding(p.key("whitelist").index(i), e, Some("an address or a CIDR range: 10.0.0.0/8")));
+            out.push(finding(p.index(i), e, Some("an address or a CIDR range: 10.0.0.0/8")));
         }
     }
 }

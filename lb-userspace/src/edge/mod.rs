@@ -14,6 +14,7 @@
 //! change of health or drains. Requests read one immutable [`Snapshot`]; a reload swaps it
 //! whole, so a request never sees half of one.
 
+mod acl;
 mod balance;
 mod breaker;
 mod passthrough;
@@ -77,6 +78,7 @@ pub struct Snapshot {
     pub services: HashMap<String, Arc<ServiceState>>,
     pub ports: BTreeMap<u16, Arc<Port>>,
     pub rate: ratelimit::Limiter,
+    pub acl: acl::Acl,
 }
 
 /// How a listener port serves.
@@ -136,6 +138,8 @@ pub struct Edge {
     /// reloads.
     per_ip: Option<Arc<ratelimit::PerAddress>>,
     rate_counts: Arc<ratelimit::Counts>,
+    /// Requests the ACL refused, kept across reloads.
+    acl_denied: Arc<std::sync::atomic::AtomicU64>,
     /// The certificate, key and CA files served, as they were when read.
     tls_files: Vec<FileStamp>,
 }
@@ -178,6 +182,7 @@ impl Edge {
             pools: HashMap::new(),
             per_ip: None,
             rate_counts: Arc::default(),
+            acl_denied: Arc::default(),
             tls_files: Vec::new(),
         }
     }
@@ -306,7 +311,8 @@ impl Edge {
         self.pools = pools;
         let table = || self.per_ip.get_or_insert_with(Arc::default).clone();
         let rate = ratelimit::Limiter::new(&reg.rate_limit, table, self.rate_counts.clone());
-        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate })
+        let acl = acl::Acl::new(&reg.acl, self.acl_denied.clone());
+        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate, acl })
     }
 
     /// Whether a certificate, key or CA file of `reg` changed since it was applied (the
@@ -378,6 +384,7 @@ impl Edge {
             global: c.global.load(Ordering::Relaxed),
             per_ip: c.per_ip.load(Ordering::Relaxed),
             route: c.route.load(Ordering::Relaxed),
+            acl: self.acl_denied.load(Ordering::Relaxed),
         }
     }
 

@@ -68,6 +68,10 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
     let Some(host) = request_host(&req) else {
         return local(StatusCode::BAD_REQUEST, "request without a host\n", None);
     };
+    if !snap.acl.permits(conn.client.ip(), req.uri().path()) {
+        let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, None);
+        return local(StatusCode::FORBIDDEN, "forbidden\n", Some(log(StatusCode::FORBIDDEN, "-", 0)));
+    }
     let route = snap.tables.get(&conn.port).and_then(|t| t.find(&host, req.uri().path()));
     let Some(svc) = route.and_then(|r| snap.services.get(&r.service)) else {
         let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, None);
