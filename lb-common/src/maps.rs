@@ -31,16 +31,32 @@ pub const COUNTERS: &str = "LB_COUNTERS";
 pub const VIP_STATS: &str = "LB_VIP_STATS";
 /// Per-CPU per-backend traffic: backend id -> [`Traffic`].
 pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// Sources denied per VIP entry: longest-prefix trie of [`DenyKey`] -> `u32` (unused); read only
+/// for VIP entries with [`VIP_F_DENY`].
+pub const DENY: &str = "LB_DENY";
 /// Decapsulation program: local addresses whose tunnelled packets it unwraps.
 pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
 
 /// Version of the pinned maps' layout (their set, types, keys, values and meaning). lbd pins
 /// its state under a directory named after it and never reuses state of another version:
 /// bump it with any such change.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
-/// The maps that hold the balancer's state across restarts (pinned in bpffs).
-pub const PINNED: [&str; 11] =
-    [VIPS, VIP_ADDRS, TABLES, BACKENDS, NODE, CONNTRACK, NAT, FRAGMENTS, COUNTERS, VIP_STATS, BACKEND_STATS];
+pub const MAP_LAYOUT_VERSION: u32 = 2;
+/// The maps that hold the balancer's state across restarts (pinned in bpffs). The deny lists
+/// too: the program keeps running while lbd restarts, and must keep refusing meanwhile.
+pub const PINNED: [&str; 12] = [
+    VIPS,
+    VIP_ADDRS,
+    TABLES,
+    BACKENDS,
+    NODE,
+    CONNTRACK,
+    NAT,
+    FRAGMENTS,
+    COUNTERS,
+    VIP_STATS,
+    BACKEND_STATS,
+    DENY,
+];
 
 /// VIP entries (VIP, port, protocol) a registry may hold.
 pub const MAX_VIPS: u32 = 1024;
@@ -62,6 +78,8 @@ pub const DEFAULT_NAT_SIZE: u32 = 1 << 18;
 pub const FRAGMENTS_SIZE: u32 = 1 << 13;
 /// Addresses the decapsulation program serves.
 pub const MAX_DECAP_ADDRS: u32 = 64;
+/// Source ranges the deny lists of all VIP entries hold together.
+pub const MAX_DENY: u32 = 16_384;
 /// Inner-map flag: tables of any size fit the outer map's template.
 pub const BPF_F_INNER_MAP: u32 = 4096;
 /// A Maglev slot with no backend (every backend drained): new flows are dropped.
@@ -190,9 +208,63 @@ pub struct VipInfo {
     pub table_size: u32,
     /// One of the `MODE_*` constants.
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `VIP_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// A byte with its top `n` bits set (`n` at most 8).
+#[must_use]
+#[expect(clippy::cast_possible_truncation, reason = "the low byte is the mask")]
+pub const fn top_bits(n: u32) -> u8 {
+    // A u16 so that a shift by 8 is defined.
+    (0xff00u16 >> n) as u8
+}
+
+/// [`VipInfo::flags`]: the VIP entry has a deny list in [`DENY`], so its packets pay for a lookup
+/// there and others do not.
+pub const VIP_F_DENY: u8 = 1;
+
+/// Data of a [`DENY`] trie key: the VIP entry's id (big-endian, always matched whole) then the
+/// source address. A key's prefix length is 32 plus the range's length in [`Addr`] bits; a VIP
+/// entry's clients are all of its family, so IPv4 ranges and IPv6 ranges never meet.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DenyKey {
+    pub vip_id: [u8; 4],
+    pub addr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<DenyKey>() == 20);
+
+impl DenyKey {
+    /// The trie's prefix length for a range of `bits` bits of the address.
+    #[must_use]
+    pub const fn prefix_len(bits: u32) -> u32 {
+        32 + bits
+    }
+
+    /// Whether `self`, a range of `bits` bits, holds the key `other` (as the trie decides).
+    #[must_use]
+    pub fn covers(&self, bits: u32, other: &Self) -> bool {
+        if self.vip_id != other.vip_id {
+            return false;
+        }
+        let mut left = bits;
+        for (a, b) in self.addr.iter().zip(other.addr.iter()) {
+            let take = left.min(8);
+            if take == 0 {
+                break;
+            }
+            let mask = top_bits(take);
+            if a & mask != b & mask {
+                return false;
+            }
+            left -= take;
+        }
+        true
+    }
+}
 
 /// A backend as the data plane needs it to forward a packet.
 #[repr(C, align(8))]
@@ -383,4 +455,5 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragEntry {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::DenyKey {}
 }

@@ -13,16 +13,16 @@ use aya_ebpf::{
     btf_maps::{Array as BtfArray, ArrayOfMaps},
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{btf_map, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{
     datapath::{self, Action, Counter, Scratch, Tables},
     decap::{self, DecapCounter, DecapTables},
     maps::{
-        AddrKey, BACKEND_IDS, Backend, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, FRAGMENTS_SIZE,
-        FlowKey, FragEntry, FragKey, MAX_DECAP_ADDRS, MAX_TABLES, NatEntry, NodeConfig, Traffic, VIP_IDS,
-        VipInfo, VipKey,
+        AddrKey, BACKEND_IDS, Backend, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DenyKey,
+        FRAGMENTS_SIZE, FlowKey, FragEntry, FragKey, MAX_DECAP_ADDRS, MAX_DENY, MAX_TABLES, NatEntry,
+        NodeConfig, Traffic, VIP_IDS, VipInfo, VipKey,
     },
     packet::{Header, MAX_HEADER_OFFSET, Packet},
 };
@@ -63,6 +63,8 @@ static LB_BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(BA
 /// Working memory of the balancer, off the 512-byte BPF stack (`datapath::Scratch`).
 #[map]
 static LB_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static LB_DENY: LpmTrie<DenyKey, u32> = LpmTrie::with_max_entries(MAX_DENY, 0);
 #[map]
 static LB_DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
 #[map]
@@ -160,6 +162,12 @@ impl Tables for Maps {
     fn is_vip_addr(&self, key: &AddrKey) -> bool {
         // SAFETY: only presence is read.
         unsafe { LB_VIP_ADDRS.get(key) }.is_some()
+    }
+
+    #[inline(always)]
+    fn denied(&self, key: &DenyKey) -> bool {
+        // Every bit of the key: the trie answers with the longest range that holds it.
+        LB_DENY.get(Key::new(DenyKey::prefix_len(128), *key)).is_some()
     }
 
     #[inline(always)]

@@ -16,17 +16,20 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::Key,
+    },
 };
 use lb_common::{
     datapath::Counter,
     maps::{
-        self as names, AddrKey, BACKEND_IDS, BPF_F_INNER_MAP, Backend, CtEntry, FlowKey, MAX_TABLES,
+        self as names, AddrKey, BACKEND_IDS, BPF_F_INNER_MAP, Backend, CtEntry, DenyKey, FlowKey, MAX_TABLES,
         NodeConfig, Traffic, VipInfo, VipKey,
     },
 };
 
-use crate::plan::{DataPlan, KernelState, TablePlan};
+use crate::plan::{DataPlan, DenyRange, KernelState, TablePlan};
 
 /// `BPF_F_MMAPABLE`: tables are filled through a memory mapping, not a syscall per slot.
 const BPF_F_MMAPABLE: u32 = 1024;
@@ -98,6 +101,7 @@ fn access(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> Maps
 pub struct DataplaneMaps {
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
+    deny: LpmTrie<MapData, DenyKey, u32>,
     tables: ArrayOfMaps<MapData, MapData>,
     /// A duplicate of the tables map's fd, for deletes (aya has none for arrays of maps).
     tables_fd: OwnedFd,
@@ -123,6 +127,7 @@ impl DataplaneMaps {
         Ok(Self {
             vips: take(ebpf, names::VIPS)?,
             vip_addrs: take(ebpf, names::VIP_ADDRS)?,
+            deny: take(ebpf, names::DENY)?,
             tables: ArrayOfMaps::try_from(tables)
                 .map_err(|source| MapsError::Layout { name: names::TABLES, source })?,
             tables_fd,
@@ -142,6 +147,12 @@ impl DataplaneMaps {
             (self.vips.iter()).collect::<Result<Vec<_>, _>>().map_err(access("iterate", names::VIPS))?;
         let vip_addrs =
             (self.vip_addrs.keys()).collect::<Result<_, _>>().map_err(access("iterate", names::VIP_ADDRS))?;
+        let deny = (self.deny.keys())
+            .map(|k| {
+                let k = k.map_err(access("iterate", names::DENY))?;
+                Ok(DenyRange { key: k.data(), bits: k.prefix_len().saturating_sub(DenyKey::prefix_len(0)) })
+            })
+            .collect::<Result<_, MapsError>>()?;
         let mut tables = BTreeSet::new();
         for slot in 0..MAX_TABLES {
             match self.tables.get(&slot, 0) {
@@ -160,7 +171,7 @@ impl DataplaneMaps {
             }
         }
         let node = self.node.get(&0, 0).map_err(access("get", names::NODE))?;
-        Ok(KernelState { node, vips, vip_addrs, tables, backends })
+        Ok(KernelState { node, vips, vip_addrs, deny, tables, backends })
     }
 
     /// Takes `plan` as what the maps hold (adopted from an earlier lbd), so the next apply
@@ -254,6 +265,12 @@ impl DataplaneMaps {
                 self.vip_addrs.insert(a, 0, 0).map_err(access("insert", names::VIP_ADDRS))?;
             }
         }
+        for r in &plan.deny {
+            if prev.is_none_or(|p| !p.deny.contains(r)) {
+                let key = Key::new(r.prefix_len(), r.key);
+                self.deny.insert(&key, 0, 0).map_err(access("insert", names::DENY))?;
+            }
+        }
 
         // Removals, after everything new is in place.
         if let Some(prev) = prev {
@@ -262,6 +279,10 @@ impl DataplaneMaps {
             }
             for a in prev.vip_addrs.difference(&plan.vip_addrs) {
                 gone_ok(self.vip_addrs.remove(a)).map_err(access("remove", names::VIP_ADDRS))?;
+            }
+            for r in prev.deny.difference(&plan.deny) {
+                let key = Key::new(r.prefix_len(), r.key);
+                gone_ok(self.deny.remove(&key)).map_err(access("remove", names::DENY))?;
             }
             for slot in prev.tables.keys().filter(|s| !plan.tables.contains_key(s)) {
                 delete_elem(&self.tables_fd, *slot).map_err(|e| syscall_error("delete", names::TABLES, e))?;

@@ -14,8 +14,8 @@ use std::{
 use lb_common::{
     datapath::{self, Action, Counter, Scratch, Tables},
     maps::{
-        AddrKey, BACKEND_IDS, Backend, CtEntry, FlowKey, FragEntry, FragKey, NatEntry, NodeConfig, Traffic,
-        VIP_IDS, VipInfo, VipKey,
+        AddrKey, BACKEND_IDS, Backend, CtEntry, DenyKey, FlowKey, FragEntry, FragKey, NatEntry, NodeConfig,
+        Traffic, VIP_IDS, VipInfo, VipKey,
     },
     packet::{BytesPacket, XDP_HEADROOM},
 };
@@ -29,6 +29,7 @@ pub struct Model {
     node: NodeConfig,
     vips: HashMap<VipKey, VipInfo>,
     vip_addrs: HashSet<AddrKey>,
+    deny: Vec<crate::plan::DenyRange>,
     tables: HashMap<u32, Vec<u32>>,
     backends: Vec<Backend>,
     ct: RefCell<HashMap<FlowKey, CtEntry>>,
@@ -46,6 +47,7 @@ impl Default for Model {
             node: NodeConfig::default(),
             vips: HashMap::new(),
             vip_addrs: HashSet::new(),
+            deny: Vec::new(),
             tables: HashMap::new(),
             backends: vec![Backend::default(); BACKEND_IDS as usize],
             ct: RefCell::default(),
@@ -73,6 +75,7 @@ impl Model {
         self.node = plan.node;
         self.vips = plan.vips.iter().map(|v| (v.key, v.info)).collect();
         self.vip_addrs = plan.vip_addrs.iter().copied().collect();
+        self.deny = plan.deny.iter().copied().collect();
         self.tables = plan.tables.iter().map(|(slot, t)| (*slot, t.slots())).collect();
         for (id, b) in (0u32..).zip(self.backends.iter_mut()) {
             if let Some(new) = plan.backends.get(&id) {
@@ -151,6 +154,10 @@ impl Tables for Model {
 
     fn is_vip_addr(&self, key: &AddrKey) -> bool {
         self.vip_addrs.contains(key)
+    }
+
+    fn denied(&self, key: &DenyKey) -> bool {
+        self.deny.iter().any(|r| r.key.covers(r.bits, key))
     }
 
     fn table_slot(&self, table: u32, slot: u32) -> Option<u32> {
@@ -255,6 +262,10 @@ impl Tables for PlanView<'_> {
 
     fn is_vip_addr(&self, key: &AddrKey) -> bool {
         self.plan.vip_addrs.contains(key)
+    }
+
+    fn denied(&self, key: &DenyKey) -> bool {
+        self.plan.deny.iter().any(|r| r.key.covers(r.bits, key))
     }
 
     fn table_slot(&self, table: u32, slot: u32) -> Option<u32> {

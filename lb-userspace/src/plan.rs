@@ -12,8 +12,8 @@ use std::{
 };
 
 use lb_common::maps::{
-    AddrKey, BACKEND_ALIVE, BACKEND_DOWN, BACKEND_IDS, Backend, MAX_TABLES, NO_BACKEND, NODE_HAS_V4,
-    NODE_HAS_V6, NodeConfig, VIP_IDS, VipInfo, VipKey, addr_of,
+    AddrKey, BACKEND_ALIVE, BACKEND_DOWN, BACKEND_IDS, Backend, DenyKey, MAX_TABLES, NO_BACKEND, NODE_HAS_V4,
+    NODE_HAS_V6, NodeConfig, VIP_F_DENY, VIP_IDS, VipInfo, VipKey, addr_of, top_bits,
 };
 
 use crate::{
@@ -155,6 +155,41 @@ pub struct VipPlan {
     pub info: VipInfo,
 }
 
+/// A range of a VIP entry's deny list: `bits` leading bits of the key's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DenyRange {
+    pub key: DenyKey,
+    pub bits: u32,
+}
+
+impl DenyRange {
+    /// `range` (`10.0.0.0/8`, `2001:db8::/32`, one address) for VIP entry `vip_id`, its address
+    /// cut to its prefix, so one range has one key; `None` when it does not parse (validation
+    /// reports it).
+    #[must_use]
+    pub fn new(vip_id: u32, range: &str) -> Option<Self> {
+        let (addr, len) = range.split_once('/').map_or((range, None), |(a, l)| (a, Some(l)));
+        let ip: IpAddr = addr.parse().ok()?;
+        let (_, mut addr) = addr_of(ip);
+        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
+        let bits = len.map_or(Some(width), |l| l.parse().ok())?;
+        if bits > width {
+            return None;
+        }
+        for (i, byte) in addr.iter_mut().enumerate() {
+            let keep = bits.saturating_sub(u32::try_from(i).ok()? * 8).min(8);
+            *byte &= top_bits(keep);
+        }
+        Some(Self { key: DenyKey { vip_id: vip_id.to_be_bytes(), addr }, bits })
+    }
+
+    /// The trie key: the VIP id's 32 bits, then the range's.
+    #[must_use]
+    pub const fn prefix_len(&self) -> u32 {
+        DenyKey::prefix_len(self.bits)
+    }
+}
+
 /// A backend as planned for one service, for logs and status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceBackend {
@@ -173,6 +208,8 @@ pub struct DataPlan {
     pub node: NodeConfig,
     pub vips: Vec<VipPlan>,
     pub vip_addrs: BTreeSet<AddrKey>,
+    /// Deny lists of VIP entries.
+    pub deny: BTreeSet<DenyRange>,
     /// Table slot -> table.
     pub tables: BTreeMap<u32, TablePlan>,
     /// Backend records by id (drained ones included: their tracked flows continue).
@@ -300,6 +337,7 @@ pub fn plan(
 
     let mut vips = Vec::new();
     let mut vip_addrs = BTreeSet::new();
+    let mut deny = BTreeSet::new();
     for (name, svc, vip) in &services {
         let (table, table_size) = ids.tables[name.as_str()];
         vip_addrs.insert(AddrKey::new(*vip));
@@ -309,7 +347,10 @@ pub fn plan(
                 skipped.push(Skipped { service: (*name).clone(), reason: "no free VIP id".to_owned() });
                 continue;
             };
-            let info = VipInfo { id, table, table_size, mode: svc.mode.code(), _pad: [0; 3] };
+            let ranges: Vec<DenyRange> = svc.deny.iter().filter_map(|r| DenyRange::new(id, r)).collect();
+            let flags = if ranges.is_empty() { 0 } else { VIP_F_DENY };
+            deny.extend(ranges);
+            let info = VipInfo { id, table, table_size, mode: svc.mode.code(), flags, _pad: [0; 2] };
             vips.push(VipPlan { service: (*name).clone(), key, info });
         }
     }
@@ -319,6 +360,7 @@ pub fn plan(
         node: node_config,
         vips,
         vip_addrs,
+        deny,
         tables,
         backends,
         services: planned_services,
@@ -334,6 +376,7 @@ pub struct KernelState {
     pub node: NodeConfig,
     pub vips: Vec<(VipKey, VipInfo)>,
     pub vip_addrs: BTreeSet<AddrKey>,
+    pub deny: BTreeSet<DenyRange>,
     /// Table slots holding a table.
     pub tables: BTreeSet<u32>,
     /// Backend records ever written (alive or not: the generations of freed ids matter too).
@@ -417,6 +460,7 @@ pub fn adopt(reg: &Registry, resolved: &Resolutions, kernel: &KernelState) -> Da
         node: kernel.node,
         vips,
         vip_addrs: kernel.vip_addrs.clone(),
+        deny: kernel.deny.clone(),
         tables,
         backends: alive.into_iter().map(|(id, b)| (id, *b)).collect(),
         services: BTreeMap::new(),
@@ -706,6 +750,45 @@ tcp:
     }
 
     #[test]
+    fn deny_lists_become_ranges_per_vip_entry_and_flag_only_those_entries() {
+        let src = REG.replace(
+            "    protocols: [tcp, udp]\n",
+            "    protocols: [tcp, udp]\n    deny: [192.0.2.77/24, 10.1.2.3]\n",
+        );
+        let (p, _) = plan(&registry(&src), &node(), &resolutions(), &Ids::default(), &Overrides::default());
+        let flagged: Vec<(&str, u8)> = p.vips.iter().map(|v| (v.service.as_str(), v.info.flags)).collect();
+        assert_eq!(flagged, [("echo", VIP_F_DENY), ("echo", VIP_F_DENY), ("tunnelled", 0), ("web", 0)]);
+        // One range per VIP entry (tcp and udp), its address cut to its prefix.
+        let ranges: Vec<(u32, [u8; 4], u32)> = (p.deny.iter())
+            .map(|r| (u32::from_be_bytes(r.key.vip_id), r.key.addr[..4].try_into().unwrap(), r.bits))
+            .collect();
+        let (tcp, udp) = (p.vips[0].info.id, p.vips[1].info.id);
+        let mut want = vec![
+            (tcp, [10, 1, 2, 3], 32),
+            (tcp, [192, 0, 2, 0], 24),
+            (udp, [10, 1, 2, 3], 32),
+            (udp, [192, 0, 2, 0], 24),
+        ];
+        want.sort_by_key(|(id, a, _)| (id.to_be_bytes(), *a));
+        assert_eq!(ranges, want);
+        let r = DenyRange::new(7, "2001:db8:ff::/33").unwrap();
+        assert_eq!((r.bits, r.prefix_len(), &r.key.addr[..6]), (33, 65, &[0x20, 0x01, 0x0d, 0xb8, 0, 0][..]));
+        assert!(r.key.covers(
+            r.bits,
+            &DenyKey { vip_id: 7u32.to_be_bytes(), addr: addr_of("2001:db8:7fff::1".parse().unwrap()).1 }
+        ));
+        assert!(!r.key.covers(
+            r.bits,
+            &DenyKey { vip_id: 7u32.to_be_bytes(), addr: addr_of("2001:db8:8000::1".parse().unwrap()).1 }
+        ));
+        assert!(
+            !r.key.covers(r.bits, &DenyKey { vip_id: 8u32.to_be_bytes(), addr: r.key.addr }),
+            "another VIP entry"
+        );
+        assert_eq!(DenyRange::new(1, "10.0.0.0/33"), None);
+    }
+
+    #[test]
     fn weights_drain_and_unusable_backends_shape_each_table() {
         let (p, _) = plan(&registry(REG), &node(), &resolutions(), &Ids::default(), &Overrides::default());
         let echo = identities(&p, "echo");
@@ -781,6 +864,7 @@ tcp:
             node: p.node,
             vips: p.vips.iter().map(|v| (v.key, v.info)).collect(),
             vip_addrs: p.vip_addrs.clone(),
+            deny: p.deny.clone(),
             tables: p.tables.keys().copied().collect(),
             backends: p.backends.clone(),
         }

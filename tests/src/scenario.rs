@@ -42,12 +42,14 @@ tcp:
     vip: 10.9.100.1
     port: 80
     protocols: [tcp, udp]
+    deny: [192.0.2.0/24, 10.9.0.99]
     backends:
 {l2_backends}
   l2v6:
     vip: 2001:db8:100::1
     port: 80
     protocols: [tcp, udp]
+    deny: [2001:db8:9::/48]
     backends:
       - {{host: 2001:db8::11, port: 80}}
       - {{host: 2001:db8::12, port: 80}}

@@ -588,7 +588,7 @@ fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_r
     let (s, reg, lbd) = setup("restart", 3, &[0, 1, 2], &keep);
     let lb = &s.topo.lb.ns;
     wait_all_up(lb, 3);
-    let pins = s.dir.pin_dir().join("eth0/v1");
+    let pins = s.dir.pin_dir().join(format!("eth0/v{}", lb_common::maps::MAP_LAYOUT_VERSION));
     assert!(pins.join("link").exists() && pins.join("LB_CONNTRACK").exists(), "state pinned in {pins:?}");
     let mut streams: Vec<Stream> = (0..12).map(|_| Stream::open(&s.topo.client.ns)).collect();
     streams_whole(&mut streams, 0, "at once");
@@ -650,7 +650,8 @@ fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_r
     std::fs::create_dir(&old_layout).expect("mkdir in bpffs");
     let other = Lbd::run_to_exit(lb, &s.dir, &reg, "eth0", &keep);
     assert_eq!(other.status.code(), Some(1), "{}", other.log);
-    assert!(other.log.contains("map layout v0; this lbd uses layout v1"), "{}", other.log);
+    let ours = format!("map layout v0; this lbd uses layout v{}", lb_common::maps::MAP_LAYOUT_VERSION);
+    assert!(other.log.contains(&ours), "{}", other.log);
     assert!(other.log.contains("lbd --unpin --iface eth0"), "{}", other.log);
     std::fs::remove_dir(&old_layout).expect("rmdir in bpffs");
     assert!(pins.join("link").exists(), "refused starts leave the pinned state alone");

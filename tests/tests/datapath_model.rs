@@ -506,3 +506,26 @@ fn unusual_frames_have_a_rule_each() {
         }
     }
 }
+
+#[test]
+fn sources_in_a_vips_deny_list_are_dropped_and_counted_and_others_pass() {
+    let (m, _) = model();
+    // `l2` denies 192.0.2.0/24 and 10.9.0.99; `l2v6` denies 2001:db8:9::/48; `nat` nothing.
+    for (src, dst) in
+        [("192.0.2.7", "10.9.100.1"), ("10.9.0.99", "10.9.100.1"), ("2001:db8:9:1::7", "2001:db8:100::1")]
+    {
+        for f in [tcp(src, dst, 40_000, 80, TCP_SYN), udp(src, dst, 40_000, 80)] {
+            assert_eq!(m.run(&f.build()).0, Action::Drop, "{f:?}");
+        }
+    }
+    assert_eq!(m.counter(Counter::DropDenied), 6);
+    for (src, dst) in [
+        ("10.9.0.98", "10.9.100.1"),
+        ("192.0.3.7", "10.9.100.1"),
+        ("192.0.2.7", "10.9.100.4"),
+        ("2001:db8:a::7", "2001:db8:100::1"),
+    ] {
+        tx(&m, &tcp(src, dst, 40_000, 80, TCP_SYN));
+    }
+    assert_eq!(m.counter(Counter::DropDenied), 6, "nothing else denied");
+}

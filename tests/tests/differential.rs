@@ -2,9 +2,10 @@
 //! every frame (verdict and output bytes) and, at the end, on every counter and traffic total.
 //!
 //! Frames: valid TCP/UDP flows to VIPs of every mode in both families (assorted TCP flags),
-//! NAT replies, ICMP echo and "too big" errors, first and later fragments, traffic not for a
-//! VIP, ARP, VLAN-tagged and IPv6-extension frames, frames for another MAC, and deterministic
-//! mutations of all of them (truncations, bit flips, length fields).
+//! sources in a VIP's deny list, NAT replies, ICMP echo and "too big" errors, first and later
+//! fragments, traffic not for a VIP, ARP, VLAN-tagged and IPv6-extension frames, frames for
+//! another MAC, and deterministic mutations of all of them (truncations, bit flips, length
+//! fields).
 //!
 //! Halfway through, both take the same reload (a backend leaves, one joins, one is drained).
 //!
@@ -230,6 +231,7 @@ fn kernel_program_and_model_agree_on_every_frame() {
         Counter::IcmpErrorForwarded,
         Counter::FragmentForwarded,
         Counter::DropFragmentUnknown,
+        Counter::DropDenied,
         Counter::PassMalformed,
         Counter::PassNotForNode,
         Counter::PassVlan,

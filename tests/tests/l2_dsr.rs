@@ -1,5 +1,6 @@
 //! lbd in an lb namespace balances TCP and UDP for a VIP over three backends by L2 direct
-//! server return; real clients, real servers, the real XDP program attached in native mode.
+//! server return; real clients, real servers, the real XDP program attached in native mode. A
+//! VIP's deny list drops a source's packets in XDP.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,10 +10,10 @@ use std::{
 use lb_tests::{
     capture::{Capture, ipv4_source},
     clients::{http_get, logged_counter, payload, tcp_exchange, udp_exchange},
-    lbd::{Lbd, TempDir},
+    lbd::{Lbd, TempDir, metric},
     privileged,
     servers::{Ports, Servers},
-    topology::{DsrTopology, LB_IP, VIP, dsr_registry},
+    topology::{CLIENT_IP, DsrTopology, LB_IP, VIP, dsr_registry},
     unique_prefix,
 };
 
@@ -162,4 +163,52 @@ fn generic_xdp_balances_tcp_and_udp_by_direct_server_return_and_detaches_on_sigi
     if privileged("generic_xdp_balances_tcp_and_udp_by_direct_server_return_and_detaches_on_sigint") {
         balanced_by_direct_server_return("lbt-dsrg", "generic", libc::SIGINT);
     }
+}
+
+#[test]
+fn a_denied_source_is_dropped_in_xdp_and_counted_until_its_deny_list_is_lifted() {
+    if !privileged("a_denied_source_is_dropped_in_xdp_and_counted_until_its_deny_list_is_lifted") {
+        return;
+    }
+    let tag = "lbt-deny";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let b = &topo.backends[0];
+    let server = Servers::start(&b.ns, "backend-1", PORTS, &[b.ip.into(), VIP.into()]);
+    let dir = TempDir::new(tag);
+    let open = dsr_registry(1, PORTS.http, ECHO);
+    // The echo service denies the client; the web service on the same VIP does not.
+    let echo_only = "    protocols: [tcp, udp]\n";
+    assert!(open.contains(echo_only));
+    let denied = open.replace(echo_only, &format!("{echo_only}    deny: [192.0.2.0/24, {CLIENT_IP}/32]\n"));
+    let reg = dir.write("services.yaml", &denied);
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let echo = SocketAddr::from((VIP, ECHO));
+    let drops = || metric(&topo.lb.ns, "lb_datapath_events_total{event=\"drop_denied\"} ");
+
+    assert_eq!(topo.client.ns.run(|| http_get(SocketAddr::from((VIP, PORTS.http)))), "backend-1");
+    // Refused in the kernel: the SYN and the datagram get no answer at all, not a reset.
+    let (tcp, udp) = topo.client.ns.run(|| {
+        let wait = std::time::Duration::from_millis(800);
+        let tcp = std::net::TcpStream::connect_timeout(&echo, wait).map_err(|e| e.kind());
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        sock.set_read_timeout(Some(wait)).expect("timeout");
+        sock.send_to(b"denied?", echo).expect("send");
+        let udp = sock.recv(&mut [0; 64]).map_err(|e| e.kind());
+        (tcp.map(|_| ()), udp)
+    });
+    assert_eq!(tcp, Err(std::io::ErrorKind::TimedOut));
+    assert!(matches!(udp, Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)), "{udp:?}");
+    assert!(server.served.tcp_payloads().is_empty() && server.served.udp_payloads().is_empty());
+    assert!(drops() >= 2.0, "the SYN and the datagram are counted: {}", drops());
+
+    // The list lifted by a reload: the same client is served.
+    dir.replace("services.yaml", &open);
+    assert_eq!(lbd.wait_reload(), "reloaded", "{}", lbd.log());
+    let before = drops();
+    let data = payload("tcp", 1, 100);
+    assert_eq!(topo.client.ns.run(|| tcp_exchange(echo, &data, true)), data);
+    assert_eq!(topo.client.ns.run(|| udp_exchange(echo, b"allowed")), b"allowed");
+    assert!((drops() - before).abs() < 0.5, "nothing more denied");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
 }

@@ -38,8 +38,8 @@ pub use parse::{Frag, Frame, Ip};
 
 use crate::{
     maps::{
-        AddrKey, Backend, CtEntry, FRAG_FORWARD, FRAG_NAT_REPLY, FlowKey, FragEntry, FragKey, MODE_NAT,
-        NatEntry, NodeConfig, PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
+        AddrKey, Backend, CtEntry, DenyKey, FRAG_FORWARD, FRAG_NAT_REPLY, FlowKey, FragEntry, FragKey,
+        MODE_NAT, NatEntry, NodeConfig, PROTO_TCP, PROTO_UDP, VIP_F_DENY, VipInfo, VipKey,
     },
     packet::{Packet, PortsHdr, TCP_HLEN, TcpHdr, UDP_HLEN},
 };
@@ -143,6 +143,8 @@ counters! {
     IcmpEchoReplied = "icmp_echo_replied", TX;
     /// ICMP "too big" about a balanced flow, sent to its backend.
     IcmpErrorForwarded = "icmp_error_forwarded", TX;
+    /// The source is in the VIP's deny list.
+    DropDenied = "drop_denied", DROP;
     /// No usable backend for the VIP (none configured, all drained or down).
     DropNoBackend = "drop_no_backend", DROP;
     /// NAT: every source port tried for this backend is in use.
@@ -174,6 +176,8 @@ pub trait Tables {
     fn node(&self) -> Option<&NodeConfig>;
     fn vip(&self, key: &VipKey) -> Option<&VipInfo>;
     fn is_vip_addr(&self, key: &AddrKey) -> bool;
+    /// Whether a range in the [`crate::maps::DENY`] trie holds `key` (longest-prefix match).
+    fn denied(&self, key: &DenyKey) -> bool;
     /// Backend id in slot `slot` of Maglev table `table`.
     fn table_slot(&self, table: u32, slot: u32) -> Option<u32>;
     fn backend(&self, id: u32) -> Option<&Backend>;
@@ -215,6 +219,7 @@ pub struct Scratch {
     pub frag_key: FragKey,
     pub frag: FragEntry,
     pub quoted: icmp::Quoted,
+    pub deny_key: DenyKey,
 }
 
 /// Decides the fate of one frame and rewrites it in place when it is forwarded.
@@ -285,10 +290,21 @@ fn transport<P: Packet, T: Tables>(pkt: &mut P, t: &T, s: &mut Scratch) -> Verdi
     match t.vip(&VipKey { addr: ip.dst, port: dport, proto: ip.proto, family: ip.family }) {
         Some(vip) => {
             target.vip = *vip;
+            if vip.flags & VIP_F_DENY != 0 && denied(t, s) {
+                return Counter::DropDenied;
+            }
             to_backend(pkt, t, s)
         }
         None => nat_reply(pkt, t, s),
     }
+}
+
+/// Whether the VIP entry's deny list holds the frame's source. The key is built in scratch
+/// memory, off the BPF stack.
+#[inline(never)]
+fn denied<T: Tables>(t: &T, s: &mut Scratch) -> bool {
+    s.deny_key = DenyKey { vip_id: s.target.vip.id.to_be_bytes(), addr: s.frame.ip.src };
+    t.denied(&s.deny_key)
 }
 
 /// A packet for a VIP: choose the backend, track a new flow, remember it for later fragments,

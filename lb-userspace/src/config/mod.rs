@@ -612,6 +612,24 @@ tcp:
     }
 
     #[test]
+    fn deny_lists_need_a_vip_of_their_family_and_ranges() {
+        let d = Dir::new("deny");
+        let svc = |extra: &str| {
+            format!(
+                "version: 1\ntcp:\n  a:\n    {extra}port: 80\n    backends: [{{host: 10.0.0.1, port: 80}}]\n    deny: [10.0.0.0/8, \"2001:db8::/32\", nope]\n"
+            )
+        };
+        let root = d.write("services.yaml", &svc("vip: 10.9.0.1\n    "));
+        let e = load(&root).unwrap_err();
+        let fields: Vec<(&str, usize)> = e.problems().iter().map(|p| (p.field.as_str(), p.line)).collect();
+        assert_eq!(fields, [("tcp.a.deny[1]", 7), ("tcp.a.deny[2]", 7)], "{e}");
+        assert!(e.to_string().contains("another address family"), "{e}");
+        d.write("services.yaml", &svc(""));
+        let e = load(&root).unwrap_err();
+        assert!(e.to_string().contains("for a service with a `vip`"), "{e}");
+    }
+
+    #[test]
     fn includes_merge_globs_and_files_and_report_what_they_read() {
         let d = Dir::new("merge");
         d.write("services.d/10-a.yaml", &SVC.replace("NAME", "a"));

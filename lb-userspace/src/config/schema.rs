@@ -235,6 +235,10 @@ pub struct L4Service {
     /// What happens to new flows when every backend (fallbacks included) is down.
     #[serde(default)]
     pub when_all_down: AllDown,
+    /// Client addresses or ranges whose packets to the VIP are dropped in XDP (and counted as
+    /// `drop_denied`), of the VIP's address family.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// The policy when no backend of a service passes its health check.

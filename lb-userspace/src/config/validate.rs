@@ -5,7 +5,7 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::maps::{MAX_BACKENDS, MAX_VIPS};
+use lb_common::maps::{MAX_BACKENDS, MAX_DENY, MAX_VIPS};
 
 use super::{
     edge::{Balance, HashKey, Listener},
@@ -99,6 +99,18 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
                 ));
             }
         }
+    }
+    let ranges: usize = reg.tcp.values().map(|s| s.deny.len() * s.protocols.len()).sum();
+    // Half the trie: a reload writes the new ranges before it removes the old ones.
+    if ranges > (MAX_DENY / 2) as usize {
+        out.push(finding(
+            root.key("tcp"),
+            format!(
+                "{ranges} deny ranges (one per VIP entry); the data plane holds at most {}",
+                MAX_DENY / 2
+            ),
+            None,
+        ));
     }
     if vips.len() > MAX_VIPS as usize {
         out.push(finding(
@@ -465,7 +477,25 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
             Some("use [tcp], [udp] or [tcp, udp]"),
         ));
     }
+    cidrs(&path.key("deny"), &svc.deny, out);
+    if !svc.deny.is_empty() && svc.vip.is_none() {
+        out.push(finding(
+            path.key("deny"),
+            "a deny list is enforced in XDP, for a service with a `vip`",
+            None,
+        ));
+    }
     let Some(vip) = svc.vip else { return };
+    for (i, c) in svc.deny.iter().enumerate() {
+        let v4 = c.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()).map(|a| a.is_ipv4());
+        if v4.is_some_and(|v4| v4 != vip.is_ipv4()) {
+            out.push(finding(
+                path.key("deny").index(i),
+                format!("`{c}` is of another address family than the VIP {vip}: it would never match"),
+                None,
+            ));
+        }
+    }
     if let Some(problem) = vip_problem(vip) {
         out.push(finding(path.key("vip"), problem, Some("a VIP is a unicast address routed to this node")));
     }
