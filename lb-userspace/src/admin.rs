@@ -1,6 +1,7 @@
 //! The admin API (hyper, HTTP/1.1): `/health`, `/ready`, `/lb-status`, `/metrics`,
-//! `/lookup`, `/config` and backend drains. Requests are handed to the controller, which
-//! answers them in turn with its other events; this module only speaks HTTP.
+//! `/lookup`, `/config`, backend drains, and the status page (`/`, `/status`). Requests are
+//! handed to the controller, which answers them in turn with its other events; this module
+//! only speaks HTTP.
 //!
 //! Bound to loopback by default: it can change what the node serves, and it has no
 //! authentication of its own.
@@ -30,6 +31,14 @@ const MAX_BODY: usize = 4 << 20;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on reading a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The status page: a dashboard drawn from `/lb-status`, script and style inline.
+const STATUS_PAGE: &str = include_str!("status.html");
+const HTML: &str = "text/html; charset=utf-8";
+/// What an HTML answer may load: its own inline script and style, and fetches from this
+/// listener. Nothing from elsewhere, and no framing.
+const HTML_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                        connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+                        frame-ancestors 'none'";
 
 /// What the admin API asks the controller.
 #[derive(Debug)]
@@ -141,6 +150,10 @@ async fn handle(
     *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(answer.content_type));
     resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    if answer.content_type == HTML {
+        resp.headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static(HTML_CSP));
+    }
     Ok(resp)
 }
 
@@ -150,6 +163,10 @@ async fn route(req: Request<Incoming>, tx: &mpsc::Sender<Envelope>) -> Result<An
     let method = req.method().clone();
     let param = |name: &str| query_pairs(&query).find_map(|(k, v)| (k == name).then_some(v));
     let ask = match (method.clone(), path.as_str()) {
+        // The page needs nothing from the controller: it reads `/lb-status` itself.
+        (Method::GET, "/" | "/status") => {
+            return Ok(Answer { status: 200, content_type: HTML, body: STATUS_PAGE.to_owned() });
+        }
         (Method::GET, "/health") => Ask::Alive,
         (Method::GET, "/ready") => Ask::Ready,
         (Method::GET, "/lb-status") => Ask::Status,
@@ -191,8 +208,8 @@ async fn route(req: Request<Incoming>, tx: &mpsc::Sender<Envelope>) -> Result<An
         }
         (
             _,
-            "/health" | "/ready" | "/lb-status" | "/metrics" | "/lookup" | "/config" | "/backends/drain"
-            | "/backends/enable" | "/ssl/update",
+            "/" | "/status" | "/health" | "/ready" | "/lb-status" | "/metrics" | "/lookup" | "/config"
+            | "/backends/drain" | "/backends/enable" | "/ssl/update",
         ) => {
             return Err(Answer::error(405, &format!("{method} is not allowed on {path}")));
         }
@@ -209,7 +226,75 @@ async fn route(req: Request<Incoming>, tx: &mpsc::Sender<Envelope>) -> Result<An
 
 #[cfg(test)]
 mod tests {
-    use super::check_bind;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// The whole answer (head and body) to `GET path` on a connection to `addr`.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_status_page_is_served_with_its_csp_and_the_api_still_answers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel::<Envelope>(4);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                let answer = match e.ask {
+                    Ask::Status => Answer::json(200, &serde_json::json!({ "generation": 7 })),
+                    other => Answer::error(500, &format!("unexpected {other:?}")),
+                };
+                let _ = e.reply.send(answer);
+            }
+        });
+        for path in ["/", "/status", "/status?refresh=500"] {
+            let page = get(addr, path).await;
+            let (head, body) = page.split_once("\r\n\r\n").unwrap();
+            let head = head.to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+            assert!(head.contains("content-type: text/html; charset=utf-8"), "{head}");
+            assert!(
+                head.contains("content-security-policy: default-src 'none'; script-src 'unsafe-inline'"),
+                "{head}"
+            );
+            assert!(head.contains("connect-src 'self'"), "{head}");
+            assert_eq!(body, STATUS_PAGE);
+        }
+        let status = get(addr, "/lb-status").await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(status.contains("\"generation\": 7"), "{status}");
+        assert!(!status.to_ascii_lowercase().contains("content-security-policy"), "{status}");
+        let post = tokio::net::TcpStream::connect(addr).await;
+        let mut post = post.unwrap();
+        post.write_all(b"POST / HTTP/1.1\r\nHost: lb\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        post.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn the_status_page_loads_nothing_from_elsewhere_and_never_writes_html() {
+        for external in ["http://", "https://", "src=", "@import", "url(", "<link rel=\"stylesheet"] {
+            assert!(!STATUS_PAGE.contains(external), "the page holds {external}");
+        }
+        // Text from the JSON goes in as text: no HTML parsing of strings anywhere.
+        for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+            assert!(!STATUS_PAGE.contains(sink), "the page uses {sink}");
+        }
+        assert!(STATUS_PAGE.contains("fetch('/lb-status'"));
+    }
 
     #[test]
     fn a_public_bind_needs_the_flag() {

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [xdp|maglev|l4|http|control|all]`: builds the release binaries and runs `lb-bench`,
+//! `cargo xtask bench [xdp|maglev|l4|http|policies|control|all]`: builds the release binaries and runs `lb-bench`,
 //! which prints each benchmark's table and writes `target/bench/<name>.json`.
 
 use std::process::Command;
@@ -17,6 +17,8 @@ pub enum Which {
     L4,
     /// Requests/s, latency and CPU per request through lb's HTTP edge, HAProxy and nginx.
     Http,
+    /// Requests/s through the HTTP edge with every policy on (refusing nothing) against none.
+    Policies,
     /// Reload latency, health-check CPU and lbd memory with 100 services.
     Control,
     /// All of them.
@@ -35,7 +37,7 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     let needs = match opts.which {
         Which::L4 => setup::Needs::bench_l4(),
-        Which::Http => setup::Needs::bench_http(),
+        Which::Http | Which::Policies => setup::Needs::bench_http(),
         Which::All => setup::Needs::bench_all(),
         Which::Xdp | Which::Maglev => setup::Needs::lbd(),
         Which::Control => setup::Needs::demo(),
@@ -50,7 +52,8 @@ pub fn run(opts: &Options) -> Result<()> {
         Which::L4 => &["l4"],
         Which::Http => &["http"],
         Which::Control => &["control"],
-        Which::All => &["maglev", "xdp", "l4", "http", "control"],
+        Which::Policies => &["policies"],
+        Which::All => &["maglev", "xdp", "l4", "http", "policies", "control"],
     };
     let root = workspace_root();
     for name in names {

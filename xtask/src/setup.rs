@@ -23,7 +23,7 @@ const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"
 /// `nginx` as a backend that checks the edge's client certificate, speaks HTTP/2 and reads the
 /// PROXY protocol.
 const TEST_ONLY_PACKAGES: &[&str] =
-    &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk", "nginx"];
+    &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk", "nginx", "prometheus", "chromium"];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 /// The HTTP benchmark's baselines (HAProxy, nginx, with nginx as the backend too), its

@@ -49,7 +49,7 @@ impl Default for Options {
     }
 }
 
-const BACKEND_PORT: u16 = 8080;
+pub(super) const BACKEND_PORT: u16 = 8080;
 const PROXIES: [(&str, u16, u16); 3] = [("lb", 8000, 8443), ("haproxy", 8100, 8543), ("nginx", 8200, 8643)];
 const PROTOCOLS: [&str; 3] = ["http", "https", "h2"];
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,7 +95,7 @@ pub struct Report {
 
 /// A server stopped on drop: SIGTERM first, so nginx's master stops its workers (a killed
 /// master leaves them running), then SIGKILL if it lingers.
-struct Proc(Child);
+pub(super) struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -115,7 +115,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc> {
+pub(super) fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc> {
     let f = std::fs::File::create(log)?;
     let child = cmd
         .stdin(Stdio::null())
@@ -126,7 +126,7 @@ fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-fn backend_nginx(dir: &Path) -> String {
+pub(super) fn backend_nginx(dir: &Path) -> String {
     format!(
         "daemon off;
 worker_processes 1;
@@ -238,7 +238,7 @@ http:
 
 /// Waits until `addr` accepts TCP connections from `ns` (a server's listening socket is its
 /// readiness signal).
-fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
+pub(super) fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         if ns.run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))).is_ok() {
@@ -251,7 +251,7 @@ fn wait_listening(ns: &NetNs, addr: SocketAddr) -> Result<()> {
 
 /// CPU seconds used so far by `pid` and its children (nginx's workers).
 #[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
-fn cpu_seconds(pid: u32) -> f64 {
+pub(super) fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let stat = |p: &str| -> Option<(u64, u32)> {
@@ -276,12 +276,12 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// What one load run measured.
-struct Run {
-    requests: f64,
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
+pub(super) struct Run {
+    pub requests: f64,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
 }
 
 /// `12.5ms`, `980.00us`, `1.02s` -> ms.
@@ -347,7 +347,13 @@ fn parse_h2load(out: &str, log: &str) -> Result<Run> {
 }
 
 /// One load run against `addr` over `protocol`.
-fn load(client: &NetNs, dir: &Path, protocol: &str, addr: SocketAddr, opts: Options) -> Result<Run> {
+pub(super) fn load(
+    client: &NetNs,
+    dir: &Path,
+    protocol: &str,
+    addr: SocketAddr,
+    opts: Options,
+) -> Result<Run> {
     let secs = opts.seconds.to_string();
     if protocol == "h2" {
         let log = dir.join("h2load.log");

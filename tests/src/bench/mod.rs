@@ -9,11 +9,13 @@
 //! - [`control`]: reload latency, health-check CPU and lbd's memory with 100 services.
 //! - [`http`]: requests/s, latency and CPU per request through lb's HTTP edge, HAProxy and
 //!   nginx, over HTTP/1.1, HTTPS and HTTP/2.
+//! - [`policies`]: the edge's requests/s with every policy on (refusing nothing) against none.
 
 pub mod control;
 pub mod http;
 pub mod l4;
 pub mod maglev;
+pub mod policies;
 pub mod xdp;
 
 use std::{fmt::Write as _, path::Path};

@@ -1,4 +1,4 @@
-//! The benchmarks behind `cargo xtask bench`: `lb-bench xdp|maglev|l4|http|control --out FILE`. Each prints
+//! The benchmarks behind `cargo xtask bench`: `lb-bench xdp|maglev|l4|http|policies|control --out FILE`. Each prints
 //! a table and writes its figures as JSON. Run it through `cargo xtask bench`, which builds it
 //! in release mode and installs what it needs.
 
@@ -61,6 +61,15 @@ enum Which {
         #[arg(long, default_value_t = bench::http::Options::default().connections)]
         connections: u32,
     },
+    /// Requests/s with rate limits, circuit breaker and ACLs on (refusing nothing) against none.
+    Policies {
+        #[arg(long, default_value_t = bench::policies::Options::default().seconds)]
+        seconds: u32,
+        #[arg(long, default_value_t = bench::policies::Options::default().rounds)]
+        rounds: usize,
+        #[arg(long, default_value_t = bench::policies::Options::default().connections)]
+        connections: u32,
+    },
     /// Reload latency, health-check CPU and lbd memory with 100 services of 10 backends.
     Control {
         #[arg(long, default_value_t = bench::control::Options::default().services)]
@@ -102,6 +111,10 @@ fn run(args: &Args) -> Result<()> {
         Which::Http { seconds, rounds, connections } => {
             let report = bench::http::run(bench::http::Options { seconds, rounds, connections })?;
             bench::write_json(&out("http"), &report)
+        }
+        Which::Policies { seconds, rounds, connections } => {
+            let report = bench::policies::run(bench::policies::Options { seconds, rounds, connections })?;
+            bench::write_json(&out("policies"), &report)
         }
         Which::Control { services, cpu_seconds, reload_rounds } => {
             let o = bench::control::Options { services, cpu_seconds, reload_rounds, ..Default::default() };
