@@ -21,7 +21,8 @@ const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"
 /// `lb-ctl schema` against registries the way an editor does; `openssl` to make test
 /// certificates and as a TLS client and server; `wrk` to load the edge while certificates change;
 /// `nginx` as a backend that checks the edge's client certificate, speaks HTTP/2 and reads the
-/// PROXY protocol.
+/// PROXY protocol; `prometheus` for `promtool`, which checks and unit-tests the alert rules;
+/// `chromium`, headless, to render the status page.
 const TEST_ONLY_PACKAGES: &[&str] =
     &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk", "nginx", "prometheus", "chromium"];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
