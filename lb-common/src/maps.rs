@@ -215,9 +215,8 @@ pub struct VipInfo {
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 
 /// A byte with its top `n` bits set (`n` at most 8).
-#[must_use]
 #[expect(clippy::cast_possible_truncation, reason = "the low byte is the mask")]
-pub const fn top_bits(n: u32) -> u8 {
+const fn top_bits(n: u32) -> u8 {
     // A u16 so that a shift by 8 is defined.
     (0xff00u16 >> n) as u8
 }

@@ -24,6 +24,7 @@
 //! - [`logging`]: human or JSON log lines.
 
 pub mod admin;
+pub mod cidr;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -13,10 +13,11 @@ use std::{
 
 use lb_common::maps::{
     AddrKey, BACKEND_ALIVE, BACKEND_DOWN, BACKEND_IDS, Backend, DenyKey, MAX_TABLES, NO_BACKEND, NODE_HAS_V4,
-    NODE_HAS_V6, NodeConfig, VIP_F_DENY, VIP_IDS, VipInfo, VipKey, addr_of, top_bits,
+    NODE_HAS_V6, NodeConfig, VIP_F_DENY, VIP_IDS, VipInfo, VipKey, addr_of,
 };
 
 use crate::{
+    cidr::Cidr,
     config::{AllDown, BackendSpec, L4Service, Mode, Registry, Role},
     maglev,
 };
@@ -168,19 +169,9 @@ impl DenyRange {
     /// reports it).
     #[must_use]
     pub fn new(vip_id: u32, range: &str) -> Option<Self> {
-        let (addr, len) = range.split_once('/').map_or((range, None), |(a, l)| (a, Some(l)));
-        let ip: IpAddr = addr.parse().ok()?;
-        let (_, mut addr) = addr_of(ip);
-        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
-        let bits = len.map_or(Some(width), |l| l.parse().ok())?;
-        if bits > width {
-            return None;
-        }
-        for (i, byte) in addr.iter_mut().enumerate() {
-            let keep = bits.saturating_sub(u32::try_from(i).ok()? * 8).min(8);
-            *byte &= top_bits(keep);
-        }
-        Some(Self { key: DenyKey { vip_id: vip_id.to_be_bytes(), addr }, bits })
+        let c = Cidr::parse(range).ok()?;
+        let (_, addr) = addr_of(c.network());
+        Some(Self { key: DenyKey { vip_id: vip_id.to_be_bytes(), addr }, bits: c.prefix_len() })
     }
 
     /// The trie key: the VIP id's 32 bits, then the range's.

@@ -47,7 +47,7 @@ pub fn privileged(test: &str) -> bool {
     let reason = (unsafe { libc::geteuid() } != 0).then_some("not running as root");
     match reason {
         None => true,
-        Some(r) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+        Some(r) if under_ci() => {
             panic!("{test}: needs root, network namespaces and XDP, and CI=true forbids skipping: {r}")
         }
         Some(r) => {
@@ -55,6 +55,29 @@ pub fn privileged(test: &str) -> bool {
             false
         }
     }
+}
+
+/// Whether this runs under `CI=true`, where a missing privilege or tool fails a test instead of
+/// skipping it.
+#[must_use]
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// True when `tool` runs (`tool version_arg` succeeds). Elsewhere a test without it is skipped
+/// with a printed reason; under `CI=true` the missing tool fails the test instead.
+///
+/// # Panics
+/// Under `CI=true` when the tool is missing.
+#[must_use]
+pub fn installed(test: &str, tool: &str, version_arg: &str, package: &str) -> bool {
+    let ok = std::process::Command::new(tool).arg(version_arg).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        let why = format!("{tool} is not installed (`cargo xtask setup` installs Debian's {package})");
+        assert!(!under_ci(), "{test}: {why}, and CI=true forbids skipping");
+        eprintln!("SKIPPED {test}: {why}");
+    }
+    ok
 }
 
 /// A name prefix unique to this test process: `{tag}-{pid}`, after removing namespaces

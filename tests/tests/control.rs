@@ -703,7 +703,7 @@ fn lbd_upgraded_to_a_rebuilt_program_under_load_keeps_every_flow() {
     // `cargo xtask test` builds the XDP object again with another revision stamp.
     let Some(rebuilt) = std::env::var_os("LB_TEST_UPGRADE_XDP_OBJECT") else {
         assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
+            !lb_tests::under_ci(),
             "{name}: LB_TEST_UPGRADE_XDP_OBJECT unset; CI=true forbids skipping (run `cargo xtask test`)"
         );
         eprintln!("SKIPPED {name}: LB_TEST_UPGRADE_XDP_OBJECT unset (run `cargo xtask test`)");

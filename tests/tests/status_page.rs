@@ -13,6 +13,7 @@ use std::{
 
 use lb_tests::{
     http::{HttpBackend, get},
+    installed,
     lbd::{ADMIN, Lbd, TempDir, backend_status, wait_status},
     netns::NetNs,
     pki::Pki,
@@ -40,19 +41,6 @@ const TLS: u16 = 8443;
 /// The edge certificate's validity: under the page's 30-day warning.
 const CERT_DAYS: u32 = 20;
 const BACKEND: u16 = 8080;
-
-/// Whether Chromium is there; skips (or, under `CI=true`, fails) with a reason when not.
-fn have_chromium(test: &str) -> bool {
-    let ok = Command::new(CHROMIUM).arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "{test}: {CHROMIUM} is missing under CI=true; `cargo xtask setup` installs it"
-        );
-        eprintln!("SKIPPED {test}: {CHROMIUM} is not installed (`cargo xtask setup` installs it)");
-    }
-    ok
-}
 
 /// Headless Chromium with its profile and home under `dir`, in `ns` when given.
 struct Browser<'a> {
@@ -218,7 +206,7 @@ tcp:
 #[test]
 fn the_status_page_shows_services_health_circuits_rates_and_reload_errors_in_a_browser() {
     let name = "the_status_page_shows_services_health_circuits_rates_and_reload_errors_in_a_browser";
-    if !privileged(name) || !have_chromium(name) {
+    if !privileged(name) || !installed(name, CHROMIUM, "--version", "chromium") {
         return;
     }
     let tag = "status-page";
@@ -324,7 +312,7 @@ fn the_status_page_shows_services_health_circuits_rates_and_reload_errors_in_a_b
 #[test]
 fn the_status_page_says_lbd_is_unreachable_when_it_cannot_read_the_status() {
     let name = "the_status_page_says_lbd_is_unreachable_when_it_cannot_read_the_status";
-    if !have_chromium(name) {
+    if !installed(name, CHROMIUM, "--version", "chromium") {
         return;
     }
     // Opened as a file, the page's fetch of /lb-status fails as it would with lbd gone.

@@ -253,7 +253,7 @@ fn acl(p: &FieldPath, acl: &crate::config::Acl, out: &mut Vec<Finding>) {
 /// Addresses or CIDR ranges.
 pub(super) fn cidrs(p: &FieldPath, list: &[String], out: &mut Vec<Finding>) {
     for (i, c) in list.iter().enumerate() {
-        if let Err(e) = crate::edge::Cidr::parse(c) {
+        if let Err(e) = crate::cidr::Cidr::parse(c) {
             out.push(finding(p.index(i), e, Some("an address or a CIDR range: 10.0.0.0/8")));
         }
     }
@@ -487,8 +487,7 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
     }
     let Some(vip) = svc.vip else { return };
     for (i, c) in svc.deny.iter().enumerate() {
-        let v4 = c.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()).map(|a| a.is_ipv4());
-        if v4.is_some_and(|v4| v4 != vip.is_ipv4()) {
+        if crate::cidr::Cidr::parse(c).is_ok_and(|c| c.is_ipv4() != vip.is_ipv4()) {
             out.push(finding(
                 path.key("deny").index(i),
                 format!("`{c}` is of another address family than the VIP {vip}: it would never match"),

@@ -9,8 +9,7 @@ use std::{
     },
 };
 
-use super::ratelimit::Cidr;
-use crate::config;
+use crate::{cidr::Cidr, config};
 
 /// The registry's `acl:`, parsed.
 #[derive(Debug, Default)]

@@ -35,7 +35,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-pub use ratelimit::Cidr;
 pub use routes::{RouteTable, tables};
 use tokio::sync::watch;
 use tracing::info;

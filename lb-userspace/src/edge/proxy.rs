@@ -68,18 +68,17 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
     let Some(host) = request_host(&req) else {
         return local(StatusCode::BAD_REQUEST, "request without a host\n", None);
     };
-    if !snap.acl.permits(conn.client.ip(), req.uri().path()) {
+    // Answered before a service is known: logged, counted in no service's traffic.
+    let unrouted = |status, text| {
         let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, None);
-        return local(StatusCode::FORBIDDEN, "forbidden\n", Some(log(StatusCode::FORBIDDEN, "-", 0)));
+        local(status, text, Some(log(status, "-", 0)))
+    };
+    if !snap.acl.permits(conn.client.ip(), req.uri().path()) {
+        return unrouted(StatusCode::FORBIDDEN, "forbidden\n");
     }
     let route = snap.tables.get(&conn.port).and_then(|t| t.find(&host, req.uri().path()));
     let Some(svc) = route.and_then(|r| snap.services.get(&r.service)) else {
-        let log = access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, None);
-        return local(
-            StatusCode::NOT_FOUND,
-            "no route for this host and path\n",
-            Some(log(StatusCode::NOT_FOUND, "-", 0)),
-        );
+        return unrouted(StatusCode::NOT_FOUND, "no route for this host and path\n");
     };
     let log =
         access_log(req.method(), &host, req.uri().path(), conn.client.ip(), started, Some(&svc.traffic));

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use anyhow::{Result, ensure};
 use serde::Serialize;
 
+/// The HTTP benchmark's: seconds per measurement, rounds, client connections.
+pub use super::http::Options;
 use super::{
     http::{BACKEND_PORT, backend_nginx, cpu_seconds, load, spawn, wait_listening},
     median, round, table,
@@ -22,19 +24,6 @@ use crate::{
     topology::{DsrTopology, backend_ip},
     unique_prefix,
 };
-
-#[derive(Clone, Copy, Debug)]
-pub struct Options {
-    pub seconds: u32,
-    pub rounds: usize,
-    pub connections: u32,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self { seconds: 5, rounds: 3, connections: 32 }
-    }
-}
 
 #[derive(Serialize, Debug, Default, Clone)]
 pub struct Figure {
@@ -138,13 +127,7 @@ pub fn run(opts: Options) -> Result<Report> {
                 on = policies;
             }
             let cpu0 = cpu_seconds(lbd.pid());
-            let r = load(
-                client,
-                d,
-                "http",
-                edge,
-                super::http::Options { seconds: opts.seconds, rounds: 1, connections: opts.connections },
-            )?;
+            let r = load(client, d, "http", edge, opts)?;
             let cpu = cpu_seconds(lbd.pid()) - cpu0;
             let name = if policies { "with policies" } else { "without" };
             eprintln!(
