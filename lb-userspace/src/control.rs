@@ -490,6 +490,7 @@ impl Controller {
                 .collect(),
             tls_handshake_failures: self.edge.tls_failures(),
             rate_limited: self.edge.rate_limited(),
+            cache: self.edge.cache(),
         })
     }
 

@@ -92,6 +92,20 @@ pub struct HttpTraffic {
     /// Per bucket of [`crate::edge::DURATION_BOUNDS`], not cumulative; the last is above them.
     pub buckets: [u64; crate::edge::DURATION_BOUNDS.len() + 1],
     pub sum: Duration,
+    /// Edge cache hits, misses and coalesced misses (services with `cache:`).
+    pub cache: Option<[u64; 3]>,
+}
+
+/// The edge cache as a whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheReport {
+    /// Memory its answers take, and the bound.
+    pub bytes: u64,
+    pub entries: u64,
+    pub memory: u64,
+    /// Answers kept, and dropped to stay under the bound, since start.
+    pub stored: u64,
+    pub evicted: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +128,7 @@ pub struct Snapshot {
     pub tls_handshake_failures: u64,
     /// Requests the edge refused over a rate limit.
     pub rate_limited: RateLimited,
+    pub cache: CacheReport,
 }
 
 /// A certificate served on a listener.
@@ -284,6 +299,7 @@ pub fn status(s: &Snapshot) -> Value {
                 "http": svc.http.as_ref().map(|t| json!({
                     "responses": t.classes.iter().sum::<u64>(),
                     "by_class": {"1xx": t.classes[0], "2xx": t.classes[1], "3xx": t.classes[2], "4xx": t.classes[3], "5xx": t.classes[4]},
+                    "cache": t.cache.map(|[hit, miss, coalesced]| json!({"hit": hit, "miss": miss, "coalesced": coalesced})),
                 })),
             })
         })
@@ -312,6 +328,7 @@ pub fn status(s: &Snapshot) -> Value {
         "tls_handshake_failures": s.tls_handshake_failures,
         "rate_limited": s.rate_limited,
         "acl_denied": s.rate_limited.acl,
+        "cache": s.cache,
     })
 }
 
@@ -415,6 +432,34 @@ fn http_service_metrics(m: &mut Metrics, s: &Snapshot) {
         m.sample("lb_http_request_duration_seconds_sum", &[("service", &svc.name)], t.sum.as_secs_f64());
         m.sample("lb_http_request_duration_seconds_count", &[("service", &svc.name)], count);
     }
+}
+
+/// The edge cache: answers per service by outcome, memory, evictions.
+fn cache_metrics(m: &mut Metrics, s: &Snapshot) {
+    m.family(
+        "lb_http_cache_requests_total",
+        "counter",
+        "Cacheable requests per HTTP service: hit, miss, or coalesced (a miss answered by another request's fetch).",
+    );
+    for svc in &s.services {
+        let Some(c) = svc.http.as_ref().and_then(|t| t.cache) else { continue };
+        for (result, n) in ["hit", "miss", "coalesced"].into_iter().zip(c) {
+            m.sample("lb_http_cache_requests_total", &[("service", &svc.name), ("result", result)], n);
+        }
+    }
+    let c = &s.cache;
+    m.family("lb_http_cache_bytes", "gauge", "Memory the edge cache's answers take.");
+    m.sample("lb_http_cache_bytes", &[], c.bytes);
+    m.family(
+        "lb_http_cache_memory_bytes",
+        "gauge",
+        "The edge cache's memory bound (edge_cache.memory_bytes).",
+    );
+    m.sample("lb_http_cache_memory_bytes", &[], c.memory);
+    m.family("lb_http_cache_entries", "gauge", "Answers the edge cache holds.");
+    m.sample("lb_http_cache_entries", &[], c.entries);
+    m.family("lb_http_cache_evictions_total", "counter", "Answers dropped to stay under the memory bound.");
+    m.sample("lb_http_cache_evictions_total", &[], c.evicted);
 }
 
 /// The HTTP edge's view of each backend.
@@ -570,6 +615,7 @@ pub fn metrics(s: &Snapshot) -> String {
     http_metrics(&mut m, s);
     tls_metrics(&mut m, s);
     rate_metrics(&mut m, s);
+    cache_metrics(&mut m, s);
     m.family("lb_health_checks_total", "counter", "Health check probes by result.");
     for (svc, b) in backends().filter(|(_, b)| b.health != "unchecked") {
         let l = [("service", svc.name.as_str()), ("backend", b.backend.as_str()), ("result", "success")];
@@ -671,6 +717,7 @@ mod tests {
                         classes: [0, 2, 0, 0, 1],
                         buckets: [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
                         sum: Duration::from_millis(3012),
+                        cache: Some([40, 2, 98]),
                     }),
                     backends: Vec::new(),
                 },
@@ -685,6 +732,7 @@ mod tests {
             }],
             tls_handshake_failures: 2,
             rate_limited: RateLimited { global: 0, per_ip: 7, route: 1, acl: 3 },
+            cache: CacheReport { bytes: 5000, entries: 3, memory: 1 << 20, stored: 4, evicted: 1 },
         }
     }
 
@@ -724,6 +772,9 @@ mod tests {
             format!("lb_http_request_duration_seconds_bucket{{{api},le=\"+Inf\"}} 3\n"),
             format!("lb_http_request_duration_seconds_sum{{{api}}} 3.012\n"),
             format!("lb_http_request_duration_seconds_count{{{api}}} 3\n"),
+            format!("lb_http_cache_requests_total{{{api},result=\"coalesced\"}} 98\n"),
+            "lb_http_cache_bytes 5000\n".to_owned(),
+            "lb_http_cache_evictions_total 1\n".to_owned(),
         ] {
             assert!(text.contains(&line), "{line} in {text}");
         }

@@ -33,6 +33,8 @@ pub struct Backend {
     pub delay_ms: AtomicU64,
     /// Request heads received, in order.
     pub heads: Mutex<Vec<String>>,
+    /// More response header lines, each ending in `\r\n` (e.g. `cache-control: max-age=2\r\n`).
+    pub extra_headers: Mutex<String>,
 }
 
 impl Backend {
@@ -151,8 +153,9 @@ async fn keep_alive(conn: tokio::net::TcpStream, body: Arc<str>, st: Arc<Backend
             0 => 200,
             s => s,
         };
+        let extra = st.extra_headers.lock().unwrap().clone();
         let resp = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{extra}\r\n{body}",
             body.len()
         );
         if conn.get_mut().write_all(resp.as_bytes()).await.is_err() {

@@ -550,3 +550,73 @@ pub struct Rate {
     #[serde(default)]
     pub burst: u32,
 }
+
+/// What a route's edge cache keeps (seed 003's `cache: "static, 10m"`): `"static, 10m"` keeps
+/// static assets (by file extension: css, js, images, fonts, media, ...), `"all, 1m"` every
+/// GET answer, for at most the duration. A backend's `Cache-Control: max-age` or `s-maxage`
+/// (or `Expires`) shortens it; `no-store`, `no-cache`, `private`, `Set-Cookie` and `Vary: *`
+/// keep an answer out. Also written as a map: `{match: static, ttl: 10m}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[schemars(with = "String")]
+pub struct CachePolicy {
+    /// Every GET, or only paths of static assets.
+    pub all: bool,
+    pub ttl: Duration,
+}
+
+impl<'de> Deserialize<'de> for CachePolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Long {
+            #[serde(rename = "match", default)]
+            what: Option<String>,
+            ttl: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Short(String),
+            Long(Long),
+        }
+        let (what, ttl) = match Form::deserialize(d)? {
+            Form::Short(s) => match s.split_once(',') {
+                Some((w, t)) => (Some(w.trim().to_owned()), t.trim().to_owned()),
+                None => (None, s.trim().to_owned()),
+            },
+            Form::Long(l) => (l.what, l.ttl),
+        };
+        let all = match what.as_deref() {
+            None | Some("static") => false,
+            Some("all") => true,
+            Some(other) => {
+                return Err(serde::de::Error::custom(format!(
+                    "`{other}` is not what a cache keeps; write `static` or `all`, e.g. \"static, 10m\""
+                )));
+            }
+        };
+        let ttl = humantime::parse_duration(&ttl).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{ttl}` is not a duration ({e}); write a cache policy as e.g. \"static, 10m\""
+            ))
+        })?;
+        Ok(Self { all, ttl })
+    }
+}
+
+/// Memory of the edge cache, shared by every route with `cache:`; the least recently used
+/// answers go first.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeCache {
+    /// Bytes all kept answers may take (bodies, headers and keys); default 64 MiB.
+    pub memory_bytes: usize,
+    /// A larger answer is served but not kept; default 4 MiB.
+    pub max_object_bytes: usize,
+}
+
+impl Default for EdgeCache {
+    fn default() -> Self {
+        Self { memory_bytes: 64 << 20, max_object_bytes: 4 << 20 }
+    }
+}

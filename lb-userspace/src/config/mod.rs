@@ -17,9 +17,9 @@ use std::{
 };
 
 pub use edge::{
-    Acl, AclRule, Balance, CertSpec, CircuitBreaker, ClientAuth, HashKey, Hsts, Limits, Listener, Passive,
-    Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream, UpstreamProtocol,
-    UpstreamTls,
+    Acl, AclRule, Balance, CachePolicy, CertSpec, CircuitBreaker, ClientAuth, EdgeCache, HashKey, Hsts,
+    Limits, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts, Tls, TlsVersion, Upstream,
+    UpstreamProtocol, UpstreamTls,
 };
 pub use error::{ConfigError, Problem};
 pub use schema::{
@@ -593,6 +593,35 @@ tcp:
         let at = |f: &str| (format!("http.x.org.circuit_breaker.{f}"), 5);
         let want = [at("error_rate"), at("open_for"), at("half_open_requests")];
         assert_eq!(fields, want.iter().map(|(f, l)| (f.as_str(), *l)).collect::<Vec<_>>(), "{e}");
+    }
+
+    #[test]
+    fn cache_policies_read_seed_003s_shorthand_or_a_map_and_bad_ones_are_located() {
+        let svc = |c: &str| {
+            format!("version: 1\nhttp:\n  x.org:\n    cache: {c}\n    backends: [{{host: a, port: 1}}]\n")
+        };
+        let policy = |c: &str| parse(&svc(c), Path::new("s.yaml")).map(|r| r.http["x.org"].cache);
+        let ten = std::time::Duration::from_mins(10);
+        assert_eq!(policy("\"static, 10m\"").unwrap(), Some(CachePolicy { all: false, ttl: ten }));
+        assert_eq!(policy("\"all,30s\"").unwrap(), Some(CachePolicy { all: true, ttl: ten / 20 }));
+        assert_eq!(policy("{match: all, ttl: 10m}").unwrap(), Some(CachePolicy { all: true, ttl: ten }));
+        assert_eq!(policy("10m").unwrap(), Some(CachePolicy { all: false, ttl: ten }));
+        for (bad, says) in [
+            ("\"everything, 10m\"", "`everything` is not what a cache keeps"),
+            ("\"static, soon\"", "`soon` is not a duration"),
+            ("0s", "keeps answers under a second"),
+        ] {
+            let e = policy(bad).unwrap_err();
+            let p = &e.problems()[0];
+            assert_eq!((p.line, p.field.as_str()), (4, "http.x.org.cache"), "{bad}: {e}");
+            assert!(p.message.contains(says), "{bad}: {}", p.message);
+        }
+        let e = parse(
+            "version: 1\nedge_cache: {memory_bytes: 1000, max_object_bytes: 2000}\n",
+            Path::new("s.yaml"),
+        )
+        .unwrap_err();
+        assert_eq!(e.problems()[0].field, "edge_cache.max_object_bytes", "{e}");
     }
 
     #[test]

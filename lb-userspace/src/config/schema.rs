@@ -9,8 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, de};
 
 use super::edge::{
-    Acl, Balance, CircuitBreaker, Listener, Passive, Pool, Rate, RateLimits, Redirect, Retry, Timeouts,
-    Upstream,
+    Acl, Balance, CachePolicy, CircuitBreaker, EdgeCache, Listener, Passive, Pool, Rate, RateLimits,
+    Redirect, Retry, Timeouts, Upstream,
 };
 
 /// The only registry format version.
@@ -43,6 +43,9 @@ pub struct Registry {
     /// Who the HTTP edge serves: allow and deny lists of sources, and per-path rules.
     #[serde(default)]
     pub acl: Acl,
+    /// Memory of the HTTP edge's cache (routes opt in with `cache:`).
+    #[serde(default)]
+    pub edge_cache: EdgeCache,
     /// HTTP services by host name (or by name, with `hosts`), served by the HTTP edge.
     #[serde(default)]
     pub http: BTreeMap<String, HttpService>,
@@ -198,6 +201,10 @@ pub struct HttpService {
     /// when left out.
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Keep GET answers at the edge: `"static, 10m"` (static assets) or `"all, 1m"`. Off when
+    /// left out.
+    #[serde(default)]
+    pub cache: Option<CachePolicy>,
     /// The answer when no backend (fallbacks included) is usable: `fail-open` tries them
     /// all anyway, `fail-closed` answers 503 at once.
     #[serde(default)]

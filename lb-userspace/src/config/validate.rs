@@ -55,6 +55,16 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
     listeners(&root.key("listeners"), &reg.listeners, &mut out);
     rate_limits(&root.key("rate_limit"), &reg.rate_limit, &mut out);
     acl(&root.key("acl"), &reg.acl, &mut out);
+    if reg.edge_cache.max_object_bytes > reg.edge_cache.memory_bytes {
+        out.push(finding(
+            root.key("edge_cache").key("max_object_bytes"),
+            format!(
+                "{} is more than the whole cache's memory_bytes ({})",
+                reg.edge_cache.max_object_bytes, reg.edge_cache.memory_bytes
+            ),
+            None,
+        ));
+    }
     let ports: HashSet<u16> = reg.listeners.iter().map(|l| l.port).collect();
     // (listener port, host pattern, path, priority) -> service: two services must
     // not claim the same requests with nothing to choose between them.
@@ -393,6 +403,9 @@ fn http_service(
     }
     if let Some(b) = &svc.circuit_breaker {
         breaker(&path.key("circuit_breaker"), b, out);
+    }
+    if svc.cache.is_some_and(|c| c.ttl < std::time::Duration::from_secs(1)) {
+        out.push(finding(path.key("cache"), "keeps answers under a second", Some("leave cache out instead")));
     }
     match &svc.balance {
         Balance::Hash(HashKey::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {

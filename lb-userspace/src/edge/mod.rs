@@ -4,6 +4,7 @@
 //! - `routes`: which service answers a request (pure).
 //! - `balance`: picking among usable backends (pure).
 //! - `upstream`: backend state (health, in flight, latency) and a service's tiers.
+//! - `cache`: the edge cache of GET answers, with request coalescing.
 //! - `proxy`: one request: redirect, forward, retry, access log.
 //! - `server`: accepting and serving connections (HTTP/1.1, HTTP/2, TLS) under the
 //!   listener's limits.
@@ -17,6 +18,7 @@
 mod acl;
 mod balance;
 mod breaker;
+mod cache;
 mod passthrough;
 mod pool;
 mod proxy;
@@ -78,6 +80,8 @@ pub struct Snapshot {
     pub ports: BTreeMap<u16, Arc<Port>>,
     pub rate: ratelimit::Limiter,
     pub acl: acl::Acl,
+    /// Kept answers of routes with `cache:`.
+    pub cache: Arc<cache::Store>,
 }
 
 /// How a listener port serves.
@@ -139,6 +143,8 @@ pub struct Edge {
     rate_counts: Arc<ratelimit::Counts>,
     /// Requests the ACL refused, kept across reloads.
     acl_denied: Arc<std::sync::atomic::AtomicU64>,
+    /// Kept answers, across reloads that keep their service's policy.
+    cache: Arc<cache::Store>,
     /// The certificate, key and CA files served, as they were when read.
     tls_files: Vec<FileStamp>,
 }
@@ -182,6 +188,7 @@ impl Edge {
             per_ip: None,
             rate_counts: Arc::default(),
             acl_denied: Arc::default(),
+            cache: Arc::default(),
             tls_files: Vec::new(),
         }
     }
@@ -311,7 +318,15 @@ impl Edge {
         let table = || self.per_ip.get_or_insert_with(Arc::default).clone();
         let rate = ratelimit::Limiter::new(&reg.rate_limit, table, self.rate_counts.clone());
         let acl = acl::Acl::new(&reg.acl, self.acl_denied.clone());
-        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate, acl })
+        // A service's answers are kept while its policy is; backends changing do not matter.
+        self.cache.retain_services(|name| {
+            let policy = |s: &Arc<ServiceState>| s.spec.cache;
+            let before = previous.services.get(name).and_then(policy);
+            before.is_some() && before == reg.http.get(name).and_then(|s| s.cache)
+        });
+        self.cache.resize(reg.edge_cache.memory_bytes, reg.edge_cache.max_object_bytes);
+        let cache = self.cache.clone();
+        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate, acl, cache })
     }
 
     /// Whether a certificate, key or CA file of `reg` changed since it was applied (the
@@ -358,11 +373,27 @@ impl Edge {
         let snap = self.shared.snapshot();
         let t = &snap.services.get(service)?.traffic;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let cached = snap.services.get(service)?.spec.cache.is_some();
         Some(crate::report::HttpTraffic {
             classes: t.classes.each_ref().map(load),
             buckets: t.buckets.each_ref().map(load),
             sum: std::time::Duration::from_micros(load(&t.sum_us)),
+            cache: cached.then(|| t.cache.each_ref().map(load)),
         })
+    }
+
+    /// The edge cache's memory and what it kept and dropped.
+    #[must_use]
+    pub fn cache(&self) -> crate::report::CacheReport {
+        let u = self.cache.usage();
+        let c = &self.cache.counts;
+        crate::report::CacheReport {
+            bytes: u.bytes as u64,
+            entries: u.entries as u64,
+            memory: u.memory as u64,
+            stored: c.stored.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
+        }
     }
 
     /// Certificates served, by listener port.

@@ -4,9 +4,9 @@
 use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use tracing::info;
 use super::{
     Snapshot,
     balance::hash_bytes,
+    cache::{self, Found, NotKept},
     pool::{Lease, SendError},
     routes::request_host,
     upstream::{InFlight, Pick, ServiceState},
@@ -45,6 +46,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `HIT` or `MISS` on answers of routes with `cache:`.
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// The connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +99,123 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
     }
     let max_body = snap.ports.get(&conn.port).map_or(u64::MAX, |p| p.limits.max_body_bytes);
     drop(log);
-    forward(svc, conn, host, req, started, max_body).await
+    if let Some(policy) = &svc.spec.cache
+        && let Some(key) = cache::request_key(
+            policy,
+            &svc.name,
+            req.method(),
+            conn.scheme(),
+            &host,
+            req.uri(),
+            req.headers(),
+        )
+    {
+        return cached(&snap.cache, svc, key, conn, host, req, started, max_body).await;
+    }
+    forward(svc, conn, host, req, started, max_body, None).await
+}
+
+/// A request on a route with `cache:` that goes upstream; with the flight when its answer is
+/// to be kept.
+struct Miss(Option<cache::Flight>);
+
+/// A request the cache may answer: a fresh kept answer, else one request per key goes
+/// upstream and the others wait for its answer (for at most the service's response timeout,
+/// then they go themselves).
+#[expect(clippy::too_many_arguments, reason = "the request and where it goes, as for forward")]
+async fn cached(
+    store: &Arc<cache::Store>,
+    svc: &Arc<ServiceState>,
+    key: cache::Key,
+    conn: Conn,
+    host: String,
+    req: Request<Incoming>,
+    started: Instant,
+    max_body: u64,
+) -> Response<RespBody> {
+    let [hits, misses, coalesced] = &svc.traffic.cache;
+    let mut waited = false;
+    // A second turn covers a fetch that ended without an answer (its client left, or it
+    // failed): one waiter leads the next, the rest wait again.
+    for _ in 0..2 {
+        match store.get(&key, req.headers(), Instant::now()) {
+            Found::Hit(entry) => {
+                (if waited { coalesced } else { hits }).fetch_add(1, Ordering::Relaxed);
+                return from_cache(&entry, svc, &conn, &host, &req, started);
+            }
+            Found::Pass => break,
+            // HEAD answers have no body to keep.
+            Found::Miss if req.method() == Method::HEAD => break,
+            Found::Miss => {}
+        }
+        match store.flight(&key) {
+            Ok(flight) => {
+                misses.fetch_add(1, Ordering::Relaxed);
+                return forward(svc, conn, host, req, started, max_body, Some(Miss(Some(flight)))).await;
+            }
+            Err(mut done) => {
+                waited = true;
+                let _ = tokio::time::timeout(svc.spec.timeouts.response, done.changed()).await;
+            }
+        }
+    }
+    misses.fetch_add(1, Ordering::Relaxed);
+    forward(svc, conn, host, req, started, max_body, Some(Miss(None))).await
+}
+
+/// A kept answer: `304` when the client's copy is current, with `Age` and `X-Cache: HIT`.
+fn from_cache(
+    entry: &cache::Entry,
+    svc: &ServiceState,
+    conn: &Conn,
+    host: &str,
+    req: &Request<Incoming>,
+    started: Instant,
+) -> Response<RespBody> {
+    let log = access_log(req.method(), host, req.uri().path(), conn.client.ip(), started, Some(&svc.traffic));
+    let current = cache::not_modified(req.headers(), &entry.headers);
+    let (status, body) =
+        if current { (StatusCode::NOT_MODIFIED, Bytes::new()) } else { (entry.status, entry.body.clone()) };
+    let mut resp = Response::new(RespBody::full(body, Some(log(status, "cache", 0))));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = entry.headers.clone();
+    let h = resp.headers_mut();
+    if current {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    h.insert(header::AGE, HeaderValue::from(entry.age(Instant::now())));
+    h.insert(X_CACHE, HeaderValue::from_static("HIT"));
+    resp
+}
+
+impl Miss {
+    /// Marks the answer `MISS`, and starts keeping it as it streams when it is the one
+    /// fetch of its key and its status and headers allow; an answer whose headers forbid it
+    /// makes its key skip the cache for a while.
+    fn answered(
+        self,
+        svc: &ServiceState,
+        status: StatusCode,
+        headers: &mut HeaderMap,
+        req: &HeaderMap,
+    ) -> Option<Box<cache::Fill>> {
+        let fill = match (self.0, svc.spec.cache.as_ref()) {
+            (Some(flight), Some(policy)) => match cache::storable(policy, status, headers, SystemTime::now())
+            {
+                Ok((ttl, vary)) => {
+                    Some(Box::new(cache::Fill::new(flight, status, headers.clone(), req, vary, ttl)))
+                }
+                Err(NotKept::Forbidden) => {
+                    flight.pass();
+                    None
+                }
+                Err(NotKept::Status) => None,
+            },
+            _ => None,
+        };
+        headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
+        fill
+    }
 }
 
 /// 429 for a request over a rate limit: when to come back (`Retry-After`, whole seconds,
@@ -177,6 +296,7 @@ impl From<SendError> for Failure {
     }
 }
 
+#[expect(clippy::too_many_lines, reason = "the attempt loop and its exits read best whole")]
 async fn forward(
     svc: &Arc<ServiceState>,
     conn: Conn,
@@ -184,6 +304,7 @@ async fn forward(
     mut req: Request<Incoming>,
     started: Instant,
     max_body: u64,
+    mut miss: Option<Miss>,
 ) -> Response<RespBody> {
     let spec = &svc.spec;
     // WebSocket and other upgrades: the client's side of the tunnel, once answered 101.
@@ -265,8 +386,10 @@ async fn forward(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 clean_response_headers(&mut rparts.headers);
-                let log = log(status, &b.identity, n);
-                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, lease, log));
+                let mut body = RespBody::upstream(rbody, in_flight, lease, log(status, &b.identity, n));
+                body.fill =
+                    miss.take().and_then(|m| m.answered(svc, status, &mut rparts.headers, &parts.headers));
+                return Response::from_parts(rparts, body);
             }
             Ok(Err(e)) => {
                 svc.failed(i, Instant::now());
@@ -596,6 +719,8 @@ pub struct RespBody {
     bytes: u64,
     done: bool,
     finish: Option<Box<Finish>>,
+    /// Collects the body for the edge cache.
+    fill: Option<Box<cache::Fill>>,
 }
 
 struct Finish {
@@ -613,6 +738,7 @@ impl RespBody {
             inner: Frames::Full(Some(b)),
             bytes: 0,
             done: false,
+            fill: None,
             finish: Some(Box::new(Finish { _in_flight: None, lease: None, log, on_done: None })),
         }
     }
@@ -622,6 +748,7 @@ impl RespBody {
             inner: Frames::Stream(b),
             bytes: 0,
             done: false,
+            fill: None,
             finish: Some(Box::new(Finish {
                 _in_flight: Some(in_flight),
                 lease,
@@ -646,10 +773,22 @@ impl RespBody {
     }
 }
 
+impl RespBody {
+    /// The body is whole: the cache keeps it.
+    fn fill_done(&mut self) {
+        if let Some(fill) = self.fill.take() {
+            fill.finish();
+        }
+    }
+}
+
 impl Drop for RespBody {
     fn drop(&mut self) {
         // hyper stops polling once a body says it has ended.
         self.done |= self.inner.is_end_stream();
+        if self.done {
+            self.fill_done();
+        }
         if let Some(mut fin) = self.finish.take() {
             // A body not read to its end leaves its connection mid-response: closed, not reused.
             if self.done
@@ -681,10 +820,23 @@ impl Body for RespBody {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.bytes += d.len() as u64;
+                    if let Some(fill) = &mut this.fill
+                        && !fill.push(d)
+                        && let Some(fill) = this.fill.take()
+                    {
+                        fill.too_large();
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.fill_done();
                 }
             }
-            Poll::Ready(None) => this.done = true,
-            _ => {}
+            Poll::Ready(None) => {
+                this.done = true;
+                this.fill_done();
+            }
+            Poll::Ready(Some(Err(_))) => this.fill = None,
+            Poll::Pending => {}
         }
         r
     }

@@ -147,6 +147,8 @@ pub struct Traffic {
     /// Responses per bucket of [`DURATION_BOUNDS`] (not cumulative); the last is above them.
     pub buckets: [AtomicU64; DURATION_BOUNDS.len() + 1],
     pub sum_us: AtomicU64,
+    /// Edge cache answers: hits, misses, and misses answered by another request's fetch.
+    pub cache: [AtomicU64; 3],
 }
 
 impl Traffic {
