@@ -446,6 +446,10 @@ impl Controller {
                     traffic,
                 );
                 report.next_hop_mac = mac;
+                if svc.mode == config::Mode::Proxy {
+                    // The L4 proxy's connections, which lbd relays itself.
+                    report.http = self.edge.stats(name, &identity);
+                }
                 backends.push(report);
             }
             services.push(ServiceReport {

@@ -248,6 +248,8 @@ fn unusable(mode: Mode, vip: IpAddr, r: &Resolved, node: &NodeFacts) -> Option<S
         Mode::Nat => {
             node_addr(node, vip.is_ipv4()).is_none().then(|| format!("this node has no {} address to NAT from", family(vip)))
         }
+        // Never planned: proxied services have no VIP.
+        Mode::Proxy => None,
     }
 }
 
@@ -268,7 +270,10 @@ pub fn plan(
     let mut skipped = Vec::new();
     let mut services: Vec<(&String, &L4Service, IpAddr)> = Vec::new();
     for (name, svc) in &reg.tcp {
-        if let Some(vip) = svc.vip {
+        if svc.mode == crate::config::Mode::Proxy {
+            let reason = "mode proxy: relayed by lbd's userspace proxy, not XDP".to_owned();
+            skipped.push(Skipped { service: name.clone(), reason });
+        } else if let Some(vip) = svc.vip {
             services.push((name, svc, vip));
         } else {
             skipped

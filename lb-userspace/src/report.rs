@@ -272,7 +272,12 @@ pub fn status(s: &Snapshot) -> Value {
                         "next_hop_mac": b.next_hop_mac.map(|m| {
                             m.iter().map(|o| format!("{o:02x}")).collect::<Vec<_>>().join(":")
                         }),
-                        "http": b.http.as_ref().map(|h| json!({
+                        "proxy": b.http.as_ref().filter(|_| svc.kind == "tcp").map(|h| json!({
+                            "connections": h.requests,
+                            "connect_failures": h.failures,
+                            "open": h.in_flight,
+                        })),
+                        "http": b.http.as_ref().filter(|_| svc.kind == "http").map(|h| json!({
                             "requests": h.requests,
                             "failures": h.failures,
                             "in_flight": h.in_flight,
@@ -462,11 +467,55 @@ fn cache_metrics(m: &mut Metrics, s: &Snapshot) {
     m.sample("lb_http_cache_evictions_total", &[], c.evicted);
 }
 
+/// The L4 proxy's view of each backend of `mode: proxy` services.
+fn proxy_metrics(m: &mut Metrics, s: &Snapshot) {
+    let proxied = || {
+        (s.services.iter().filter(|svc| svc.kind == "tcp"))
+            .flat_map(|svc| svc.backends.iter().map(move |b| (svc, b)))
+            .filter_map(|(svc, b)| b.http.as_ref().map(|h| (svc, b, h)))
+    };
+    m.family(
+        "lb_proxy_connections_total",
+        "counter",
+        "Connections and UDP flows the L4 proxy relayed to each backend.",
+    );
+    for (svc, b, h) in proxied() {
+        m.sample(
+            "lb_proxy_connections_total",
+            &[("service", &svc.name), ("backend", &b.backend)],
+            h.requests,
+        );
+    }
+    m.family(
+        "lb_proxy_connect_failures_total",
+        "counter",
+        "Failed connects from the L4 proxy to each backend.",
+    );
+    for (svc, b, h) in proxied() {
+        m.sample(
+            "lb_proxy_connect_failures_total",
+            &[("service", &svc.name), ("backend", &b.backend)],
+            h.failures,
+        );
+    }
+    m.family(
+        "lb_proxy_open_connections",
+        "gauge",
+        "Connections and UDP flows the L4 proxy has open to each backend.",
+    );
+    for (svc, b, h) in proxied() {
+        m.sample(
+            "lb_proxy_open_connections",
+            &[("service", &svc.name), ("backend", &b.backend)],
+            h.in_flight,
+        );
+    }
+}
+
 /// The HTTP edge's view of each backend.
 fn http_metrics(m: &mut Metrics, s: &Snapshot) {
     let http = || {
-        s.services
-            .iter()
+        (s.services.iter().filter(|svc| svc.kind == "http"))
             .flat_map(|svc| svc.backends.iter().map(move |b| (svc, b)))
             .filter_map(|(svc, b)| b.http.as_ref().map(|h| (svc, b, h)))
     };
@@ -613,6 +662,7 @@ pub fn metrics(s: &Snapshot) -> String {
     }
     http_service_metrics(&mut m, s);
     http_metrics(&mut m, s);
+    proxy_metrics(&mut m, s);
     tls_metrics(&mut m, s);
     rate_metrics(&mut m, s);
     cache_metrics(&mut m, s);

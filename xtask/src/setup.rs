@@ -22,9 +22,19 @@ const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"
 /// certificates and as a TLS client and server; `wrk` to load the edge while certificates change;
 /// `nginx` as a backend that checks the edge's client certificate, speaks HTTP/2 and reads the
 /// PROXY protocol; `prometheus` for `promtool`, which checks and unit-tests the alert rules;
-/// `chromium`, headless, to render the status page.
-const TEST_ONLY_PACKAGES: &[&str] =
-    &["vagrant", "python3-jsonschema", "python3-yaml", "openssl", "wrk", "nginx", "prometheus", "chromium"];
+/// `chromium`, headless, to render the status page; `redis-server`, a primary and a replica
+/// the L4 proxy follows through failover.
+const TEST_ONLY_PACKAGES: &[&str] = &[
+    "vagrant",
+    "python3-jsonschema",
+    "python3-yaml",
+    "openssl",
+    "wrk",
+    "nginx",
+    "prometheus",
+    "chromium",
+    "redis-server",
+];
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 /// The HTTP benchmark's baselines (HAProxy, nginx, with nginx as the backend too), its

@@ -24,7 +24,7 @@ pub use edge::{
 pub use error::{ConfigError, Problem};
 pub use schema::{
     AllDown, BackendSpec, Datapath, Fragment, HealthCheck, HttpCheck, HttpService, L4Service, MAX_WEIGHT,
-    Mode, PortRange, Protocol, REGISTRY_VERSION, Registry, Role, with_roles,
+    Mode, PortRange, Protocol, ProxySettings, REGISTRY_VERSION, Registry, Role, with_roles,
 };
 use serde::de::DeserializeOwned;
 use spans::{FieldPath, Seg, Spans};
@@ -622,6 +622,23 @@ tcp:
         )
         .unwrap_err();
         assert_eq!(e.problems()[0].field, "edge_cache.max_object_bytes", "{e}");
+    }
+
+    #[test]
+    fn proxied_services_take_no_vip_and_no_port_another_socket_holds() {
+        let ok = "version: 1\ntcp:\n  redis:\n    port: 6379\n    mode: proxy\n    backends: [{host: a, port: 6380}]\n";
+        let r = parse(ok, Path::new("s.yaml")).expect("a proxied service may use other backend ports");
+        let p = &r.tcp["redis"].proxy;
+        assert!(p.local_first && p.close_on_down && p.listen.is_unspecified());
+        let vip = "version: 1\ntcp:\n  r:\n    port: 6379\n    mode: proxy\n    vip: 10.0.0.1\n    backends: [{host: a, port: 1}]\n";
+        let p = one(vip);
+        assert_eq!((p.line, p.field.as_str()), (6, "tcp.r.vip"), "{p}");
+        let clash = "version: 1\nlisteners: [{port: 8000}]\ntcp:\n  r:\n    port: 8000\n    mode: proxy\n    proxy: {listen: 10.0.0.1}\n    backends: [{host: a, port: 1}]\n";
+        let p = one(clash);
+        assert_eq!((p.line, p.field.as_str()), (5, "tcp.r.port"), "{p}");
+        assert!(p.message.contains("also bound as an HTTP listener"), "{}", p.message);
+        let udp = "version: 1\nlisteners: [{port: 8000}]\ntcp:\n  r:\n    port: 8000\n    mode: proxy\n    protocols: [udp]\n    backends: [{host: a, port: 1}]\n";
+        parse(udp, Path::new("s.yaml")).expect("UDP on an HTTP listener's port is another socket");
     }
 
     #[test]

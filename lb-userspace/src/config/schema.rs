@@ -246,6 +246,44 @@ pub struct L4Service {
     /// `drop_denied`), of the VIP's address family.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// How `mode: proxy` listens and forwards.
+    #[serde(default)]
+    pub proxy: ProxySettings,
+}
+
+/// The userspace L4 proxy of a `mode: proxy` service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// Address to listen on (with the service's `port`), e.g. a VIP this node holds.
+    pub listen: IpAddr,
+    /// Prefer backends whose `node` is this node, or whose host is a loopback address; others
+    /// take connections only when none of those is up (seed 003: "if the local port is
+    /// bound, connect locally").
+    pub local_first: bool,
+    /// Close the open connections to a backend when its health check marks it down (HAProxy's
+    /// `on-marked-down shutdown-sessions`): clients of a demoted Redis primary reconnect to
+    /// the new one instead of writing to a replica.
+    pub close_on_down: bool,
+    /// TCP connect to a backend; a backend that does not answer in time is skipped.
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub connect_timeout: Duration,
+    /// Most UDP flows (client addresses) relayed at once; datagrams of new ones beyond it
+    /// are dropped. A flow ends after `datapath.udp_timeout` without traffic.
+    pub max_udp_flows: usize,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            listen: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            local_first: true,
+            close_on_down: true,
+            connect_timeout: Duration::from_secs(3),
+            max_udp_flows: 16_384,
+        }
+    }
 }
 
 /// The policy when no backend of a service passes its health check.
@@ -351,6 +389,10 @@ pub enum Mode {
     /// Full NAT: destination and source rewritten; replies come back through this node.
     /// Backends need nothing and may sit anywhere routable.
     Nat,
+    /// lbd's own TCP and UDP proxy (no XDP): it listens on `proxy.listen` and `port` and
+    /// opens a connection to a backend per client. For nodes where XDP cannot run and for
+    /// services reached without a VIP, such as seed 003's Redis.
+    Proxy,
 }
 
 impl Mode {
@@ -360,14 +402,16 @@ impl Mode {
             Self::DsrL2 => "dsr-l2",
             Self::DsrIpip => "dsr-ipip",
             Self::Nat => "nat",
+            Self::Proxy => "proxy",
         }
     }
 
-    /// The data plane's `MODE_*` value.
+    /// The data plane's `MODE_*` value (`proxy` services are never in the data plane: they
+    /// have no VIP).
     #[must_use]
     pub const fn code(self) -> u8 {
         match self {
-            Self::DsrL2 => lb_common::maps::MODE_DSR_L2,
+            Self::DsrL2 | Self::Proxy => lb_common::maps::MODE_DSR_L2,
             Self::DsrIpip => lb_common::maps::MODE_DSR_IPIP,
             Self::Nat => lb_common::maps::MODE_NAT,
         }
@@ -377,7 +421,7 @@ impl Mode {
     /// service port.
     #[must_use]
     pub const fn keeps_ports(self) -> bool {
-        !matches!(self, Self::Nat)
+        matches!(self, Self::DsrL2 | Self::DsrIpip)
     }
 }
 

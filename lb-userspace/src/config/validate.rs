@@ -95,6 +95,7 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
             }
         }
     }
+    proxy_sockets(&root, reg, &mut out);
     let mut vips: HashMap<(IpAddr, u16, u8), &str> = HashMap::new();
     for (name, svc) in &reg.tcp {
         let path = root.key("tcp").key(name);
@@ -140,6 +141,35 @@ pub fn validate(reg: &Registry) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// Sockets lbd binds itself: HTTP listeners, then proxied services. Two on one port and
+/// protocol, at one address or the wildcard, could not both bind.
+fn proxy_sockets(root: &FieldPath, reg: &Registry, out: &mut Vec<Finding>) {
+    let mut sockets: Vec<(IpAddr, u16, Protocol, String)> = reg
+        .listeners
+        .iter()
+        .map(|l| (l.address, l.port, Protocol::Tcp, "an HTTP listener".to_owned()))
+        .collect();
+    for (name, svc) in reg.tcp.iter().filter(|(_, s)| s.mode == Mode::Proxy) {
+        let path = root.key("tcp").key(name);
+        let addr = svc.proxy.listen;
+        for &p in &svc.protocols {
+            let clash = sockets.iter().find(|(a, port, proto, _)| {
+                *port == svc.port
+                    && *proto == p
+                    && (*a == addr || a.is_unspecified() || addr.is_unspecified())
+            });
+            if let Some((a, _, _, what)) = clash {
+                out.push(finding(
+                    path.key("port"),
+                    format!("{addr}:{}/{} is also bound as {what} ({a})", svc.port, p.as_str()),
+                    Some("one socket per port and protocol; give the proxy another port or `proxy.listen` address"),
+                ));
+            }
+            sockets.push((addr, svc.port, p, format!("service `{name}`")));
+        }
+    }
 }
 
 fn listeners(path: &FieldPath, list: &[Listener], out: &mut Vec<Finding>) {
@@ -497,6 +527,19 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
             "a deny list is enforced in XDP, for a service with a `vip`",
             None,
         ));
+    }
+    if svc.mode == Mode::Proxy {
+        if svc.vip.is_some() {
+            out.push(finding(
+                path.key("vip"),
+                "a VIP is balanced in XDP; mode proxy listens on `proxy.listen`",
+                Some("leave vip out and set `proxy: {listen: ADDRESS}` (a VIP this node holds, say)"),
+            ));
+        }
+        if svc.proxy.max_udp_flows == 0 && svc.protocols.contains(&Protocol::Udp) {
+            out.push(finding(path.key("proxy").key("max_udp_flows"), "no UDP flow could be relayed", None));
+        }
+        return;
     }
     let Some(vip) = svc.vip else { return };
     for (i, c) in svc.deny.iter().enumerate() {

@@ -9,6 +9,7 @@
 //! - `server`: accepting and serving connections (HTTP/1.1, HTTP/2, TLS) under the
 //!   listener's limits.
 //! - `passthrough`: TLS connections forwarded by SNI without terminating them.
+//! - `l4`: the userspace TCP/UDP proxy of `mode: proxy` services.
 //! - `sni`: reading the name a `ClientHello` asks for (pure).
 //!
 //! The controller owns an [`Edge`] and hands it every registry that is applied, and every
@@ -19,6 +20,7 @@ mod acl;
 mod balance;
 mod breaker;
 mod cache;
+mod l4;
 mod passthrough;
 mod pool;
 mod proxy;
@@ -44,7 +46,7 @@ pub use upstream::DURATION_BOUNDS;
 use upstream::{BackendState, Member, ServiceState};
 
 use crate::{
-    config::{Limits, Registry, with_roles},
+    config::{Limits, Mode, Protocol, Registry, with_roles},
     plan::Overrides,
 };
 
@@ -82,6 +84,8 @@ pub struct Snapshot {
     pub acl: acl::Acl,
     /// Kept answers of routes with `cache:`.
     pub cache: Arc<cache::Store>,
+    /// `mode: proxy` services by the socket they are served on.
+    pub l4: HashMap<(SocketAddr, Protocol), Arc<l4::Service>>,
 }
 
 /// How a listener port serves.
@@ -132,6 +136,8 @@ pub struct Edge {
     workers: Option<workers::Workers>,
     shared: Arc<Shared>,
     listeners: HashMap<SocketAddr, watch::Sender<()>>,
+    /// The L4 proxy's sockets.
+    l4_sockets: HashMap<(SocketAddr, Protocol), watch::Sender<()>>,
     /// Backend state by (service, backend identity), kept across reloads.
     backends: HashMap<(String, String), Arc<BackendState>>,
     /// Connections by (service, backend identity), kept across reloads that keep their
@@ -183,6 +189,7 @@ impl Edge {
             workers: None,
             shared: Arc::default(),
             listeners: HashMap::new(),
+            l4_sockets: HashMap::new(),
             backends: HashMap::new(),
             pools: HashMap::new(),
             per_ip: None,
@@ -205,7 +212,8 @@ impl Edge {
             let sockets = workers::bind(addr, threads).map_err(|source| EdgeError::Bind { addr, source })?;
             fresh.push((addr, port, sockets));
         }
-        if !fresh.is_empty() && self.workers.is_none() {
+        let (l4_wanted, l4_fresh) = self.bind_l4(reg, threads)?;
+        if (!fresh.is_empty() || !l4_fresh.is_empty()) && self.workers.is_none() {
             let w = workers::Workers::start(threads).map_err(EdgeError::Runtime)?;
             let rt = &w.handles()[0];
             let shared = self.shared.clone();
@@ -259,7 +267,17 @@ impl Edge {
                 info!(%addr, threads, "HTTP listener started");
                 self.listeners.insert(addr, tx);
             }
+            let started = self.start_l4(w, l4_fresh)?;
+            self.l4_sockets.extend(started);
         }
+        self.l4_sockets.retain(|&(addr, proto), stop| {
+            let keep = l4_wanted.contains(&(addr, proto));
+            if !keep {
+                let _ = stop.send(());
+                info!(%addr, proto = proto.as_str(), "L4 proxy socket closed");
+            }
+            keep
+        });
         self.listeners.retain(|addr, stop| {
             let keep = wanted.contains_key(addr);
             if !keep {
@@ -269,6 +287,64 @@ impl Edge {
             keep
         });
         Ok(())
+    }
+
+    /// Binds the proxied services' sockets this registry adds (a busy port fails the reload
+    /// before anything changes); every socket it wants, and the fresh ones.
+    #[expect(clippy::type_complexity, reason = "two lists, named at the caller")]
+    fn bind_l4(
+        &self,
+        reg: &Registry,
+        threads: usize,
+    ) -> Result<(Vec<(SocketAddr, Protocol)>, Vec<(SocketAddr, Protocol, L4Socket)>), EdgeError> {
+        let wanted: Vec<(SocketAddr, Protocol)> =
+            reg.tcp.values().filter(|s| s.mode == Mode::Proxy).flat_map(l4::sockets).collect();
+        let mut fresh = Vec::new();
+        for &(addr, proto) in wanted.iter().filter(|k| !self.l4_sockets.contains_key(k)) {
+            let bound = match proto {
+                Protocol::Tcp => workers::bind(addr, threads).map(L4Socket::Tcp),
+                Protocol::Udp => l4::bind_udp(addr).map(L4Socket::Udp),
+            };
+            fresh.push((addr, proto, bound.map_err(|source| EdgeError::Bind { addr, source })?));
+        }
+        Ok((wanted, fresh))
+    }
+
+    /// Serves freshly bound proxy sockets: TCP on every edge thread, UDP on the first; their
+    /// stop signals.
+    #[expect(clippy::type_complexity, reason = "the socket and its stop signal")]
+    fn start_l4(
+        &self,
+        w: &workers::Workers,
+        fresh: Vec<(SocketAddr, Protocol, L4Socket)>,
+    ) -> Result<Vec<((SocketAddr, Protocol), watch::Sender<()>)>, EdgeError> {
+        let mut started = Vec::with_capacity(fresh.len());
+        for (addr, proto, socket) in fresh {
+            let (tx, rx) = watch::channel(());
+            let shared = self.shared.clone();
+            let current = move || shared.snapshot().l4.get(&(addr, proto)).cloned();
+            match socket {
+                L4Socket::Tcp(sockets) => {
+                    for (rt, l) in w.handles().iter().zip(sockets) {
+                        let _guard = rt.enter();
+                        let listener = tokio::net::TcpListener::from_std(l)
+                            .map_err(|source| EdgeError::Bind { addr, source })?;
+                        rt.spawn(l4::serve_tcp(listener, current.clone(), rx.clone()));
+                    }
+                }
+                L4Socket::Udp(sock) => {
+                    // One socket, on the first thread: flows are kept per socket.
+                    let rt = &w.handles()[0];
+                    let _guard = rt.enter();
+                    let sock = tokio::net::UdpSocket::from_std(sock)
+                        .map_err(|source| EdgeError::Bind { addr, source })?;
+                    rt.spawn(l4::serve_udp(sock, current, rx));
+                }
+            }
+            info!(%addr, proto = proto.as_str(), "L4 proxy listening");
+            started.push(((addr, proto), tx));
+        }
+        Ok(started)
     }
 
     fn build(
@@ -313,6 +389,25 @@ impl Edge {
             let svc = ServiceState::new(name, spec.clone(), members, settings, traffic);
             services.insert(name.clone(), Arc::new(svc));
         }
+        let udp_timeout = reg.datapath.udp_timeout;
+        let mut l4 = HashMap::new();
+        for (name, spec) in reg.tcp.iter().filter(|(_, s)| s.mode == Mode::Proxy) {
+            let states = spec
+                .all_backends()
+                .map(|(b, _)| {
+                    let key = (name.clone(), b.identity());
+                    let state = self
+                        .backends
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(BackendState::new(name, &key.1)));
+                    backends.insert(key, state.clone());
+                    state
+                })
+                .collect();
+            let svc = Arc::new(l4::Service::new(name, spec.clone(), node, states, udp_timeout));
+            l4.extend(l4::sockets(spec).into_iter().map(|k| (k, svc.clone())));
+        }
         self.backends = backends;
         self.pools = pools;
         let table = || self.per_ip.get_or_insert_with(Arc::default).clone();
@@ -326,7 +421,7 @@ impl Edge {
         });
         self.cache.resize(reg.edge_cache.memory_bytes, reg.edge_cache.max_object_bytes);
         let cache = self.cache.clone();
-        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate, acl, cache })
+        Ok(Snapshot { tables: routes::tables(reg), services, ports, rate, acl, cache, l4 })
     }
 
     /// Whether a certificate, key or CA file of `reg` changed since it was applied (the
@@ -344,6 +439,10 @@ impl Edge {
             if usable && !was {
                 // Its health check passes again: what real traffic saw before is outdated.
                 b.clear_passive();
+            }
+            // A drain keeps open connections; only a failed health check closes them.
+            if was && !usable && over.down.contains_key(key) {
+                b.marked_down.send_modify(|n| *n += 1);
             }
         }
     }
@@ -429,6 +528,13 @@ impl Edge {
     pub fn listening(&self) -> Vec<SocketAddr> {
         self.listeners.keys().copied().collect()
     }
+}
+
+/// A proxied service's socket, bound before it serves.
+enum L4Socket {
+    /// One per edge thread (`SO_REUSEPORT`).
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(std::net::UdpSocket),
 }
 
 /// How a listener serves: loads its certificates (a failure fails the reload).

@@ -38,6 +38,9 @@ pub struct BackendState {
     recent: Mutex<VecDeque<Instant>>,
     /// Used when its service has `circuit_breaker:`.
     pub breaker: Breaker,
+    /// Counts the times its health check marked it down: the L4 proxy's connections to it
+    /// watch this to close (`close_on_down`).
+    pub marked_down: tokio::sync::watch::Sender<u64>,
 }
 
 /// Nanoseconds since the first call: a clock atomics can hold.
@@ -62,6 +65,7 @@ impl BackendState {
             out_until: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             breaker: Breaker::default(),
+            marked_down: tokio::sync::watch::Sender::new(0),
         }
     }
 
