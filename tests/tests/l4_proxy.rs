@@ -57,6 +57,7 @@ tcp:
   echo:
     port: {ECHO}
     mode: proxy
+    proxy: {{listen: {lb}}}
     protocols: [tcp, udp]
     health: {{port: 8080, interval: 200ms, timeout: 200ms, fall: 1, rise: 1}}
     backends:
@@ -64,7 +65,8 @@ tcp:
       - {{host: {b1}, port: {ECHO}, node: n1}}
 ",
             b0 = backend_ip(0),
-            b1 = backend_ip(1)
+            b1 = backend_ip(1),
+            lb = topo.lb.ip
         ),
     );
     let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);

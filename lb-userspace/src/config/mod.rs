@@ -637,8 +637,10 @@ tcp:
         let p = one(clash);
         assert_eq!((p.line, p.field.as_str()), (5, "tcp.r.port"), "{p}");
         assert!(p.message.contains("also bound as an HTTP listener"), "{}", p.message);
-        let udp = "version: 1\nlisteners: [{port: 8000}]\ntcp:\n  r:\n    port: 8000\n    mode: proxy\n    protocols: [udp]\n    backends: [{host: a, port: 1}]\n";
+        let udp = "version: 1\nlisteners: [{port: 8000}]\ntcp:\n  r:\n    port: 8000\n    mode: proxy\n    protocols: [udp]\n    proxy: {listen: 10.0.0.1}\n    backends: [{host: a, port: 1}]\n";
         parse(udp, Path::new("s.yaml")).expect("UDP on an HTTP listener's port is another socket");
+        let p = one(&udp.replace("    proxy: {listen: 10.0.0.1}\n", ""));
+        assert_eq!(p.field, "tcp.r.proxy.listen", "UDP from a wildcard socket: {p}");
     }
 
     #[test]

@@ -437,6 +437,9 @@ fn http_service(
     if svc.cache.is_some_and(|c| c.ttl < std::time::Duration::from_secs(1)) {
         out.push(finding(path.key("cache"), "keeps answers under a second", Some("leave cache out instead")));
     }
+    if svc.cache.is_some_and(|c| c.ttl > std::time::Duration::from_hours(24 * 365)) {
+        out.push(finding(path.key("cache"), "keeps answers over a year", None));
+    }
     match &svc.balance {
         Balance::Hash(HashKey::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
             out.push(finding(
@@ -534,6 +537,13 @@ fn l4_service(path: &FieldPath, svc: &L4Service, out: &mut Vec<Finding>) {
                 path.key("vip"),
                 "a VIP is balanced in XDP; mode proxy listens on `proxy.listen`",
                 Some("leave vip out and set `proxy: {listen: ADDRESS}` (a VIP this node holds, say)"),
+            ));
+        }
+        if svc.proxy.listen.is_unspecified() && svc.protocols.contains(&Protocol::Udp) {
+            out.push(finding(
+                path.key("proxy").key("listen"),
+                "UDP needs the address clients send to: answers from a wildcard socket leave from whichever address the kernel picks, which clients drop",
+                Some("set `proxy: {listen: ADDRESS}`"),
             ));
         }
         if svc.proxy.max_udp_flows == 0 && svc.protocols.contains(&Protocol::Udp) {

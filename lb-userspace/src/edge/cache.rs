@@ -123,14 +123,19 @@ pub fn storable(
             s_maxage = Some(seconds().unwrap_or(0));
         }
     }
-    // s-maxage is for shared caches like this one; `Expires` counts only without either.
-    let explicit = s_maxage.or(max_age).map(Duration::from_secs).or_else(|| {
-        let expires = headers.get(header::EXPIRES)?;
+    // s-maxage is for shared caches like this one; `Expires` counts only without either,
+    // from the answer's `Date` (the backend's clock) when it has one.
+    let date =
+        |n| headers.get(n).and_then(|v| v.to_str().ok()).and_then(|v| httpdate::parse_http_date(v).ok());
+    let lifetime = s_maxage.or(max_age).map(Duration::from_secs).or_else(|| {
+        headers.get(header::EXPIRES)?;
         // An unreadable date means already expired (RFC 9111 5.3).
-        let at = expires.to_str().ok().and_then(|v| httpdate::parse_http_date(v).ok());
-        Some(at.map_or(Duration::ZERO, |at| at.duration_since(now).unwrap_or_default()))
+        let from = date(header::DATE).unwrap_or(now);
+        Some(date(header::EXPIRES).map_or(Duration::ZERO, |at| at.duration_since(from).unwrap_or_default()))
     });
-    let ttl = explicit.map_or(policy.ttl, |e| e.min(policy.ttl));
+    // What is left of it: the time the answer already spent in caches upstream counts.
+    let left = lifetime.map(|l| l.saturating_sub(Duration::from_secs(age_of(headers))));
+    let ttl = left.map_or(policy.ttl, |e| e.min(policy.ttl));
     if ttl.is_zero() {
         return Err(NotKept::Forbidden);
     }
@@ -195,7 +200,7 @@ impl Entry {
     /// Seconds since the backend made it (the `Age` header of a hit).
     #[must_use]
     pub fn age(&self, now: Instant) -> u64 {
-        self.initial_age + now.saturating_duration_since(self.stored).as_secs()
+        self.initial_age.saturating_add(now.saturating_duration_since(self.stored).as_secs())
     }
 
     fn size(&self) -> usize {
@@ -240,8 +245,9 @@ pub struct Counts {
 #[derive(Debug)]
 pub struct Store {
     answers: Mutex<Answers>,
-    /// Keys being fetched: a waiter's receiver sees the sender dropped when the fetch ends.
-    flights: Mutex<HashMap<Key, watch::Receiver<()>>>,
+    /// Keys being fetched: a waiter's receiver sees the outcome, or the sender dropped when
+    /// the fetch ended without one.
+    flights: Mutex<HashMap<Key, watch::Receiver<Outcome>>>,
     pub counts: Counts,
 }
 
@@ -304,7 +310,8 @@ impl Store {
     #[must_use]
     pub fn usage(&self) -> Usage {
         let a = self.answers();
-        Usage { bytes: a.bytes, entries: a.lru.iter().map(|(_, v)| v.len()).sum(), memory: a.memory }
+        let entries = a.lru.iter().flat_map(|(_, v)| v).filter(|v| v.entry.is_some()).count();
+        Usage { bytes: a.bytes, entries, memory: a.memory }
     }
 
     #[must_use]
@@ -339,14 +346,14 @@ impl Store {
 
     /// Whose turn it is to fetch `key`: this request's (it leads until the [`Flight`] is
     /// dropped), or another's, whose end the returned receiver sees.
-    pub fn flight(self: &Arc<Self>, key: &Key) -> Result<Flight, watch::Receiver<()>> {
+    pub fn flight(self: &Arc<Self>, key: &Key) -> Result<Flight, watch::Receiver<Outcome>> {
         let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rx) = flights.get(key) {
             return Err(rx.clone());
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(Outcome::Pending);
         flights.insert(key.clone(), rx);
-        Ok(Flight { store: self.clone(), key: key.clone(), _done: tx })
+        Ok(Flight { store: self.clone(), key: key.clone(), done: tx })
     }
 
     fn insert(&self, key: &Key, variant: Variant) {
@@ -398,32 +405,51 @@ impl Answers {
     }
 }
 
-/// The one request fetching a key. Dropping it (done, failed, or its client gone) wakes the
-/// waiters, who then find the answer or take their own turn.
+/// How a fetch ended, as its waiters see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not yet; or, once the fetch is gone, it ended without an answer (failed, or its client
+    /// left): a waiter takes its own turn.
+    Pending,
+    /// Kept: a waiter finds it.
+    Kept,
+    /// Answered but not kept: a waiter goes upstream itself at once.
+    NotKept,
+}
+
+/// The one request fetching a key. Its waiters wake when it says how it ended, or when it is
+/// dropped without saying (failed, or its client gone).
 #[derive(Debug)]
 pub struct Flight {
     store: Arc<Store>,
     key: Key,
-    _done: watch::Sender<()>,
+    done: watch::Sender<Outcome>,
 }
 
 impl Flight {
+    /// The largest body this cache keeps.
+    #[must_use]
+    pub fn max_object(&self) -> usize {
+        self.store.max_object()
+    }
+
     /// Keeps the answer the backend gave, for `ttl`. `req` is the request that asked for it
-    /// (the values it varies on).
-    pub fn keep(self, req: &HeaderMap, vary: &[HeaderName], ttl: Duration, answer: Answer) {
+    /// (the values it varies on). Body and header values are copied: those hyper parsed share
+    /// its read buffer, which the memory bound would not count.
+    pub fn keep(self, req: &HeaderMap, vary: &[HeaderName], ttl: Duration, answer: &Answer) {
         let now = Instant::now();
-        let initial_age = answer
-            .headers
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let mut headers = HeaderMap::with_capacity(answer.headers.len());
+        for (n, v) in &answer.headers {
+            if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+                headers.append(n.clone(), v);
+            }
+        }
         let entry = Entry {
             status: answer.status,
-            headers: answer.headers,
-            body: answer.body,
+            body: Bytes::copy_from_slice(&answer.body),
+            initial_age: age_of(&headers),
+            headers,
             stored: now,
-            initial_age,
         };
         let vary: Vec<_> = vary.iter().map(|n| (n.clone(), req.get(n).cloned())).collect();
         let size = entry.size()
@@ -434,6 +460,7 @@ impl Flight {
         self.store
             .insert(&self.key, Variant { vary, entry: Some(Arc::new(entry)), expires: now + ttl, size });
         self.store.counts.stored.fetch_add(1, Ordering::Relaxed);
+        self.done.send_replace(Outcome::Kept);
     }
 
     /// Marks the key as not kept for a while: its requests go upstream without waiting.
@@ -441,7 +468,18 @@ impl Flight {
         let now = Instant::now();
         self.store
             .insert(&self.key, Variant { vary: Vec::new(), entry: None, expires: now + PASS_FOR, size: 64 });
+        self.done.send_replace(Outcome::NotKept);
     }
+
+    /// This answer is not kept (its status), the next may be: the waiters go upstream.
+    pub fn not_kept(self) {
+        self.done.send_replace(Outcome::NotKept);
+    }
+}
+
+/// The `Age` an answer came with, seconds.
+fn age_of(headers: &HeaderMap) -> u64 {
+    headers.get(header::AGE).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 impl Drop for Flight {
@@ -456,70 +494,6 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
-}
-
-/// Collects a response body as it streams to the client, to keep it once whole.
-#[derive(Debug)]
-pub struct Fill {
-    flight: Flight,
-    status: StatusCode,
-    headers: HeaderMap,
-    /// The values the request had of the headers the answer varies on.
-    req: HeaderMap,
-    vary: Vec<HeaderName>,
-    ttl: Duration,
-    chunks: Vec<Bytes>,
-    len: usize,
-    max: usize,
-}
-
-impl Fill {
-    #[must_use]
-    pub fn new(
-        flight: Flight,
-        status: StatusCode,
-        headers: HeaderMap,
-        req: &HeaderMap,
-        vary: Vec<HeaderName>,
-        ttl: Duration,
-    ) -> Self {
-        let max = flight.store.max_object();
-        let mut kept = HeaderMap::new();
-        for n in &vary {
-            if let Some(v) = req.get(n) {
-                kept.insert(n.clone(), v.clone());
-            }
-        }
-        Self { flight, status, headers, req: kept, vary, ttl, chunks: Vec::new(), len: 0, max }
-    }
-
-    /// Adds a chunk; false once the body is too large to keep (the fill should be dropped).
-    pub fn push(&mut self, data: &Bytes) -> bool {
-        self.len += data.len();
-        if self.len > self.max {
-            return false;
-        }
-        self.chunks.push(data.clone());
-        true
-    }
-
-    /// The body outgrew `max_object_bytes`: its key skips the cache for a while.
-    pub fn too_large(self) {
-        self.flight.pass();
-    }
-
-    /// The body is complete: keep it.
-    pub fn finish(self) {
-        let body = if self.chunks.len() == 1 {
-            self.chunks.into_iter().next().unwrap_or_default()
-        } else {
-            let mut b = bytes::BytesMut::with_capacity(self.len);
-            self.chunks.iter().for_each(|c| b.extend_from_slice(c));
-            b.freeze()
-        };
-        let answer = Answer { status: self.status, headers: self.headers, body };
-        self.flight.keep(&self.req, &self.vary, self.ttl, answer);
-    }
 }
 
 #[cfg(test)]
@@ -570,6 +544,10 @@ mod tests {
         assert_eq!(storable(&p, ok, &h, now).unwrap().0, Duration::from_mins(1));
         let h = headers(&[("cache-control", "max-age=60, s-maxage=120")]);
         assert_eq!(storable(&p, ok, &h, now).unwrap().0, Duration::from_mins(2), "s-maxage wins");
+        let h = headers(&[("cache-control", "max-age=60"), ("age", "50")]);
+        assert_eq!(storable(&p, ok, &h, now).unwrap().0, Duration::from_secs(10), "what is left of it");
+        let h = headers(&[("cache-control", "max-age=60"), ("age", "9999999")]);
+        assert_eq!(storable(&p, ok, &h, now), Err(NotKept::Forbidden), "older than its lifetime");
         let h = headers(&[("cache-control", "max-age=86400")]);
         assert_eq!(storable(&p, ok, &h, now).unwrap().0, Duration::from_mins(10), "the policy bounds it");
         for cc in ["no-store", "private", "no-cache", "max-age=0", "Private, max-age=60"] {
@@ -630,8 +608,8 @@ mod tests {
         let gzip = headers(&[("accept-encoding", "gzip")]);
         let k = key_of(&p, &Method::GET, "/a", &none).unwrap();
         let vary = [header::ACCEPT_ENCODING];
-        store.flight(&k).unwrap().keep(&gzip, &vary, Duration::from_mins(1), answer("zipped"));
-        store.flight(&k).unwrap().keep(&none, &vary, Duration::from_mins(1), answer("plain"));
+        store.flight(&k).unwrap().keep(&gzip, &vary, Duration::from_mins(1), &answer("zipped"));
+        store.flight(&k).unwrap().keep(&none, &vary, Duration::from_mins(1), &answer("plain"));
         let now = Instant::now();
         assert_eq!(hit(store.get(&k, &gzip, now)).as_deref(), Some(&b"zipped"[..]));
         assert_eq!(hit(store.get(&k, &none, now)).as_deref(), Some(&b"plain"[..]));
@@ -644,13 +622,13 @@ mod tests {
         // A body over max_object is not kept; many keys stay under the memory bound, the
         // least recently used going first.
         let big = Answer { body: Bytes::from(vec![0; 4096]), ..answer("") };
-        store.flight(&k).unwrap().keep(&none, &[], Duration::from_mins(1), big);
+        store.flight(&k).unwrap().keep(&none, &[], Duration::from_mins(1), &big);
         assert!(matches!(store.get(&k, &none, Instant::now()), Found::Miss));
         let keys: Vec<Key> = (0..100)
             .map(|i| Key { service: "svc".into(), url: format!("https://example.org/{i}") })
             .collect();
         for (i, k) in keys.iter().enumerate() {
-            store.flight(k).unwrap().keep(&none, &[], Duration::from_mins(1), answer("0123456789"));
+            store.flight(k).unwrap().keep(&none, &[], Duration::from_mins(1), &answer("0123456789"));
             if i >= 1 {
                 // Key 0 stays in use, so it is never the least recently used.
                 assert!(hit(store.get(&keys[0], &none, Instant::now())).is_some(), "key 0 evicted at {i}");
@@ -670,10 +648,24 @@ mod tests {
         let k = key_of(&policy(true), &Method::GET, "/x", &HeaderMap::new()).unwrap();
         let lead = store.flight(&k).unwrap();
         let mut waiters: Vec<_> = (0..3).map(|_| store.flight(&k).unwrap_err()).collect();
-        lead.keep(&HeaderMap::new(), &[], Duration::from_mins(1), answer("x"));
+        lead.keep(&HeaderMap::new(), &[], Duration::from_mins(1), &answer("x"));
         for w in &mut waiters {
-            assert!(w.changed().await.is_err(), "the flight ended");
+            assert!(w.changed().await.is_ok());
+            assert_eq!(*w.borrow(), Outcome::Kept);
         }
+        // An answer not kept sends the waiters upstream; a fetch that ends without one lets
+        // them take their turn.
+        let k3 = Key { service: "svc".into(), url: "https://example.org/404".into() };
+        let lead = store.flight(&k3).unwrap();
+        let mut w = store.flight(&k3).unwrap_err();
+        lead.not_kept();
+        w.changed().await.unwrap();
+        assert_eq!(*w.borrow(), Outcome::NotKept);
+        let lead = store.flight(&k3).unwrap();
+        let mut w = store.flight(&k3).unwrap_err();
+        drop(lead);
+        assert!(w.changed().await.is_err(), "the fetch is gone");
+        assert_eq!(*w.borrow(), Outcome::Pending);
         assert!(hit(store.get(&k, &HeaderMap::new(), Instant::now())).is_some());
         // A flight that ends without an answer (client gone) frees the key for the next.
         let lead = store.flight(&k).unwrap();

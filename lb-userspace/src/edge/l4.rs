@@ -134,7 +134,11 @@ pub async fn serve_tcp(
         tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => {
-                let Ok((client, peer)) = accepted else { continue };
+                let Ok((client, peer)) = accepted else {
+                    // Out of descriptors, say: a pause, not a busy loop.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let Some(svc) = current() else { continue };
                 tokio::spawn(relay_tcp(svc, client, peer));
             }
@@ -143,12 +147,14 @@ pub async fn serve_tcp(
 }
 
 async fn relay_tcp(svc: Arc<Service>, mut client: TcpStream, peer: SocketAddr) {
-    let _ = client.set_nodelay(true);
+    tune(&client);
     let mut tried = Vec::with_capacity(MAX_TRIES);
     while tried.len() < MAX_TRIES {
         let Some(i) = svc.pick(&tried) else { break };
         tried.push(i);
         let m = &svc.members[i];
+        // Watched from before the connect: a mark-down while it is made closes it too.
+        let mut marked = m.state.marked_down.subscribe();
         let connect = TcpStream::connect((m.host.as_str(), m.port));
         let mut up = match tokio::time::timeout(svc.spec.proxy.connect_timeout, connect).await {
             Ok(Ok(up)) => up,
@@ -163,9 +169,8 @@ async fn relay_tcp(svc: Arc<Service>, mut client: TcpStream, peer: SocketAddr) {
                 continue;
             }
         };
-        let _ = up.set_nodelay(true);
+        tune(&up);
         let _open = InFlight::start(&m.state);
-        let mut marked = m.state.marked_down.subscribe();
         let started = Instant::now();
         let close_on_down = svc.spec.proxy.close_on_down;
         let (sent, received, how) = tokio::select! {
@@ -189,6 +194,15 @@ async fn relay_tcp(svc: Arc<Service>, mut client: TcpStream, peer: SocketAddr) {
         return;
     }
     warn!(service = %svc.name, client = %peer, tried = tried.len(), "proxy: no backend took the connection; closed");
+}
+
+/// No Nagle delay (requests and answers are relayed as they come), and keepalives so a peer
+/// that vanished without a FIN does not hold its connection forever.
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_mins(1)).with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive);
 }
 
 /// One UDP flow: a client address and the socket connected to its backend.
@@ -244,7 +258,17 @@ pub async fn serve_udp(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(client, Flow { up: up.clone(), last: last.clone() });
-            tokio::spawn(answers(svc, member, client, up.clone(), sock.clone(), last.clone(), flows.clone()));
+            let flow = Answers {
+                svc,
+                member,
+                client,
+                up: up.clone(),
+                sock: sock.clone(),
+                last: last.clone(),
+                flows: flows.clone(),
+                stop: stop.clone(),
+            };
+            tokio::spawn(flow.run());
             (up, last)
         };
         last.store(clock(Instant::now()), Ordering::Relaxed);
@@ -281,9 +305,8 @@ async fn open_flow(svc: &Service) -> Option<(UdpSocket, usize)> {
     None
 }
 
-/// Sends a flow's answers back to its client until it has been idle for the UDP timeout (or
-/// its backend is marked down, with `close_on_down`), then forgets it.
-async fn answers(
+/// A flow's way back: its backend's answers go to its client from the listening socket.
+struct Answers {
     svc: Arc<Service>,
     member: usize,
     client: SocketAddr,
@@ -291,39 +314,61 @@ async fn answers(
     sock: Arc<UdpSocket>,
     last: Arc<AtomicU64>,
     flows: Arc<Mutex<HashMap<SocketAddr, Flow>>>,
-) {
-    let m = &svc.members[member];
-    let _open = InFlight::start(&m.state);
-    let mut marked = m.state.marked_down.subscribe();
-    let mut buf = vec![0u8; DATAGRAM];
-    let timeout = svc.udp_timeout;
-    loop {
-        let idle = Duration::from_nanos(clock(Instant::now()).saturating_sub(last.load(Ordering::Relaxed)));
-        if idle >= timeout {
-            break;
-        }
-        tokio::select! {
-            r = up.recv(&mut buf) => match r {
-                Ok(n) => {
-                    last.store(clock(Instant::now()), Ordering::Relaxed);
-                    let _ = sock.send_to(&buf[..n], client).await;
+    /// The socket's stop: a flow does not keep a stopped socket bound.
+    stop: watch::Receiver<()>,
+}
+
+impl Answers {
+    /// Sends the answers back until the flow has been idle for the UDP timeout, its backend is
+    /// marked down (with `close_on_down`) or the socket stops; then forgets the flow. The
+    /// buffer is taken per datagram, so an idle flow costs its socket and this task only.
+    async fn run(mut self) {
+        let m = &self.svc.members[self.member];
+        let _open = InFlight::start(&m.state);
+        let mut marked = m.state.marked_down.subscribe();
+        let timeout = self.svc.udp_timeout;
+        let close_on_down = self.svc.spec.proxy.close_on_down;
+        loop {
+            let idle =
+                Duration::from_nanos(clock(Instant::now()).saturating_sub(self.last.load(Ordering::Relaxed)));
+            if idle >= timeout {
+                break;
+            }
+            tokio::select! {
+                r = self.up.readable() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    let mut buf = vec![0u8; DATAGRAM];
+                    match self.up.try_recv(&mut buf) {
+                        Ok(n) => {
+                            self.last.store(clock(Instant::now()), Ordering::Relaxed);
+                            let _ = self.sock.send_to(&buf[..n], self.client).await;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // An ICMP error (port unreachable) for an earlier datagram.
+                        Err(e) => debug!(client = %self.client, error = %e, "proxy: UDP from backend"),
+                    }
                 }
-                // An ICMP error (port unreachable) for an earlier datagram.
-                Err(e) => debug!(%client, error = %e, "proxy: UDP from backend"),
-            },
-            () = tokio::time::sleep(timeout.saturating_sub(idle)) => {}
-            _ = marked.changed(), if svc.spec.proxy.close_on_down => break,
+                () = tokio::time::sleep(timeout.saturating_sub(idle)) => {}
+                _ = marked.changed(), if close_on_down => break,
+                _ = self.stop.changed() => break,
+            }
         }
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.client);
     }
-    flows.lock().unwrap_or_else(PoisonError::into_inner).remove(&client);
 }
 
 /// Binds a proxied service's UDP socket (outside any runtime, so a busy port fails the reload
 /// before anything changes).
+/// `SO_REUSEPORT`: a reload that moves the service binds the new socket before the old one
+/// stops.
 pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let s = std::net::UdpSocket::bind(addr)?;
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
-    Ok(s)
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 /// Where a proxied service listens, per protocol.

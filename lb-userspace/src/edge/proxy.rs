@@ -135,14 +135,15 @@ async fn cached(
 ) -> Response<RespBody> {
     let [hits, misses, coalesced] = &svc.traffic.cache;
     let mut waited = false;
+    let hit = |entry: &cache::Entry, waited: bool| {
+        (if waited { coalesced } else { hits }).fetch_add(1, Ordering::Relaxed);
+        from_cache(entry, svc, &conn, &host, &req, started)
+    };
     // A second turn covers a fetch that ended without an answer (its client left, or it
     // failed): one waiter leads the next, the rest wait again.
     for _ in 0..2 {
         match store.get(&key, req.headers(), Instant::now()) {
-            Found::Hit(entry) => {
-                (if waited { coalesced } else { hits }).fetch_add(1, Ordering::Relaxed);
-                return from_cache(&entry, svc, &conn, &host, &req, started);
-            }
+            Found::Hit(entry) => return hit(&entry, waited),
             Found::Pass => break,
             // HEAD answers have no body to keep.
             Found::Miss if req.method() == Method::HEAD => break,
@@ -156,8 +157,14 @@ async fn cached(
             Err(mut done) => {
                 waited = true;
                 let _ = tokio::time::timeout(svc.spec.timeouts.response, done.changed()).await;
+                if *done.borrow() == cache::Outcome::NotKept {
+                    break;
+                }
             }
         }
+    }
+    if waited && let Found::Hit(entry) = store.get(&key, req.headers(), Instant::now()) {
+        return hit(&entry, true);
     }
     misses.fetch_add(1, Ordering::Relaxed);
     forward(svc, conn, host, req, started, max_body, Some(Miss(None))).await
@@ -174,8 +181,12 @@ fn from_cache(
 ) -> Response<RespBody> {
     let log = access_log(req.method(), host, req.uri().path(), conn.client.ip(), started, Some(&svc.traffic));
     let current = cache::not_modified(req.headers(), &entry.headers);
-    let (status, body) =
-        if current { (StatusCode::NOT_MODIFIED, Bytes::new()) } else { (entry.status, entry.body.clone()) };
+    // HEAD: no body (HTTP/2 would send one), the kept Content-Length.
+    let (status, body) = match (current, req.method() == Method::HEAD) {
+        (true, _) => (StatusCode::NOT_MODIFIED, Bytes::new()),
+        (false, true) => (entry.status, Bytes::new()),
+        (false, false) => (entry.status, entry.body.clone()),
+    };
     let mut resp = Response::new(RespBody::full(body, Some(log(status, "cache", 0))));
     *resp.status_mut() = status;
     *resp.headers_mut() = entry.headers.clone();
@@ -189,32 +200,83 @@ fn from_cache(
 }
 
 impl Miss {
-    /// Marks the answer `MISS`, and starts keeping it as it streams when it is the one
-    /// fetch of its key and its status and headers allow; an answer whose headers forbid it
-    /// makes its key skip the cache for a while.
-    fn answered(
+    /// The answer of a request that went upstream, marked `MISS`. When it is the one fetch of
+    /// its key and the status and headers allow keeping it, its body is read whole from the
+    /// backend first (up to `max_object_bytes`), kept, and its waiters woken: they are not
+    /// held by how fast this client reads. A larger body is sent on as it streams, not kept.
+    async fn answer(
         self,
         svc: &ServiceState,
-        status: StatusCode,
-        headers: &mut HeaderMap,
+        mut head: http::response::Parts,
+        body: Incoming,
         req: &HeaderMap,
-    ) -> Option<Box<cache::Fill>> {
-        let fill = match (self.0, svc.spec.cache.as_ref()) {
-            (Some(flight), Some(policy)) => match cache::storable(policy, status, headers, SystemTime::now())
-            {
-                Ok((ttl, vary)) => {
-                    Some(Box::new(cache::Fill::new(flight, status, headers.clone(), req, vary, ttl)))
+        (in_flight, lease): (InFlight, Option<Lease>),
+        log: AccessLog,
+    ) -> Response<RespBody> {
+        let status = head.status;
+        let keep = match (self.0, svc.spec.cache.as_ref()) {
+            (Some(flight), Some(policy)) => {
+                match cache::storable(policy, status, &head.headers, SystemTime::now()) {
+                    _ if content_length(&head.headers).is_some_and(|n| n > flight.max_object() as u64) => {
+                        flight.pass();
+                        None
+                    }
+                    Ok(kept) => Some((flight, kept)),
+                    Err(NotKept::Forbidden) => {
+                        flight.pass();
+                        None
+                    }
+                    Err(NotKept::Status) => {
+                        flight.not_kept();
+                        None
+                    }
                 }
-                Err(NotKept::Forbidden) => {
-                    flight.pass();
-                    None
-                }
-                Err(NotKept::Status) => None,
-            },
+            }
             _ => None,
         };
-        headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
-        fill
+        let Some((flight, (ttl, vary))) = keep else {
+            head.headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
+            return Response::from_parts(head, RespBody::upstream(body, in_flight, lease, log));
+        };
+        let max = flight.max_object();
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        let read = tokio::time::timeout(svc.spec.timeouts.response, async {
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame?.into_data() {
+                    buf.extend_from_slice(&d);
+                    if buf.len() > max {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok::<_, hyper::Error>(true)
+        })
+        .await;
+        // The backend failed mid-body: the connection is not reused, the waiters take their
+        // turn.
+        let Ok(Ok(whole)) = read else {
+            drop(flight);
+            let mut log = log;
+            log.status = StatusCode::BAD_GATEWAY;
+            return local(StatusCode::BAD_GATEWAY, "the backend's answer broke off\n", Some(log));
+        };
+        let mut headers = head.headers.clone();
+        head.headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
+        if !whole {
+            flight.pass();
+            let mut resp = RespBody::upstream(body, in_flight, lease, log);
+            resp.prefix = Some(buf.freeze());
+            return Response::from_parts(head, resp);
+        }
+        if let Some(lease) = lease {
+            lease.release();
+        }
+        drop(in_flight);
+        let body = buf.freeze();
+        headers.remove(X_CACHE);
+        flight.keep(req, &vary, ttl, &cache::Answer { status, headers, body: body.clone() });
+        Response::from_parts(head, RespBody::full(body, Some(log)))
     }
 }
 
@@ -386,10 +448,11 @@ async fn forward(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 clean_response_headers(&mut rparts.headers);
-                let mut body = RespBody::upstream(rbody, in_flight, lease, log(status, &b.identity, n));
-                body.fill =
-                    miss.take().and_then(|m| m.answered(svc, status, &mut rparts.headers, &parts.headers));
-                return Response::from_parts(rparts, body);
+                let log = log(status, &b.identity, n);
+                if let Some(miss) = miss.take() {
+                    return miss.answer(svc, rparts, rbody, &parts.headers, (in_flight, lease), log).await;
+                }
+                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, lease, log));
             }
             Ok(Err(e)) => {
                 svc.failed(i, Instant::now());
@@ -719,8 +782,8 @@ pub struct RespBody {
     bytes: u64,
     done: bool,
     finish: Option<Box<Finish>>,
-    /// Collects the body for the edge cache.
-    fill: Option<Box<cache::Fill>>,
+    /// Sent before `inner`: the part of a body read while deciding whether to keep it.
+    prefix: Option<Bytes>,
 }
 
 struct Finish {
@@ -738,7 +801,7 @@ impl RespBody {
             inner: Frames::Full(Some(b)),
             bytes: 0,
             done: false,
-            fill: None,
+            prefix: None,
             finish: Some(Box::new(Finish { _in_flight: None, lease: None, log, on_done: None })),
         }
     }
@@ -748,7 +811,7 @@ impl RespBody {
             inner: Frames::Stream(b),
             bytes: 0,
             done: false,
-            fill: None,
+            prefix: None,
             finish: Some(Box::new(Finish {
                 _in_flight: Some(in_flight),
                 lease,
@@ -773,22 +836,10 @@ impl RespBody {
     }
 }
 
-impl RespBody {
-    /// The body is whole: the cache keeps it.
-    fn fill_done(&mut self) {
-        if let Some(fill) = self.fill.take() {
-            fill.finish();
-        }
-    }
-}
-
 impl Drop for RespBody {
     fn drop(&mut self) {
         // hyper stops polling once a body says it has ended.
-        self.done |= self.inner.is_end_stream();
-        if self.done {
-            self.fill_done();
-        }
+        self.done |= self.is_end_stream();
         if let Some(mut fin) = self.finish.take() {
             // A body not read to its end leaves its connection mid-response: closed, not reused.
             if self.done
@@ -815,38 +866,40 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(p) = this.prefix.take() {
+            this.bytes += p.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.bytes += d.len() as u64;
-                    if let Some(fill) = &mut this.fill
-                        && !fill.push(d)
-                        && let Some(fill) = this.fill.take()
-                    {
-                        fill.too_large();
-                    }
-                }
-                if this.inner.is_end_stream() {
-                    this.fill_done();
                 }
             }
-            Poll::Ready(None) => {
-                this.done = true;
-                this.fill_done();
-            }
-            Poll::Ready(Some(Err(_))) => this.fill = None,
-            Poll::Pending => {}
+            Poll::Ready(None) => this.done = true,
+            _ => {}
         }
         r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.prefix {
+            None => self.inner.size_hint(),
+            Some(p) => {
+                let rest = self.inner.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(rest.lower() + p.len() as u64);
+                if let Some(u) = rest.upper() {
+                    h.set_upper(u + p.len() as u64);
+                }
+                h
+            }
+        }
     }
 }
 
