@@ -347,6 +347,11 @@ impl Edge {
         Ok(started)
     }
 
+    /// A backend's state as the last registry left it (health, counts, circuit), or a new one.
+    fn backend_state(&self, key: &(String, String)) -> Arc<BackendState> {
+        self.backends.get(key).cloned().unwrap_or_else(|| Arc::new(BackendState::new(&key.0, &key.1)))
+    }
+
     fn build(
         &mut self,
         reg: &Registry,
@@ -370,11 +375,7 @@ impl Edge {
             let members: Vec<Member> = with_roles(&spec.backends, &spec.fallback)
                 .map(|(b, role)| {
                     let key = (name.clone(), b.identity());
-                    let state = self
-                        .backends
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(BackendState::new(name, &key.1)));
+                    let state = self.backend_state(&key);
                     let pool = match self.pools.get(&key) {
                         Some(p) if Arc::ptr_eq(p.settings(), &settings) => p.clone(),
                         _ => Arc::new(pool::BackendPool::new(&key.1, settings.clone())),
@@ -396,11 +397,7 @@ impl Edge {
                 .all_backends()
                 .map(|(b, _)| {
                     let key = (name.clone(), b.identity());
-                    let state = self
-                        .backends
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(BackendState::new(name, &key.1)));
+                    let state = self.backend_state(&key);
                     backends.insert(key, state.clone());
                     state
                 })
