@@ -126,7 +126,18 @@ pub(super) fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-pub(super) fn backend_nginx(dir: &Path) -> String {
+/// The nginx every proxy in a benchmark forwards to, in the first backend's namespace, once
+/// it listens.
+pub(super) fn start_backend(topo: &DsrTopology, dir: &TempDir) -> Result<Proc> {
+    let d = dir.path();
+    let conf = dir.write("backend.conf", &backend_nginx(d));
+    let backend =
+        spawn(topo.backends[0].ns.command("nginx").arg("-c").arg(conf), "nginx", &d.join("backend.log"))?;
+    wait_listening(&topo.client.ns, SocketAddr::from((backend_ip(0), BACKEND_PORT)))?;
+    Ok(backend)
+}
+
+fn backend_nginx(dir: &Path) -> String {
     format!(
         "daemon off;
 worker_processes 1;
@@ -393,12 +404,7 @@ pub fn run(opts: Options) -> Result<Report> {
     let backend = backend_ip(0).to_string();
     let client = &topo.client.ns;
 
-    let _backend = spawn(
-        topo.backends[0].ns.command("nginx").arg("-c").arg(dir.write("backend.conf", &backend_nginx(d))),
-        "nginx",
-        &d.join("backend.log"),
-    )?;
-    wait_listening(client, SocketAddr::from((backend_ip(0), BACKEND_PORT)))?;
+    let _backend = start_backend(&topo, &dir)?;
     let nginx = spawn(
         topo.lb.ns.command("nginx").arg("-c").arg(dir.write("proxy.conf", &proxy_nginx(d, &lb_ip, &backend))),
         "nginx",

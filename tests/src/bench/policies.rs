@@ -16,7 +16,7 @@ use serde::Serialize;
 /// The HTTP benchmark's: seconds per measurement, rounds, client connections.
 pub use super::http::Options;
 use super::{
-    http::{BACKEND_PORT, backend_nginx, cpu_seconds, load, spawn, wait_listening},
+    http::{BACKEND_PORT, cpu_seconds, load, start_backend, wait_listening},
     median, round, table,
 };
 use crate::{
@@ -89,12 +89,7 @@ pub fn run(opts: Options) -> Result<Report> {
     let d = dir.path();
     let backend = backend_ip(0).to_string();
     let client = &topo.client.ns;
-    let _backend = spawn(
-        topo.backends[0].ns.command("nginx").arg("-c").arg(dir.write("backend.conf", &backend_nginx(d))),
-        "nginx",
-        &d.join("backend.log"),
-    )?;
-    wait_listening(client, SocketAddr::from((backend_ip(0), BACKEND_PORT)))?;
+    let _backend = start_backend(&topo, &dir)?;
     let reg = dir.write("services.yaml", &registry(&backend, false));
     let lbd = Lbd::start_env(
         &topo.lb.ns,
