@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    http::get,
+    http::{Client, get},
     lbd::{Lbd, TempDir, backend_status, wait_status},
     netns::NetNs,
     pki::Pki,
@@ -222,12 +222,16 @@ fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_request
     }
 
     // idle_timeout 300 ms: a connection idle past it is closed and the next request opens
-    // another; within it, the connection is reused.
-    let (_, first) = ask("idle.example");
-    let (_, again) = ask("idle.example");
+    // another; within it, the connection is reused. One client connection, so one edge
+    // thread and its pool.
+    let (first, again, later) = topo.client.ns.run(|| {
+        let mut c = Client::connect(edge).expect("connect");
+        let mut one = || c.request("GET", "idle.example", "/", "", "").expect("answer").body;
+        let (first, again) = (one(), one());
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        (first, again, one())
+    });
     assert_eq!(field(&first, "conn"), field(&again, "conn"), "reused within the idle timeout");
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    let (_, later) = ask("idle.example");
     assert_ne!(field(&again, "conn"), field(&later, "conn"), "closed after the idle timeout");
 
     // PROXY protocol v2: the backend sees the client's address, not the lb's.

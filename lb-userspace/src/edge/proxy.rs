@@ -20,7 +20,8 @@ use super::{
     Snapshot,
     balance::hash_bytes,
     cache::{self, Found, NotKept},
-    pool::{Lease, SendError},
+    h1,
+    pool::{Home, Outgoing, SendError, UpBody},
     routes::request_host,
     upstream::{InFlight, Pick, ServiceState},
 };
@@ -208,9 +209,9 @@ impl Miss {
         self,
         svc: &ServiceState,
         mut head: http::response::Parts,
-        body: Incoming,
+        body: UpBody,
         req: &HeaderMap,
-        (in_flight, lease): (InFlight, Option<Lease>),
+        in_flight: InFlight,
         log: AccessLog,
     ) -> Response<RespBody> {
         let status = head.status;
@@ -236,7 +237,7 @@ impl Miss {
         };
         let Some((flight, (ttl, vary))) = keep else {
             head.headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
-            return Response::from_parts(head, RespBody::upstream(body, in_flight, lease, log));
+            return Response::from_parts(head, RespBody::upstream(body, in_flight, log));
         };
         let max = flight.max_object();
         let mut body = body;
@@ -250,7 +251,7 @@ impl Miss {
                     }
                 }
             }
-            Ok::<_, hyper::Error>(true)
+            Ok::<_, BoxError>(true)
         })
         .await;
         // The backend failed mid-body: the connection is not reused, the waiters take their
@@ -265,13 +266,11 @@ impl Miss {
         head.headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
         if !whole {
             flight.pass();
-            let mut resp = RespBody::upstream(body, in_flight, lease, log);
+            let mut resp = RespBody::upstream(body, in_flight, log);
             resp.prefix = Some(buf.freeze());
             return Response::from_parts(head, resp);
         }
-        if let Some(lease) = lease {
-            lease.release();
-        }
+        // Read whole: its connection went back to the pool at the last byte.
         drop(in_flight);
         let body = buf.freeze();
         headers.remove(X_CACHE);
@@ -388,7 +387,8 @@ async fn forward(
     let may_retry = replay.is_some() && (spec.retry.non_idempotent || idempotent(&parts.method));
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
     upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
-    let path_and_query = parts.uri.path_and_query().cloned();
+    let target = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+    let out = Outgoing { method: &parts.method, target, headers: &parts.headers };
 
     let deadline = started + spec.retry.within;
     let tries_allowed = (spec.retry.tries as usize).clamp(1, MAX_TRIES);
@@ -416,23 +416,29 @@ async fn forward(
             }
             (None, None) => break, // a streamed body went to an earlier attempt
         };
-        let up = upstream_request(&parts, path_and_query.as_ref(), body);
         let in_flight = InFlight::start(b);
         let attempt = Instant::now();
-        let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(up, &conn)).await;
-        let answered = result.as_ref().ok().and_then(|r| r.as_ref().ok()).map(|(resp, _)| resp.status());
+        let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
+        let answered = result.as_ref().ok().and_then(|r| r.as_ref().ok()).map(Response::status);
         svc.outcome(i, pass, answered, attempt.elapsed());
         let last_try = n == tries_allowed || !may_retry;
         match result {
-            Ok(Ok((mut resp, lease))) => {
+            Ok(Ok(resp)) => {
                 b.observe(attempt.elapsed());
                 let status = resp.status();
                 if status == StatusCode::SWITCHING_PROTOCOLS
                     && let Some((_, client_side)) = upgrade.take()
                 {
-                    let backend_side = hyper::upgrade::on(&mut resp);
                     let log = log(status, &b.identity, n);
-                    return tunnel(resp, client_side, backend_side, (in_flight, lease), log);
+                    let (head, body) = resp.into_parts();
+                    let Some(backend_side) = body.upgraded() else {
+                        return local(
+                            StatusCode::BAD_GATEWAY,
+                            "the backend cannot switch protocols\n",
+                            Some(log),
+                        );
+                    };
+                    return tunnel(head, client_side, backend_side, in_flight, log);
                 }
                 let retryable = spec.retry.statuses.contains(&status.as_u16());
                 if retryable {
@@ -450,9 +456,9 @@ async fn forward(
                 clean_response_headers(&mut rparts.headers);
                 let log = log(status, &b.identity, n);
                 if let Some(miss) = miss.take() {
-                    return miss.answer(svc, rparts, rbody, &parts.headers, (in_flight, lease), log).await;
+                    return miss.answer(svc, rparts, rbody, &parts.headers, in_flight, log).await;
                 }
-                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, lease, log));
+                return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, log));
             }
             Ok(Err(e)) => {
                 svc.failed(i, Instant::now());
@@ -505,13 +511,12 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// Answers 101 and joins the client's and the backend's upgraded connections, bytes both ways,
 /// until either side closes.
 fn tunnel(
-    resp: Response<Incoming>,
+    mut parts: http::response::Parts,
     client_side: hyper::upgrade::OnUpgrade,
-    backend_side: hyper::upgrade::OnUpgrade,
-    held: (InFlight, Option<Lease>),
+    (backend, home): (h1::Conn, Home),
+    in_flight: InFlight,
     log: AccessLog,
 ) -> Response<RespBody> {
-    let (mut parts, _) = resp.into_parts();
     let proto = parts.headers.get(header::UPGRADE).cloned();
     clean_response_headers(&mut parts.headers);
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -519,11 +524,17 @@ fn tunnel(
         parts.headers.insert(header::UPGRADE, p);
     }
     tokio::spawn(async move {
-        // Counted in flight (least-conn) while the tunnel is open; its connection is not reused.
-        let _held = held;
-        match tokio::try_join!(client_side, backend_side) {
-            Ok((c, b)) => {
-                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+        // Counted in flight (least-conn) and under `max_connections` while the tunnel is
+        // open; its connection is not reused.
+        let _held = (in_flight, home);
+        match client_side.await {
+            Ok(c) => {
+                let mut c = TokioIo::new(c);
+                let (mut b, early) = backend.into_parts();
+                // What the backend sent right after its 101 answer.
+                if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut c, &early).await.is_err() {
+                    return;
+                }
                 let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
@@ -582,18 +593,6 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// The request one attempt sends: origin-form URI, the cleaned headers (Host included).
-fn upstream_request(
-    parts: &http::request::Parts,
-    pq: Option<&http::uri::PathAndQuery>,
-    body: ReqBody,
-) -> Request<ReqBody> {
-    let mut up = Request::new(body);
-    *up.method_mut() = parts.method.clone();
-    *up.uri_mut() = pq.map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-    *up.headers_mut() = parts.headers.clone();
-    up
-}
-
 /// The consistent-hash key of a request: `None` when the service does not hash, or the
 /// request lacks the header or cookie (it is then balanced round robin, not all to one
 /// backend).
@@ -778,7 +777,7 @@ impl AccessLog {
 
 /// The response body sent to the client: the backend's, or one the edge made.
 pub struct RespBody {
-    inner: Frames<Incoming>,
+    inner: Frames<UpBody>,
     bytes: u64,
     done: bool,
     finish: Option<Box<Finish>>,
@@ -788,8 +787,6 @@ pub struct RespBody {
 
 struct Finish {
     _in_flight: Option<InFlight>,
-    /// The backend connection, back to its pool if the body ends cleanly.
-    lease: Option<Lease>,
     log: Option<AccessLog>,
     /// Ends the connection's request when the body is done (idle tracking).
     on_done: Option<Box<dyn FnOnce() + Send + Sync>>,
@@ -802,22 +799,17 @@ impl RespBody {
             bytes: 0,
             done: false,
             prefix: None,
-            finish: Some(Box::new(Finish { _in_flight: None, lease: None, log, on_done: None })),
+            finish: Some(Box::new(Finish { _in_flight: None, log, on_done: None })),
         }
     }
 
-    fn upstream(b: Incoming, in_flight: InFlight, lease: Option<Lease>, log: AccessLog) -> Self {
+    fn upstream(b: UpBody, in_flight: InFlight, log: AccessLog) -> Self {
         Self {
             inner: Frames::Stream(b),
             bytes: 0,
             done: false,
             prefix: None,
-            finish: Some(Box::new(Finish {
-                _in_flight: Some(in_flight),
-                lease,
-                log: Some(log),
-                on_done: None,
-            })),
+            finish: Some(Box::new(Finish { _in_flight: Some(in_flight), log: Some(log), on_done: None })),
         }
     }
 
@@ -826,12 +818,7 @@ impl RespBody {
         if let Some(fin) = &mut self.finish {
             fin.on_done = Some(Box::new(f));
         } else {
-            self.finish = Some(Box::new(Finish {
-                _in_flight: None,
-                lease: None,
-                log: None,
-                on_done: Some(Box::new(f)),
-            }));
+            self.finish = Some(Box::new(Finish { _in_flight: None, log: None, on_done: Some(Box::new(f)) }));
         }
     }
 }
@@ -840,13 +827,7 @@ impl Drop for RespBody {
     fn drop(&mut self) {
         // hyper stops polling once a body says it has ended.
         self.done |= self.is_end_stream();
-        if let Some(mut fin) = self.finish.take() {
-            // A body not read to its end leaves its connection mid-response: closed, not reused.
-            if self.done
-                && let Some(lease) = fin.lease.take()
-            {
-                lease.release();
-            }
+        if let Some(fin) = self.finish.take() {
             if let Some(log) = &fin.log {
                 log.write(self.bytes, self.done);
             }

@@ -41,12 +41,20 @@ pub struct Options {
     pub rounds: usize,
     /// Client connections.
     pub connections: u32,
+    /// Only this protocol (`http`, `https` or `h2`); all when `None`. For profiling one path.
+    pub protocol: Option<&'static str>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { seconds: 5, rounds: 3, connections: 32 }
+        Self { seconds: 5, rounds: 3, connections: 32, protocol: None }
     }
+}
+
+/// The protocol named `name`, as `Options::protocol` takes it.
+#[must_use]
+pub fn protocol(name: &str) -> Option<&'static str> {
+    PROTOCOLS.into_iter().find(|p| *p == name)
 }
 
 pub(super) const BACKEND_PORT: u16 = 8080;
@@ -391,6 +399,10 @@ pub(super) fn load(
     parse_wrk(&text).with_context(|| format!("wrk output:\n{text}"))
 }
 
+fn protocols(opts: Options) -> impl Iterator<Item = &'static str> {
+    PROTOCOLS.into_iter().filter(move |p| opts.protocol.is_none_or(|o| o == *p))
+}
+
 /// Runs the benchmark; prints the table and returns the report.
 #[expect(clippy::too_many_lines, reason = "one linear script: topology, servers, rounds, report")]
 pub fn run(opts: Options) -> Result<Report> {
@@ -452,7 +464,7 @@ pub fn run(opts: Options) -> Result<Report> {
     let mut figures: BTreeMap<String, BTreeMap<String, Figure>> = BTreeMap::new();
     for round_no in 0..opts.rounds {
         eprintln!("http bench: round {}/{}", round_no + 1, opts.rounds);
-        for protocol in PROTOCOLS {
+        for protocol in protocols(opts) {
             for (name, plain, tls) in PROXIES {
                 let port = if protocol == "http" { plain } else { tls };
                 let cpu0 = cpu_seconds(pid(name));
@@ -479,7 +491,7 @@ pub fn run(opts: Options) -> Result<Report> {
     }
     let mut lb_ratios = BTreeMap::new();
     let mut rows = Vec::new();
-    for protocol in PROTOCOLS {
+    for protocol in protocols(opts) {
         let get = |p: &str| figures[p][protocol].clone();
         let (lb, ha, ng) = (get("lb"), get("haproxy"), get("nginx"));
         let ratios = Ratios {

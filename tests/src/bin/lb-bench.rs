@@ -60,6 +60,9 @@ enum Which {
         /// Client connections.
         #[arg(long, default_value_t = bench::http::Options::default().connections)]
         connections: u32,
+        /// Only this protocol: http, https or h2 (all when absent).
+        #[arg(long, value_parser = |s: &str| bench::http::protocol(s).ok_or("http, https or h2"))]
+        protocol: Option<&'static str>,
     },
     /// Requests/s with rate limits, circuit breaker and ACLs on (refusing nothing) against none.
     Policies {
@@ -108,12 +111,17 @@ fn run(args: &Args) -> Result<()> {
             let report = bench::l4::run(bench::l4::Options { seconds, rounds, threads })?;
             bench::write_json(&out("l4"), &report)
         }
-        Which::Http { seconds, rounds, connections } => {
-            let report = bench::http::run(bench::http::Options { seconds, rounds, connections })?;
+        Which::Http { seconds, rounds, connections, protocol } => {
+            let report = bench::http::run(bench::http::Options { seconds, rounds, connections, protocol })?;
             bench::write_json(&out("http"), &report)
         }
         Which::Policies { seconds, rounds, connections } => {
-            let report = bench::policies::run(bench::policies::Options { seconds, rounds, connections })?;
+            let report = bench::policies::run(bench::policies::Options {
+                seconds,
+                rounds,
+                connections,
+                protocol: None,
+            })?;
             bench::write_json(&out("policies"), &report)
         }
         Which::Control { services, cpu_seconds, reload_rounds } => {

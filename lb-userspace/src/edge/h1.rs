@@ -1,0 +1,738 @@
+//! HTTP/1.1 to backends, driven by the request's own task: the request head and body are
+//! written straight to the backend's socket and the response read back from it, with no
+//! connection task, channel or wake-up between them (hyper's client conn spends three task
+//! polls and two channels on each request). The response body reads the same socket as the
+//! client takes it, and gives the connection back to its pool at its last byte.
+//!
+//! Parsing is httparse's (hyper's own parser); framing follows RFC 9112 section 6.3.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, Waker, ready},
+};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::TcpStream,
+};
+
+use super::proxy::{BoxError, ReqBody};
+
+/// Largest response head read (as the edge's own request header limit).
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line or trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+const READ_MIN: usize = 16 * 1024;
+const READ_MAX: usize = 256 * 1024;
+/// Bodies up to this size go out in one write with their head.
+const COALESCE: usize = 16 * 1024;
+
+/// A backend connection: plain TCP or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend closed (or reset) the connection before a byte of the response; on a
+    /// reused connection, most likely before it read the request.
+    #[error("connection closed before the response")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("request body: {0}")]
+    Body(BoxError),
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+/// One connection's socket and the bytes read from it but not yet used.
+pub struct Conn {
+    io: Stream,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+/// A response head and how its body is framed.
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    framing: Framing,
+    /// The connection may carry another request once the body is read.
+    reusable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes.
+    Close,
+}
+
+impl Conn {
+    #[must_use]
+    pub fn new(io: Stream) -> Self {
+        Self { io, buf: BytesMut::new(), read_size: READ_MIN }
+    }
+
+    /// True when an idle connection is still open with nothing unasked for to read: the
+    /// backend has not closed it. Never waits.
+    pub fn is_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut byte);
+        matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut rb), Poll::Pending)
+    }
+
+    /// Writes a request: `close` asks the backend to close the connection after answering.
+    /// Nothing is written on error only when the error says so (`Closed` before any byte).
+    pub async fn write_request(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        close: bool,
+        body: ReqBody,
+    ) -> Result<(), Error> {
+        let mut out = Vec::with_capacity(256 + headers.len() * 32);
+        encode_head(&mut out, method, target, headers, close, &body);
+        match body {
+            super::proxy::Frames::Full(b) => {
+                let b = b.unwrap_or_default();
+                if b.len() <= COALESCE {
+                    out.extend_from_slice(&b);
+                    self.io.write_all(&out).await?;
+                } else {
+                    self.io.write_all(&out).await?;
+                    self.io.write_all(&b).await?;
+                }
+            }
+            super::proxy::Frames::Stream(mut s) => {
+                let chunked = s.size_hint().exact().is_none();
+                self.io.write_all(&out).await?;
+                while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut s).poll_frame(cx)).await {
+                    let frame = frame.map_err(Error::Body)?;
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if chunked {
+                        out.clear();
+                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                        self.io.write_all(&out).await?;
+                    } else {
+                        self.io.write_all(&data).await?;
+                    }
+                }
+                if chunked {
+                    self.io.write_all(b"0\r\n\r\n").await?;
+                }
+            }
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the response head; informational answers (100 Continue, 103) are skipped, 101
+    /// is returned (the connection is then the caller's to tunnel).
+    pub async fn read_head(&mut self, method: &Method) -> Result<Head, Error> {
+        let mut answered = false;
+        loop {
+            if !self.buf.is_empty() {
+                answered = true;
+                if let Some(head) = parse_head(&mut self.buf, method)? {
+                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                        continue;
+                    }
+                    return Ok(head);
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(Error::Invalid("response head too large"));
+                }
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) if !answered => return Err(Error::Closed),
+                Ok(0) => return Err(Error::Invalid("connection closed in the response head")),
+                Ok(_) => {}
+                Err(e) if !answered && is_reset(&e) => return Err(Error::Closed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads more into `buf`; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_MIN / 4 {
+            self.buf.reserve(self.read_size);
+        }
+        let spare = self.buf.spare_capacity_mut();
+        let room = spare.len();
+        let mut rb = ReadBuf::uninit(spare);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        // SAFETY: the reader initialised the first `n` bytes of the spare capacity.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        // A read that fills the buffer asks for a larger one next (bulk bodies).
+        if n == room {
+            self.read_size = (self.read_size * 2).min(READ_MAX);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// The socket and what was read past the 101 answer, for a tunnel.
+    #[must_use]
+    pub fn into_parts(self) -> (Stream, Bytes) {
+        (self.io, self.buf.freeze())
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Methods whose empty body is still announced (`Content-Length: 0`), as clients do.
+fn announces_empty_body(m: &Method) -> bool {
+    !matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE | Method::CONNECT
+    )
+}
+
+fn encode_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    close: bool,
+    body: &ReqBody,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        // Framing is this hop's, written below from the body actually sent.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let length = match body {
+        super::proxy::Frames::Full(b) => Some(b.as_ref().map_or(0, Bytes::len) as u64),
+        super::proxy::Frames::Stream(s) => s.size_hint().exact(),
+    };
+    match length {
+        Some(0) if !announces_empty_body(method) && !headers.contains_key(header::CONTENT_LENGTH) => {}
+        Some(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_u64(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if close && !headers.contains_key(header::CONNECTION) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// Parses a complete head off the front of `buf`; `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut slots);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => return Err(Error::Invalid("response head too large")),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many response headers")),
+        Err(_) => return Err(Error::Invalid("malformed response head")),
+    };
+    let status =
+        r.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("bad status code"))?;
+    let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // Where each name and value sits in the head, so values can share its bytes.
+    let base = buf.as_ptr() as usize;
+    let mut spans = Vec::with_capacity(r.headers.len());
+    for h in r.headers.iter() {
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Error::Invalid("bad header name"))?;
+        let at = h.value.as_ptr() as usize - base;
+        spans.push((name, at, at + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, from, to) in spans {
+        let v = HeaderValue::from_maybe_shared(head.slice(from..to))
+            .map_err(|_| Error::Invalid("bad header value"))?;
+        headers.append(name, v);
+    }
+    let framing = framing(method, status, &headers)?;
+    if framing == Framing::Chunked {
+        // Transfer-Encoding wins over a Content-Length beside it (RFC 9112 6.3), which must
+        // not reach the client with a body of another length.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let reusable = framing != Framing::Close && keeps_alive(version, &headers);
+    Ok(Some(Head { status, version, headers, framing, reusable }))
+}
+
+/// How the body after a response head ends (RFC 9112 6.3).
+fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing, Error> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if let Some(last) = h.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+        let chunked = last
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        return Ok(if chunked { Framing::Chunked } else { Framing::Close });
+    }
+    let mut length = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| Error::Invalid("bad content-length"))?.split(',') {
+            let n: u64 = part.trim().parse().map_err(|_| Error::Invalid("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+fn keeps_alive(version: Version, h: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if has("close") {
+        return false;
+    }
+    version == Version::HTTP_11 || has("keep-alive")
+}
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+enum Decoded {
+    Data(Bytes),
+    More,
+    End,
+}
+
+/// Decodes what `buf` holds of a chunked body.
+fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Error> {
+    loop {
+        match *state {
+            Chunk::Size => {
+                let Some(end) = find_crlf(buf) else {
+                    return if buf.len() > MAX_CHUNK_LINE {
+                        Err(Error::Invalid("chunk size line too long"))
+                    } else {
+                        Ok(Decoded::More)
+                    };
+                };
+                let line = &buf[..end];
+                let digits = line.split(|b| *b == b';').next().unwrap_or_default();
+                let digits =
+                    std::str::from_utf8(digits).map_err(|_| Error::Invalid("bad chunk size"))?.trim();
+                if digits.is_empty() || digits.len() > 15 {
+                    return Err(Error::Invalid("bad chunk size"));
+                }
+                let size = u64::from_str_radix(digits, 16).map_err(|_| Error::Invalid("bad chunk size"))?;
+                buf.advance(end + 2);
+                *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::More);
+                }
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let left = left - take as u64;
+                *state = if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) };
+                return Ok(Decoded::Data(buf.split_to(take).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::More);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(Error::Invalid("chunk without its CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                // Trailer fields are dropped; the section ends with an empty line.
+                let Some(end) = find_crlf(buf) else {
+                    return if buf.len() > MAX_CHUNK_LINE {
+                        Err(Error::Invalid("trailer line too long"))
+                    } else {
+                        Ok(Decoded::More)
+                    };
+                };
+                buf.advance(end + 2);
+                if end == 0 {
+                    return Ok(Decoded::End);
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Where a connection goes when its response was read whole (its pool, or closed).
+pub trait Return {
+    fn give_back(self, conn: Conn, reusable: bool);
+}
+
+/// A response body read from the backend's socket as the client takes it.
+pub struct ResponseBody<R: Return> {
+    conn: Option<Conn>,
+    framing: Framing,
+    left: u64,
+    chunk: Chunk,
+    reusable: bool,
+    done: bool,
+    home: Option<R>,
+}
+
+impl<R: Return> ResponseBody<R> {
+    pub fn new(conn: Conn, head: &Head, home: R) -> Self {
+        let left = match head.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut b = Self {
+            conn: Some(conn),
+            framing: head.framing,
+            left,
+            chunk: Chunk::Size,
+            reusable: head.reusable,
+            done: false,
+            home: Some(home),
+        };
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            // No body: the connection now carries another protocol, for `upgraded`.
+            b.done = true;
+        } else if head.framing == Framing::Empty {
+            b.finish();
+        }
+        b
+    }
+
+    /// The connection of a 101 answer and where it would have gone, for a tunnel.
+    pub fn upgraded(mut self) -> Option<(Conn, R)> {
+        Some((self.conn.take()?, self.home.take()?))
+    }
+
+    /// The body was read whole: the connection goes home.
+    fn finish(&mut self) {
+        self.done = true;
+        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) {
+            // Bytes past the response (a misbehaving backend) make it unusable.
+            let reusable = self.reusable && conn.buf.is_empty();
+            home.give_back(conn, reusable);
+        }
+    }
+}
+
+/// What one step of reading a body gave.
+enum Step {
+    Data(Bytes),
+    /// The body's last bytes.
+    Last(Bytes),
+    End,
+    Fill,
+}
+
+impl<R: Return + Unpin> Body for ResponseBody<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            let step = match this.framing {
+                Framing::Empty => Step::End,
+                Framing::Length(_) if this.left == 0 => Step::End,
+                Framing::Length(_) | Framing::Close if conn.buf.is_empty() => Step::Fill,
+                Framing::Length(_) => {
+                    let take = usize::try_from(this.left).unwrap_or(usize::MAX).min(conn.buf.len());
+                    this.left -= take as u64;
+                    let d = conn.buf.split_to(take).freeze();
+                    if this.left == 0 { Step::Last(d) } else { Step::Data(d) }
+                }
+                Framing::Chunked => match decode_chunked(&mut this.chunk, &mut conn.buf) {
+                    Ok(Decoded::Data(d)) => Step::Data(d),
+                    Ok(Decoded::More) => Step::Fill,
+                    Ok(Decoded::End) => Step::End,
+                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                },
+                Framing::Close => Step::Data(conn.buf.split().freeze()),
+            };
+            match step {
+                Step::Data(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Step::Last(d) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Step::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Step::Fill => match ready!(conn.poll_fill(cx)) {
+                    Ok(0) if this.framing == Framing::Close => {
+                        this.reusable = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => {
+                        return Poll::Ready(Some(Err("the backend closed the connection mid-body".into())));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            _ if self.done => SizeHint::with_exact(0),
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(_) => SizeHint::with_exact(self.left),
+            Framing::Chunked | Framing::Close => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, method: &Method) -> Result<Option<Head>, Error> {
+        parse_head(&mut BytesMut::from(text), method)
+    }
+
+    #[test]
+    fn response_heads_are_framed_as_rfc_9112_says() {
+        let get = &Method::GET;
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nok\n", get).unwrap().unwrap();
+        assert_eq!((h.status, h.framing, h.reusable), (StatusCode::OK, Framing::Length(3), true));
+        assert_eq!(h.headers["x-a"], "b");
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n", get);
+        let h = h.unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "TE wins, CL dropped");
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", get).unwrap().unwrap();
+        assert_eq!((h.framing, h.reusable), (Framing::Close, false));
+        let h = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", get).unwrap().unwrap();
+        assert!(!h.reusable, "HTTP/1.0 without keep-alive closes");
+        let h = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: keep-alive\r\n\r\n", get)
+            .unwrap()
+            .unwrap();
+        assert!(h.reusable);
+        let h =
+            head("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n", get).unwrap().unwrap();
+        assert!(!h.reusable);
+        let h = head("HTTP/1.1 200 OK\r\n\r\n", get).unwrap().unwrap();
+        assert_eq!((h.framing, h.reusable), (Framing::Close, false));
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Empty, "no body after HEAD");
+        let h = head("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", get).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\n", get).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Length(4));
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", get).is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", get).is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", get).unwrap().is_none(), "partial");
+        assert!(head("HTTP/1.1 2000 OK\r\n\r\n", get).is_err());
+        assert!(head("garbage\r\n\r\n", get).is_err());
+        let many = "x-n: v\r\n".repeat(200);
+        assert!(head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), get).is_err());
+        let long = "x".repeat(MAX_HEAD);
+        assert!(head(&format!("HTTP/1.1 200 OK\r\nx-long: {long}\r\n\r\n"), get).is_err(), "head too large");
+    }
+
+    #[test]
+    fn header_values_share_the_read_buffer_and_the_rest_stays() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(&buf[..], b"hi");
+        assert_eq!(h.headers[header::CONTENT_LENGTH], "2");
+    }
+
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, bool, BytesMut), Error> {
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(split) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decode_chunked(&mut state, &mut buf)? {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::More => break,
+                    Decoded::End => return Ok((out, true, buf)),
+                }
+            }
+        }
+        Ok((out, false, buf))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_sizes() {
+        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for split in [1, 2, 3, 7, body.len()] {
+            let (out, end, rest) = decode_all(body, split).unwrap();
+            assert_eq!(out, b"Wikipedia in\r\n\r\nchunks.", "split {split}");
+            assert!(end);
+            // What follows the body is left for the next response (and makes the connection
+            // unusable if unasked for).
+            assert!(split < body.len() || &rest[..] == b"NEXT");
+        }
+        assert!(decode_all(b"zz\r\n", 4).is_err());
+        assert!(decode_all(b"2\r\nabXX", 8).is_err(), "data must end with CRLF");
+        assert!(decode_all(b"fffffffffffffffff\r\n", 32).is_err(), "size overflow");
+        assert!(decode_all(&[b'1'; 5000], 5000).is_err(), "endless size line");
+        let (out, end, _) = decode_all(b"3\r\nab", 16).unwrap();
+        assert_eq!((out.as_slice(), end), (&b"ab"[..], false));
+    }
+
+    #[test]
+    fn request_heads_carry_this_hops_framing() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        let mut out = Vec::new();
+        let body = super::super::proxy::Frames::Full(Some(Bytes::from_static(b"abc")));
+        encode_head(&mut out, &Method::POST, "/x?y=1", &h, true, &body);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "POST /x?y=1 HTTP/1.1\r\nhost: a.example\r\ncontent-length: 3\r\nconnection: close\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            &Method::GET,
+            "",
+            &HeaderMap::new(),
+            false,
+            &super::super::proxy::Frames::Full(None),
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            false,
+            &super::super::proxy::Frames::Full(None),
+        );
+        assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), u64::MAX.to_string().as_bytes());
+    }
+}

@@ -1,0 +1,303 @@
+//! The edge's own HTTP/1.1 client against a scripted backend that answers in every framing a
+//! backend may use: chunked (in pieces, with trailers, beside a Content-Length), up to its
+//! close, after a 100 Continue, long bodies in many reads; and answers it must refuse with a
+//! 502 (malformed, conflicting lengths, heads too large). Connections are reused where the
+//! backend keeps them, a pooled connection the backend closed costs no request, and a chunked
+//! upload too long to replay is streamed through whole. curl is the client.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_tests::{
+    lbd::{Lbd, TempDir},
+    netns::NetNs,
+    privileged,
+    topology::{DsrTopology, backend_ip},
+    unique_prefix,
+};
+
+const PORT: u16 = 8080;
+
+#[derive(Default)]
+struct Seen {
+    connections: AtomicU64,
+    requests: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// A request head and body as the backend read them.
+struct Req {
+    path: String,
+    body: Vec<u8>,
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Req> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push(line.trim_end().to_owned());
+    }
+    let path = head.first()?.split_whitespace().nth(1)?.to_owned();
+    let header = |name: &str| {
+        head.iter().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_ascii_lowercase())
+        })
+    };
+    let mut body = Vec::new();
+    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).ok()?;
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk).ok()?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        r.read_exact(&mut body).ok()?;
+    }
+    Some(Req { path, body })
+}
+
+/// Pieces written with a pause between them, so the edge reads them apart.
+fn pieces(w: &mut TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
+    for p in parts {
+        w.write_all(p)?;
+        w.flush()?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Answers one request as its path asks; false when the connection is to close.
+fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
+    match req.path.as_str() {
+        "/chunked" => {
+            pieces(
+                w,
+                &[
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    b"5\r\nhel",
+                    b"lo\r\n6;ext=1\r\n world\r\n",
+                    b"0\r\nX-Trailer: t\r\n",
+                    b"\r\n",
+                ],
+            )?;
+            Ok(true)
+        }
+        "/te-and-cl" => {
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")?;
+            Ok(true)
+        }
+        "/until-close" => {
+            pieces(w, &[b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nread ", b"to the ", b"end"])?;
+            Ok(false)
+        }
+        "/continue" => {
+            w.write_all(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nafter 1xx",
+            )?;
+            Ok(true)
+        }
+        "/big" => {
+            // 1 MiB in 64 KiB writes: many reads on the edge's side.
+            let block: Vec<u8> = (0..65_536u32).map(|i| b'a' + (i % 26) as u8).collect();
+            w.write_all(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 16 * block.len()).as_bytes(),
+            )?;
+            for _ in 0..16 {
+                w.write_all(&block)?;
+            }
+            Ok(true)
+        }
+        "/then-close" => {
+            // Keep-alive by the protocol, but the backend closes right after: the edge's
+            // pooled connection is found closed when it is next used.
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nclosed")?;
+            Ok(false)
+        }
+        "/upload" => {
+            let sum: u64 = req.body.iter().map(|b| u64::from(*b)).sum();
+            let text = format!("{} {sum}", req.body.len());
+            w.write_all(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len()).as_bytes(),
+            )?;
+            Ok(true)
+        }
+        "/malformed" => {
+            w.write_all(b"HTTP/1.1 abc Nope\r\n\r\n")?;
+            Ok(false)
+        }
+        "/two-lengths" => {
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")?;
+            Ok(false)
+        }
+        "/huge-head" => {
+            let filler = "x".repeat(1000);
+            let mut head = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..70 {
+                let _ = write!(head, "x-filler-{i}: {filler}\r\n");
+            }
+            head.push_str("Content-Length: 2\r\n\r\nok");
+            w.write_all(head.as_bytes())?;
+            Ok(false)
+        }
+        _ => {
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")?;
+            Ok(true)
+        }
+    }
+}
+
+fn serve(ns: &NetNs, seen: Arc<Seen>) -> std::thread::JoinHandle<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = ns.spawn("h1-backend", move || {
+        let l = TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT))).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        ready_tx.send(()).expect("ready");
+        while !seen.stop.load(Ordering::Relaxed) {
+            let Ok((c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            c.set_nonblocking(false).expect("blocking");
+            seen.connections.fetch_add(1, Ordering::Relaxed);
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut w = c.try_clone().expect("clone");
+                let mut r = BufReader::new(c);
+                while let Some(req) = read_request(&mut r) {
+                    seen.requests.fetch_add(1, Ordering::Relaxed);
+                    if !matches!(answer(&mut w, &req), Ok(true)) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    ready_rx.recv().expect("backend started");
+    handle
+}
+
+/// curl from the client namespace: (status, body).
+fn curl(topo: &DsrTopology, path: &str, extra: &[&str]) -> (u16, Vec<u8>) {
+    let url = format!("http://{}:8000{path}", topo.lb.ip);
+    let out = topo
+        .client
+        .ns
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "-H", "Host: h1.example", "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(&url)
+        .output()
+        .expect("run curl");
+    let mut body = out.stdout;
+    let at = body.iter().rposition(|b| *b == b'\n').expect("status line");
+    let code = String::from_utf8_lossy(&body[at + 1..]).parse().unwrap_or(0);
+    body.truncate(at);
+    (code, body)
+}
+
+#[test]
+fn every_response_framing_reaches_the_client_whole_and_bad_answers_are_502() {
+    if !privileged("every_response_framing_reaches_the_client_whole_and_bad_answers_are_502") {
+        return;
+    }
+    let tag = "edge-h1";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let seen = Arc::new(Seen::default());
+    let backend = serve(&topo.backends[0].ns, seen.clone());
+    let dir = TempDir::new(tag);
+    let reg = dir.write(
+        "services.yaml",
+        &format!(
+            "version: 1
+listeners: [{{port: 8000}}]
+http:
+  h1.example:
+    health: {{enabled: false}}
+    # No second try: a request the edge got wrong is not hidden by a retry.
+    retry: {{tries: 1}}
+    backends: [{{host: {b}, port: {PORT}}}]
+",
+            b = backend_ip(0)
+        ),
+    );
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let log = || lbd.log();
+
+    let (code, body) = curl(&topo, "/chunked", &[]);
+    assert_eq!((code, body.as_slice()), (200, &b"hello world"[..]), "{}", log());
+    let (code, body) = curl(&topo, "/te-and-cl", &[]);
+    assert_eq!((code, body.as_slice()), (200, &b"hello"[..]), "Transfer-Encoding wins: {}", log());
+    let (code, body) = curl(&topo, "/continue", &[]);
+    assert_eq!((code, body.as_slice()), (200, &b"after 1xx"[..]), "{}", log());
+    let (code, body) = curl(&topo, "/until-close", &[]);
+    assert_eq!((code, body.as_slice()), (200, &b"read to the end"[..]), "{}", log());
+    let (code, body) = curl(&topo, "/big", &[]);
+    assert_eq!((code, body.len()), (200, 1 << 20), "{}", log());
+    assert!(body.chunks(65_536).all(|b| b[0] == b'a' && b[25] == b'z'), "the bytes arrive in order");
+
+    // Kept-alive answers reuse one connection; those that close do not.
+    let before = seen.connections.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
+    }
+    assert!(
+        seen.connections.load(Ordering::Relaxed) - before <= 2,
+        "20 requests, a connection per edge thread at most"
+    );
+
+    // The backend closes after each answer: the next request finds its pooled connection
+    // closed and goes on a fresh one, no error seen by the client.
+    for _ in 0..10 {
+        let (code, body) = curl(&topo, "/then-close", &[]);
+        assert_eq!((code, body.as_slice()), (200, &b"closed"[..]), "{}", log());
+        assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()), "{}", log());
+    }
+
+    // A chunked upload past the replay buffer (64 KiB) is streamed to the backend whole.
+    let upload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let file = dir.write("upload.bin", "");
+    std::fs::write(&file, &upload).expect("write upload");
+    let data = format!("@{}", file.display());
+    let (code, body) = curl(&topo, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
+    let sum: u64 = upload.iter().map(|b| u64::from(*b)).sum();
+    assert_eq!(
+        (code, String::from_utf8_lossy(&body).into_owned()),
+        (200, format!("300000 {sum}")),
+        "{}",
+        log()
+    );
+
+    // Answers the edge cannot pass on faithfully: 502, and the client is told so.
+    for path in ["/malformed", "/two-lengths", "/huge-head"] {
+        let (code, _) = curl(&topo, path, &[]);
+        assert_eq!(code, 502, "{path}: {}", log());
+    }
+    // And the edge keeps serving.
+    assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
+
+    drop(lbd);
+    seen.stop.store(true, Ordering::Relaxed);
+    backend.join().expect("backend thread");
+}
