@@ -59,6 +59,10 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Req> {
         })
     };
     let mut body = Vec::new();
+    // Answered from the head alone, the body left unread.
+    if path.starts_with("/early") {
+        return Some(Req { path, body });
+    }
     if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
             let mut size = String::new();
@@ -142,6 +146,12 @@ fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len()).as_bytes(),
             )?;
             Ok(true)
+        }
+        "/early-413" => {
+            w.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+            )?;
+            Ok(false)
         }
         "/malformed" => {
             w.write_all(b"HTTP/1.1 abc Nope\r\n\r\n")?;
@@ -288,6 +298,14 @@ http:
         "{}",
         log()
     );
+
+    // A backend that refuses an upload from its head, before reading the body (and closes):
+    // the client gets its answer, not a 502 or a timeout.
+    let big = dir.write("big.bin", "");
+    std::fs::write(&big, vec![b'x'; 4 << 20]).expect("write big");
+    let data = format!("@{}", big.display());
+    let (code, body) = curl(&topo, "/early-413", &["--data-binary", &data]);
+    assert_eq!((code, body.as_slice()), (413, &b"too large"[..]), "{}", log());
 
     // Answers the edge cannot pass on faithfully: 502, and the client is told so.
     for path in ["/malformed", "/two-lengths", "/huge-head"] {

@@ -8,19 +8,21 @@
 
 use std::{
     io,
+    os::fd::AsRawFd as _,
     pin::Pin,
-    task::{Context, Poll, Waker, ready},
+    task::{Context, Poll, ready},
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
-use hyper::body::{Body, Frame, SizeHint};
+use http_body_util::Limited;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
-use super::proxy::{BoxError, ReqBody};
+use super::proxy::{BoxError, Frames, ReqBody};
 
 /// Largest response head read (as the edge's own request header limit).
 const MAX_HEAD: usize = 64 * 1024;
@@ -56,6 +58,25 @@ impl AsyncWrite for Stream {
         }
     }
 
+    // Vectored, as the sockets are: HTTP/2 writes frame heads and payloads together then.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -71,11 +92,25 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The backend closed (or reset) the connection before a byte of the response; on a
-    /// reused connection, most likely before it read the request.
+    /// The connection was found closed (or reset) before a byte of the request went: safe to
+    /// send elsewhere, whatever the method.
+    #[error("connection closed before the request was written")]
+    Unsent,
+    /// The backend closed (or reset) the connection before a byte of the response. On a
+    /// reused connection it most likely had closed it before reading the request, but it may
+    /// also have acted on it.
     #[error("connection closed before the response")]
     Closed,
     #[error("{0}")]
@@ -119,93 +154,181 @@ impl Conn {
     }
 
     /// True when an idle connection is still open with nothing unasked for to read: the
-    /// backend has not closed it. Never waits.
-    pub fn is_open(&mut self) -> bool {
+    /// backend has not closed it. Never waits, and costs no system call unless the reactor saw
+    /// the socket become readable (then a `MSG_PEEK`, which leaves TLS bytes in place).
+    pub fn is_open(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut byte = [0u8; 1];
-        let mut rb = ReadBuf::new(&mut byte);
-        matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut rb), Poll::Pending)
+        let tcp = self.io.tcp();
+        let fd = tcp.as_raw_fd();
+        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
+            let mut byte = 0u8;
+            // SAFETY: a one-byte read into a local, from the socket this stream owns.
+            let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n) }
+        });
+        // Nothing to read: open. Bytes (unasked for) or the end of the stream: not usable.
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Writes a request: `close` asks the backend to close the connection after answering.
-    /// Nothing is written on error only when the error says so (`Closed` before any byte).
-    pub async fn write_request(
+    /// Sends a request and reads its answer's head. `close` asks the backend to close the
+    /// connection after answering. The answer is read while the body is written: a backend
+    /// that answers early (413, 401) gets no more of the body, and one that answers while it
+    /// reads is not deadlocked. Informational answers (100 Continue, 103) are skipped; a 101
+    /// is returned, the connection then the caller's to tunnel.
+    pub async fn exchange(
         &mut self,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
         close: bool,
         body: ReqBody,
-    ) -> Result<(), Error> {
+    ) -> Result<Head, Error> {
         let mut out = Vec::with_capacity(256 + headers.len() * 32);
         encode_head(&mut out, method, target, headers, close, &body);
+        let mut w = Writing {
+            pending: Bytes::new(),
+            rest: None,
+            stream: None,
+            chunked: false,
+            wrote: false,
+            dirty: false,
+            done: false,
+            failed: None,
+        };
         match body {
-            super::proxy::Frames::Full(b) => {
+            Frames::Full(b) => {
                 let b = b.unwrap_or_default();
+                // A small body goes out with its head, in one write.
                 if b.len() <= COALESCE {
                     out.extend_from_slice(&b);
-                    self.io.write_all(&out).await?;
                 } else {
-                    self.io.write_all(&out).await?;
-                    self.io.write_all(&b).await?;
+                    w.rest = Some(b);
                 }
             }
-            super::proxy::Frames::Stream(mut s) => {
-                let chunked = s.size_hint().exact().is_none();
-                self.io.write_all(&out).await?;
-                while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut s).poll_frame(cx)).await {
-                    let frame = frame.map_err(Error::Body)?;
-                    let Ok(data) = frame.into_data() else { continue };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    if chunked {
-                        out.clear();
-                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                        out.extend_from_slice(&data);
-                        out.extend_from_slice(b"\r\n");
-                        self.io.write_all(&out).await?;
-                    } else {
-                        self.io.write_all(&data).await?;
-                    }
-                }
-                if chunked {
-                    self.io.write_all(b"0\r\n\r\n").await?;
-                }
+            Frames::Stream(s) => {
+                w.chunked = s.size_hint().exact().is_none();
+                w.stream = Some(s);
             }
         }
-        self.io.flush().await?;
-        Ok(())
+        w.pending = Bytes::from(out);
+        let mut answered = false;
+        std::future::poll_fn(|cx| self.poll_exchange(cx, &mut w, method, &mut answered)).await
     }
 
-    /// Reads the response head; informational answers (100 Continue, 103) are skipped, 101
-    /// is returned (the connection is then the caller's to tunnel).
-    pub async fn read_head(&mut self, method: &Method) -> Result<Head, Error> {
-        let mut answered = false;
+    fn poll_exchange(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut Writing,
+        method: &Method,
+        answered: &mut bool,
+    ) -> Poll<Result<Head, Error>> {
         loop {
-            if !self.buf.is_empty() {
-                answered = true;
-                if let Some(head) = parse_head(&mut self.buf, method)? {
-                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
-                        continue;
+            while !self.buf.is_empty() {
+                let Some(mut head) = parse_head(&mut self.buf, method)? else {
+                    if self.buf.len() >= MAX_HEAD {
+                        return Poll::Ready(Err(Error::Invalid("response head too large")));
                     }
-                    return Ok(head);
+                    break;
+                };
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
                 }
-                if self.buf.len() >= MAX_HEAD {
-                    return Err(Error::Invalid("response head too large"));
+                // Answered before the whole request went: the rest is not sent, and the
+                // connection cannot carry another request.
+                head.reusable &= w.all_written() && w.failed.is_none();
+                return Poll::Ready(Ok(head));
+            }
+            // Written first; read while the writing waits, so an early answer is taken.
+            if !w.done {
+                match self.poll_write_step(cx, w) {
+                    Poll::Ready(Ok(())) => continue,
+                    // An answer may be waiting (a backend that refused the body and closed).
+                    Poll::Ready(Err(Error::Io(e))) if w.wrote => {
+                        w.failed = Some(e);
+                        w.done = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
                 }
             }
-            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
-                Ok(0) if !answered => return Err(Error::Closed),
-                Ok(0) => return Err(Error::Invalid("connection closed in the response head")),
-                Ok(_) => {}
-                Err(e) if !answered && is_reset(&e) => return Err(Error::Closed),
-                Err(e) => return Err(e.into()),
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(_)) if !self.buf.is_empty() => *answered = true,
+                Poll::Ready(Ok(_) | Err(_)) if w.failed.is_some() => {
+                    return Poll::Ready(Err(w.failed.take().map_or(Error::Closed, Error::Io)));
+                }
+                Poll::Ready(Ok(_)) => {
+                    return Poll::Ready(Err(match (*answered, w.wrote) {
+                        (true, _) => Error::Invalid("connection closed in the response head"),
+                        (false, false) => Error::Unsent,
+                        (false, true) => Error::Closed,
+                    }));
+                }
+                Poll::Ready(Err(e)) if !*answered && is_reset(&e) => {
+                    return Poll::Ready(Err(if w.wrote { Error::Closed } else { Error::Unsent }));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// Writes the next piece of the request; ready when it made progress.
+    fn poll_write_step(&mut self, cx: &mut Context<'_>, w: &mut Writing) -> Poll<Result<(), Error>> {
+        let io = Pin::new(&mut self.io);
+        if !w.pending.is_empty() {
+            return match ready!(io.poll_write(cx, &w.pending)) {
+                Ok(0) => Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
+                Ok(n) => {
+                    w.pending.advance(n);
+                    w.wrote = true;
+                    w.dirty = true;
+                    Poll::Ready(Ok(()))
+                }
+                Err(e) if !w.wrote && is_reset(&e) => Poll::Ready(Err(Error::Unsent)),
+                Err(e) => Poll::Ready(Err(e.into())),
+            };
+        }
+        // Pushed out before waiting on the client for more (TLS holds records until then).
+        if w.dirty {
+            ready!(io.poll_flush(cx))?;
+            w.dirty = false;
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(b) = w.rest.take() {
+            w.pending = b;
+            return Poll::Ready(Ok(()));
+        }
+        let Some(s) = w.stream.as_mut() else {
+            w.done = true;
+            return Poll::Ready(Ok(()));
+        };
+        match ready!(Pin::new(s).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Ok(d) = frame.into_data()
+                    && !d.is_empty()
+                {
+                    w.pending = if w.chunked {
+                        let mut c = Vec::with_capacity(d.len() + 20);
+                        c.extend_from_slice(format!("{:x}\r\n", d.len()).as_bytes());
+                        c.extend_from_slice(&d);
+                        c.extend_from_slice(b"\r\n");
+                        Bytes::from(c)
+                    } else {
+                        d
+                    };
+                }
+            }
+            Some(Err(e)) => return Poll::Ready(Err(Error::Body(e))),
+            None => {
+                w.stream = None;
+                if w.chunked {
+                    w.pending = Bytes::from_static(b"0\r\n\r\n");
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Reads more into `buf`; 0 at the end of the stream.
@@ -241,6 +364,31 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
+/// Where the writing of a request stands.
+#[expect(clippy::struct_excessive_bools, reason = "independent facts of one write, read apart")]
+struct Writing {
+    /// Bytes to write next.
+    pending: Bytes,
+    /// A body too large to go with the head.
+    rest: Option<Bytes>,
+    stream: Option<Limited<Incoming>>,
+    chunked: bool,
+    /// Some of the request went.
+    wrote: bool,
+    /// Written since the last flush.
+    dirty: bool,
+    /// All of it went, flushed (or writing failed).
+    done: bool,
+    /// Why writing stopped, kept while an answer may still be read.
+    failed: Option<io::Error>,
+}
+
+impl Writing {
+    fn all_written(&self) -> bool {
+        self.pending.is_empty() && self.rest.is_none() && self.stream.is_none()
+    }
+}
+
 /// Methods whose empty body is still announced (`Content-Length: 0`), as clients do.
 fn announces_empty_body(m: &Method) -> bool {
     !matches!(
@@ -272,8 +420,8 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     let length = match body {
-        super::proxy::Frames::Full(b) => Some(b.as_ref().map_or(0, Bytes::len) as u64),
-        super::proxy::Frames::Stream(s) => s.size_hint().exact(),
+        Frames::Full(b) => Some(b.as_ref().map_or(0, Bytes::len) as u64),
+        Frames::Stream(s) => s.size_hint().exact(),
     };
     match length {
         Some(0) if !announces_empty_body(method) && !headers.contains_key(header::CONTENT_LENGTH) => {}
@@ -333,12 +481,23 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
         headers.append(name, v);
     }
     let framing = framing(method, status, &headers)?;
-    if framing == Framing::Chunked {
-        // Transfer-Encoding wins over a Content-Length beside it (RFC 9112 6.3), which must
-        // not reach the client with a body of another length.
-        headers.remove(header::CONTENT_LENGTH);
+    let mut reusable = framing != Framing::Close && keeps_alive(version, &headers);
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
+        }
+        // Transfer-Encoding wins over a Content-Length beside it, which must not reach the
+        // client with a body of another length; and such a message closes its connection
+        // (RFC 9112 6.1, 6.3).
+        reusable &= headers.remove(header::CONTENT_LENGTH).is_none();
+    } else if let Framing::Length(n) = framing {
+        // One plain value goes on to the client, not `4, 4` or repeated fields.
+        let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+        let plain = values.next().is_some_and(|v| v.to_str().ok().and_then(|v| digits(v, 10)) == Some(n));
+        if !plain || values.next().is_some() {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
     }
-    let reusable = framing != Framing::Close && keeps_alive(version, &headers);
     Ok(Some(Head { status, version, headers, framing, reusable }))
 }
 
@@ -362,7 +521,7 @@ fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing
     let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
         for part in v.to_str().map_err(|_| Error::Invalid("bad content-length"))?.split(',') {
-            let n: u64 = part.trim().parse().map_err(|_| Error::Invalid("bad content-length"))?;
+            let n = digits(part.trim(), 10).ok_or(Error::Invalid("bad content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Error::Invalid("conflicting content-length"));
             }
@@ -419,13 +578,9 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Erro
                     };
                 };
                 let line = &buf[..end];
-                let digits = line.split(|b| *b == b';').next().unwrap_or_default();
-                let digits =
-                    std::str::from_utf8(digits).map_err(|_| Error::Invalid("bad chunk size"))?.trim();
-                if digits.is_empty() || digits.len() > 15 {
-                    return Err(Error::Invalid("bad chunk size"));
-                }
-                let size = u64::from_str_radix(digits, 16).map_err(|_| Error::Invalid("bad chunk size"))?;
+                let size = line.split(|b| *b == b';').next().unwrap_or_default();
+                let size = std::str::from_utf8(size).ok().map(|d| d.trim_end_matches([' ', '\t']));
+                let size = size.and_then(|d| digits(d, 16)).ok_or(Error::Invalid("bad chunk size"))?;
                 buf.advance(end + 2);
                 *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
             }
@@ -464,6 +619,14 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Erro
             }
         }
     }
+}
+
+/// A number of plain digits in `radix` (no sign, no spaces), at most 15 of them.
+fn digits(s: &str, radix: u32) -> Option<u64> {
+    if s.is_empty() || s.len() > 15 || !s.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(s, radix).ok()
 }
 
 fn find_crlf(b: &[u8]) -> Option<usize> {
@@ -521,6 +684,12 @@ impl<R: Return> ResponseBody<R> {
         if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) {
             // Bytes past the response (a misbehaving backend) make it unusable.
             let reusable = self.reusable && conn.buf.is_empty();
+            let mut conn = conn;
+            // An idle connection holds no large read buffer.
+            if conn.buf.capacity() > READ_MIN {
+                conn.buf = BytesMut::new();
+                conn.read_size = READ_MIN;
+            }
             home.give_back(conn, reusable);
         }
     }
@@ -625,6 +794,11 @@ mod tests {
         let h = h.unwrap().unwrap();
         assert_eq!(h.framing, Framing::Chunked);
         assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "TE wins, CL dropped");
+        assert!(!h.reusable, "a message with both closes its connection");
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 9\r\n\r\n", get);
+        assert!(!h.unwrap().unwrap().headers.contains_key(header::CONTENT_LENGTH), "TE of any kind");
+        assert!(head("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", get).is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", get).is_err(), "digits only");
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", get).unwrap().unwrap();
         assert_eq!((h.framing, h.reusable), (Framing::Close, false));
         let h = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", get).unwrap().unwrap();
@@ -643,7 +817,10 @@ mod tests {
         let h = head("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", get).unwrap().unwrap();
         assert_eq!(h.framing, Framing::Empty);
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\n", get).unwrap().unwrap();
-        assert_eq!(h.framing, Framing::Length(4));
+        assert_eq!(
+            (h.framing, &h.headers[header::CONTENT_LENGTH]),
+            (Framing::Length(4), &HeaderValue::from(4))
+        );
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", get).is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", get).is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", get).unwrap().is_none(), "partial");
@@ -692,6 +869,8 @@ mod tests {
             assert!(split < body.len() || &rest[..] == b"NEXT");
         }
         assert!(decode_all(b"zz\r\n", 4).is_err());
+        assert!(decode_all(b"+a\r\n", 4).is_err(), "hex digits only");
+        assert!(decode_all(b" a\r\n", 4).is_err());
         assert!(decode_all(b"2\r\nabXX", 8).is_err(), "data must end with CRLF");
         assert!(decode_all(b"fffffffffffffffff\r\n", 32).is_err(), "size overflow");
         assert!(decode_all(&[b'1'; 5000], 5000).is_err(), "endless size line");
@@ -705,7 +884,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a.example"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         let mut out = Vec::new();
-        let body = super::super::proxy::Frames::Full(Some(Bytes::from_static(b"abc")));
+        let body = super::Frames::Full(Some(Bytes::from_static(b"abc")));
         encode_head(&mut out, &Method::POST, "/x?y=1", &h, true, &body);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
@@ -713,24 +892,10 @@ mod tests {
             "POST /x?y=1 HTTP/1.1\r\nhost: a.example\r\ncontent-length: 3\r\nconnection: close\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_head(
-            &mut out,
-            &Method::GET,
-            "",
-            &HeaderMap::new(),
-            false,
-            &super::super::proxy::Frames::Full(None),
-        );
+        encode_head(&mut out, &Method::GET, "", &HeaderMap::new(), false, &super::Frames::Full(None));
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
         let mut out = Vec::new();
-        encode_head(
-            &mut out,
-            &Method::PUT,
-            "/",
-            &HeaderMap::new(),
-            false,
-            &super::super::proxy::Frames::Full(None),
-        );
+        encode_head(&mut out, &Method::PUT, "/", &HeaderMap::new(), false, &super::Frames::Full(None));
         assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
         assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), u64::MAX.to_string().as_bytes());

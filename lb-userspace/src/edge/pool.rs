@@ -225,6 +225,9 @@ pub struct Outgoing<'a> {
     /// Path and query.
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// Safe to send twice (RFC 9110 9.2.2): sent again on a fresh connection when a reused
+    /// one closed without answering.
+    pub idempotent: bool,
 }
 
 impl BackendPool {
@@ -266,18 +269,15 @@ impl BackendPool {
             Frames::Stream(_) => None,
         };
         let mut body = Some(body);
+        let mut fresh = false;
         loop {
-            let (mut c, pooled) = self.obtain(conn, client).await?;
+            let (mut c, pooled) = self.obtain(conn, client, fresh).await?;
             c.meta.uses += 1;
             let max = self.settings.pool.max_requests;
             // The last request it carries: the backend closes it cleanly after answering.
             let last = max != 0 && c.meta.uses >= max;
             let Some(b) = body.take() else { unreachable!("a body for each round") };
-            let exchange = async {
-                c.conn.write_request(req.method, req.target, req.headers, last, b).await?;
-                c.conn.read_head(req.method).await
-            };
-            match exchange.await {
+            match c.conn.exchange(req.method, req.target, req.headers, last, b).await {
                 Ok(head) => {
                     let home = Home { pool: self.clone(), meta: c.meta };
                     let body = UpBody::H1(h1::ResponseBody::new(c.conn, &head, home));
@@ -287,12 +287,20 @@ impl BackendPool {
                     *resp.headers_mut() = head.headers;
                     return Ok(resp);
                 }
-                // A pooled connection the backend closed as it was reused: it did not take
-                // the request.
-                Err(h1::Error::Closed) if pooled && replay.is_some() => {
-                    debug!(backend = %self.identity, "pooled connection was closed; another one");
+                // A reused connection the backend had closed, found as the request went: once
+                // more on a new one. Only when nothing of the request went, or it may be sent
+                // twice.
+                Err(e @ (h1::Error::Unsent | h1::Error::Closed))
+                    if pooled
+                        && !fresh
+                        && replay.is_some()
+                        && (matches!(e, h1::Error::Unsent) || req.idempotent) =>
+                {
+                    debug!(backend = %self.identity, "pooled connection was closed; a new one");
                     body = replay.clone().map(Frames::Full);
+                    fresh = true;
                 }
+                Err(e @ h1::Error::Unsent) => return Err(SendError::NotSent(e.to_string())),
                 Err(e) => return Err(SendError::Failed(e.to_string())),
             }
         }
@@ -345,10 +353,15 @@ impl BackendPool {
     /// A connection for the next request: an idle one of this thread, else a new one; at
     /// `max_connections`, another thread's idle one, else the first to go idle or close. True
     /// when it was idle.
-    async fn obtain(&self, conn: &Conn, client: Option<SocketAddr>) -> Result<(H1, bool), SendError> {
+    async fn obtain(
+        &self,
+        conn: &Conn,
+        client: Option<SocketAddr>,
+        fresh: bool,
+    ) -> Result<(H1, bool), SendError> {
         let here = super::workers::current() % self.idle.len();
         loop {
-            if let Some(c) = self.checkout(here, client) {
+            if !fresh && let Some(c) = self.checkout(here, client) {
                 return Ok((c, true));
             }
             let slot = match &self.slots {
@@ -360,7 +373,7 @@ impl BackendPool {
                         // Borrowed only at the cap: its socket is registered with its own
                         // thread's reactor, which then wakes this one across threads.
                         for k in 1..self.idle.len() {
-                            if let Some(c) = self.checkout((here + k) % self.idle.len(), client) {
+                            if !fresh && let Some(c) = self.checkout((here + k) % self.idle.len(), client) {
                                 return Ok((c, true));
                             }
                         }
@@ -389,7 +402,7 @@ impl BackendPool {
                 self.idle_total.fetch_sub(gone + usize::from(taken.is_some()), Ordering::Relaxed);
                 taken?
             };
-            let mut c = idle.conn;
+            let c = idle.conn;
             // Closed by the backend while idle: dropped.
             if c.conn.is_open() {
                 return Some(c);
@@ -403,10 +416,21 @@ impl BackendPool {
         if p.max_idle == 0 || (p.max_requests != 0 && c.meta.uses >= p.max_requests) {
             return;
         }
-        let mut q = self.idle[c.meta.home].lock().unwrap_or_else(PoisonError::into_inner);
+        let home = c.meta.home;
+        let mut q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);
         if self.idle_total.load(Ordering::Relaxed) >= p.max_idle {
             if q.pop_front().is_none() {
-                return; // the idle ones are other threads': this one closes
+                // The idle ones are other threads': their oldest makes room, so a quiet
+                // thread keeps connections of its own while a busy one holds the quota.
+                drop(q);
+                let others = (1..self.idle.len()).map(|k| (home + k) % self.idle.len());
+                let evicted = others.into_iter().any(|k| {
+                    self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).pop_front().is_some()
+                });
+                if !evicted {
+                    return;
+                }
+                q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);
             }
         } else {
             self.idle_total.fetch_add(1, Ordering::Relaxed);

@@ -2,6 +2,7 @@
 //! retry elsewhere on failure, and log one line when the response is done.
 
 use std::{
+    io::Write as _,
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, atomic::Ordering},
@@ -388,7 +389,12 @@ async fn forward(
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
     upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
     let target = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
-    let out = Outgoing { method: &parts.method, target, headers: &parts.headers };
+    let out = Outgoing {
+        method: &parts.method,
+        target,
+        headers: &parts.headers,
+        idempotent: idempotent(&parts.method),
+    };
 
     let deadline = started + spec.retry.within;
     let tries_allowed = (spec.retry.tries as usize).clamp(1, MAX_TRIES);
@@ -618,24 +624,39 @@ pub fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> Option<u
 /// Strips hop-by-hop headers (and those `Connection` names) and what a client may not claim
 /// about itself, then says who the client is: `X-Forwarded-For/-Proto/-Host` and `Forwarded`.
 pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, host: &str) {
-    remove_hop_by_hop(h);
     // Set, not appended: a client's own claims are not trusted.
-    for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &header::FORWARDED] {
-        h.remove(name);
+    const CLAIMS: [HeaderName; 4] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, header::FORWARDED];
+    remove_hop_by_hop(h);
+    if h.keys().any(|k| CLAIMS.contains(k)) {
+        for name in &CLAIMS {
+            h.remove(name);
+        }
     }
     let original_host = h.get(header::HOST).cloned();
-    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+    let fhost =
+        original_host.unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
+    // Written into one buffer each, not formatted through Strings: this runs per request.
+    let mut xff = Vec::with_capacity(48);
+    let _ = write!(xff, "{client}");
+    let mut fwd = Vec::with_capacity(64 + fhost.len());
+    fwd.extend_from_slice(b"for=");
+    match client {
+        IpAddr::V4(_) => fwd.extend_from_slice(&xff),
+        IpAddr::V6(_) => {
+            fwd.extend_from_slice(b"\"[");
+            fwd.extend_from_slice(&xff);
+            fwd.extend_from_slice(b"]\"");
+        }
+    }
+    fwd.extend_from_slice(b";host=\"");
+    fwd.extend_from_slice(fhost.as_bytes());
+    fwd.extend_from_slice(b"\";proto=");
+    fwd.extend_from_slice(if proto == "https" { b"https" } else { b"http" });
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
-    let fhost =
-        original_host.unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
-    let node = match client {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
-    };
-    let forwarded = format!("for={node};host=\"{}\";proto={proto}", fhost.to_str().unwrap_or_default());
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(fwd)) {
         h.insert(header::FORWARDED, v);
     }
     h.insert(X_FORWARDED_HOST, fhost);
@@ -646,6 +667,10 @@ pub fn clean_response_headers(h: &mut HeaderMap) {
 }
 
 fn remove_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names rather than a lookup for each.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::UPGRADE) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
