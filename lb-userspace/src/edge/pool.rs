@@ -417,6 +417,16 @@ impl BackendPool {
             return;
         }
         let home = c.meta.home;
+        let here = super::workers::current() % self.idle.len();
+        if here != home {
+            // Borrowed at the cap, as this thread had none idle while its own had more: closed
+            // instead, so this thread opens one of its own next and the lists even out (a
+            // borrowed one wakes across threads for every request it carries).
+            let len = |k: usize| self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).len();
+            if len(here) < len(home) {
+                return;
+            }
+        }
         let mut q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);
         if self.idle_total.load(Ordering::Relaxed) >= p.max_idle {
             if q.pop_front().is_none() {
