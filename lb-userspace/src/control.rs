@@ -495,6 +495,7 @@ impl Controller {
             tls_handshake_failures: self.edge.tls_failures(),
             rate_limited: self.edge.rate_limited(),
             cache: self.edge.cache(),
+            edge_connections: self.edge.connections(),
         })
     }
 

@@ -129,6 +129,8 @@ pub struct Snapshot {
     /// Requests the edge refused over a rate limit.
     pub rate_limited: RateLimited,
     pub cache: CacheReport,
+    /// Client connections open on each edge thread.
+    pub edge_connections: Vec<u64>,
 }
 
 /// A certificate served on a listener.
@@ -395,6 +397,13 @@ pub struct RateLimited {
     /// Refused by the ACL (403); `acl_denied` in the status document.
     #[serde(skip)]
     pub acl: u64,
+}
+
+fn edge_thread_metrics(m: &mut Metrics, s: &Snapshot) {
+    m.family("lb_edge_connections", "gauge", "Client connections open, by edge thread.");
+    for (i, n) in s.edge_connections.iter().enumerate() {
+        m.sample("lb_edge_connections", &[("thread", &i.to_string())], *n);
+    }
 }
 
 fn rate_metrics(m: &mut Metrics, s: &Snapshot) {
@@ -665,6 +674,7 @@ pub fn metrics(s: &Snapshot) -> String {
     proxy_metrics(&mut m, s);
     tls_metrics(&mut m, s);
     rate_metrics(&mut m, s);
+    edge_thread_metrics(&mut m, s);
     cache_metrics(&mut m, s);
     m.family("lb_health_checks_total", "counter", "Health check probes by result.");
     for (svc, b) in backends().filter(|(_, b)| b.health != "unchecked") {
@@ -783,6 +793,7 @@ mod tests {
             tls_handshake_failures: 2,
             rate_limited: RateLimited { global: 0, per_ip: 7, route: 1, acl: 3 },
             cache: CacheReport { bytes: 5000, entries: 3, memory: 1 << 20, stored: 4, evicted: 1 },
+            edge_connections: vec![3, 2],
         }
     }
 
@@ -811,6 +822,7 @@ mod tests {
         assert!((86_000..=86_400).contains(&left), "{left}");
         assert!(text.contains("lb_tls_handshake_failures_total 2\n"), "{text}");
         assert!(text.contains("lb_http_rate_limited_total{limit=\"per_ip\"} 7\n"), "{text}");
+        assert!(text.contains("lb_edge_connections{thread=\"1\"} 2\n"), "{text}");
         assert!(text.contains("lb_http_acl_denied_total 3\n"), "{text}");
         let api = "service=\"api.example.org\"";
         for line in [

@@ -294,6 +294,67 @@ http:
     assert!(stopped.status.success(), "{}", stopped.log);
 }
 
+#[test]
+fn client_connections_are_spread_evenly_over_the_edge_threads() {
+    if !privileged("client_connections_are_spread_evenly_over_the_edge_threads") {
+        return;
+    }
+    let reg = "version: 1
+listeners:
+  - port: 8000
+http:
+  example.org:
+    backends: [{host: B0, port: 8080}]
+    health: {enabled: false}
+";
+    let (s, lbd) = setup("edge-spread", 1, reg);
+    let edge = s.lb(EDGE);
+    let ns = &s.topo.lb.ns;
+    let open = |t: usize| lb_tests::lbd::metric(ns, &format!("lb_edge_connections{{thread=\"{t}\"}}"));
+    let threads = lb_tests::lbd::admin(ns, "GET", "/metrics", None)
+        .body
+        .lines()
+        .filter(|l| l.starts_with("lb_edge_connections{"))
+        .count();
+    assert!(threads >= 1, "a gauge for each edge thread");
+    // One at a time, each answered before the next: every one is placed knowing the others.
+    // By the kernel's address hash alone, 16 split evenly one time in five.
+    let clients: Vec<Client> = s.client(|| {
+        (0..16)
+            .map(|i| {
+                let mut c = Client::connect(edge).expect("connect");
+                let r = c.request("GET", "example.org", &format!("/{i}"), "", "").expect("answer");
+                assert_eq!(r.status, 200);
+                c
+            })
+            .collect()
+    });
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "small counts")]
+    let counts: Vec<u64> = (0..threads).map(|t| open(t) as u64).collect();
+    eprintln!("16 connections over {threads} edge thread(s): {counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), 16, "{counts:?}");
+    let (min, max) = (counts.iter().min(), counts.iter().max());
+    assert!(
+        max.zip(min).is_some_and(|(hi, lo)| hi - lo <= 1),
+        "every thread within one of the others: {counts:?}"
+    );
+    // Each still serves its client, wherever it was placed.
+    s.client(|| {
+        for (i, mut c) in clients.into_iter().enumerate() {
+            let r = c.request("GET", "example.org", &format!("/again/{i}"), "", "").expect("answer");
+            assert_eq!(r.status, 200);
+        }
+    });
+    // Closed connections are counted out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..threads).map(open).sum::<f64>() > 0.0 {
+        assert!(Instant::now() < deadline, "connections still counted open after their clients left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
+
 /// Requests from `threads` keep-alive clients until `stop`; every reply's status and body.
 fn load(
     s: &Setup,

@@ -34,6 +34,8 @@ const READ_MIN: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 /// Bodies up to this size go out in one write with their head.
 const COALESCE: usize = 16 * 1024;
+/// The largest request-head buffer an idle connection keeps (heads with a small body fit).
+const OUT_KEPT: usize = 4 * 1024;
 
 /// A backend connection: plain TCP or TLS.
 pub enum Stream {
@@ -126,6 +128,8 @@ pub struct Conn {
     io: Stream,
     buf: BytesMut,
     read_size: usize,
+    /// The request head being written, kept from one request to the next.
+    out: Vec<u8>,
 }
 
 /// A response head and how its body is framed.
@@ -150,7 +154,7 @@ enum Framing {
 impl Conn {
     #[must_use]
     pub fn new(io: Stream) -> Self {
-        Self { io, buf: BytesMut::new(), read_size: READ_MIN }
+        Self { io, buf: BytesMut::new(), read_size: READ_MIN, out: Vec::new() }
     }
 
     /// True when an idle connection is still open with nothing unasked for to read: the
@@ -185,9 +189,11 @@ impl Conn {
         close: bool,
         body: ReqBody,
     ) -> Result<Head, Error> {
-        let mut out = Vec::with_capacity(256 + headers.len() * 32);
-        encode_head(&mut out, method, target, headers, close, &body);
+        let out = &mut self.out;
+        out.clear();
+        encode_head(out, method, target, headers, close, &body);
         let mut w = Writing {
+            head_left: 0,
             pending: Bytes::new(),
             rest: None,
             stream: None,
@@ -212,7 +218,7 @@ impl Conn {
                 w.stream = Some(s);
             }
         }
-        w.pending = Bytes::from(out);
+        w.head_left = out.len();
         let mut answered = false;
         std::future::poll_fn(|cx| self.poll_exchange(cx, &mut w, method, &mut answered)).await
     }
@@ -277,6 +283,20 @@ impl Conn {
     /// Writes the next piece of the request; ready when it made progress.
     fn poll_write_step(&mut self, cx: &mut Context<'_>, w: &mut Writing) -> Poll<Result<(), Error>> {
         let io = Pin::new(&mut self.io);
+        if w.head_left > 0 {
+            let head = &self.out[self.out.len() - w.head_left..];
+            return match ready!(io.poll_write(cx, head)) {
+                Ok(0) => Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
+                Ok(n) => {
+                    w.head_left -= n;
+                    w.wrote = true;
+                    w.dirty = true;
+                    Poll::Ready(Ok(()))
+                }
+                Err(e) if !w.wrote && is_reset(&e) => Poll::Ready(Err(Error::Unsent)),
+                Err(e) => Poll::Ready(Err(e.into())),
+            };
+        }
         if !w.pending.is_empty() {
             return match ready!(io.poll_write(cx, &w.pending)) {
                 Ok(0) => Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
@@ -367,6 +387,8 @@ fn is_reset(e: &io::Error) -> bool {
 /// Where the writing of a request stands.
 #[expect(clippy::struct_excessive_bools, reason = "independent facts of one write, read apart")]
 struct Writing {
+    /// Bytes of the head (in `Conn::out`) still to write; they go first.
+    head_left: usize,
     /// Bytes to write next.
     pending: Bytes,
     /// A body too large to go with the head.
@@ -385,7 +407,7 @@ struct Writing {
 
 impl Writing {
     fn all_written(&self) -> bool {
-        self.pending.is_empty() && self.rest.is_none() && self.stream.is_none()
+        self.head_left == 0 && self.pending.is_empty() && self.rest.is_none() && self.stream.is_none()
     }
 }
 
@@ -465,18 +487,25 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
         r.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("bad status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Where each name and value sits in the head, so values can share its bytes.
+    // (On the stack: this runs per response.)
     let base = buf.as_ptr() as usize;
-    let mut spans = Vec::with_capacity(r.headers.len());
-    for h in r.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Error::Invalid("bad header name"))?;
+    let n = r.headers.len();
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
+        let name = h.name.as_ptr() as usize - base;
         let at = h.value.as_ptr() as usize - base;
-        spans.push((name, at, at + h.value.len()));
+        // Within MAX_HEAD (64 KiB): every offset fits.
+        #[expect(clippy::cast_possible_truncation, reason = "offsets within MAX_HEAD")]
+        {
+            *span = (name as u32, (name + h.name.len()) as u32, at as u32, (at + h.value.len()) as u32);
+        }
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, from, to) in spans {
-        let v = HeaderValue::from_maybe_shared(head.slice(from..to))
+    let mut headers = HeaderMap::with_capacity(n);
+    for &(name_from, name_to, from, to) in &spans[..n] {
+        let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
+            .map_err(|_| Error::Invalid("bad header name"))?;
+        let v = HeaderValue::from_maybe_shared(head.slice(from as usize..to as usize))
             .map_err(|_| Error::Invalid("bad header value"))?;
         headers.append(name, v);
     }
@@ -685,10 +714,13 @@ impl<R: Return> ResponseBody<R> {
             // Bytes past the response (a misbehaving backend) make it unusable.
             let reusable = self.reusable && conn.buf.is_empty();
             let mut conn = conn;
-            // An idle connection holds no large read buffer.
+            // An idle connection holds no large buffers.
             if conn.buf.capacity() > READ_MIN {
                 conn.buf = BytesMut::new();
                 conn.read_size = READ_MIN;
+            }
+            if conn.out.capacity() > OUT_KEPT {
+                conn.out = Vec::new();
             }
             home.give_back(conn, reusable);
         }

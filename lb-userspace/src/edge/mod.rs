@@ -263,7 +263,13 @@ impl Edge {
                     let _guard = rt.enter();
                     let listener = tokio::net::TcpListener::from_std(l)
                         .map_err(|source| EdgeError::Bind { addr, source })?;
-                    rt.spawn(server::accept_loop(listener, port, self.shared.clone(), rx.clone()));
+                    rt.spawn(server::accept_loop(
+                        listener,
+                        port,
+                        self.shared.clone(),
+                        rx.clone(),
+                        w.placement().clone(),
+                    ));
                 }
                 info!(%addr, threads, "HTTP listener started");
                 self.listeners.insert(addr, tx);
@@ -513,6 +519,12 @@ impl Edge {
             route: c.route.load(Ordering::Relaxed),
             acl: self.acl_denied.load(Ordering::Relaxed),
         }
+    }
+
+    /// Client connections open on each edge thread.
+    #[must_use]
+    pub fn connections(&self) -> Vec<u64> {
+        self.workers.as_ref().map(|w| w.placement().open()).unwrap_or_default()
     }
 
     /// TLS handshakes that failed or timed out, since start.

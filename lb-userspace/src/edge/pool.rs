@@ -259,7 +259,9 @@ impl BackendPool {
         conn: &Conn,
     ) -> Result<Response<UpBody>, SendError> {
         if self.settings.http2() {
-            return self.send_h2(req, body, conn).await.map(|r| r.map(UpBody::H2));
+            // Boxed, as connecting below: rarely taken, large futures that every request's
+            // future would otherwise carry and copy.
+            return Box::pin(self.send_h2(req, body, conn)).await.map(|r| r.map(UpBody::H2));
         }
         let client = self.settings.upstream.proxy_protocol.then_some(conn.client);
         // A body held whole can go again on a fresh connection when a reused one was found
@@ -345,7 +347,7 @@ impl BackendPool {
         }
         // A replaced connection finishes the streams it has, then closes.
         *slot = None;
-        let tx = self.handshake_h2(self.connect(conn).await?).await?;
+        let tx = self.handshake_h2(Box::pin(self.connect(conn)).await?).await?;
         *slot = Some((tx.clone(), 1));
         Ok(tx)
     }
@@ -385,7 +387,7 @@ impl BackendPool {
                     }
                 }
             };
-            let io = self.connect(conn).await?;
+            let io = Box::pin(self.connect(conn)).await?;
             let meta = Meta { uses: 0, client, _slot: slot, home: here };
             return Ok((H1 { conn: h1::Conn::new(io), meta }, false));
         }

@@ -23,7 +23,7 @@ use super::{
     cache::{self, Found, NotKept},
     h1,
     pool::{Home, Outgoing, SendError, UpBody},
-    routes::request_host,
+    routes::{Host, request_host},
     upstream::{InFlight, Pick, ServiceState},
 };
 use crate::config::{Balance, HashKey};
@@ -112,7 +112,8 @@ pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> 
             req.headers(),
         )
     {
-        return cached(&snap.cache, svc, key, conn, host, req, started, max_body).await;
+        // Boxed: the cache's future holds forward's; every other request's would carry it.
+        return Box::pin(cached(&snap.cache, svc, key, conn, host, req, started, max_body)).await;
     }
     forward(svc, conn, host, req, started, max_body, None).await
 }
@@ -130,7 +131,7 @@ async fn cached(
     svc: &Arc<ServiceState>,
     key: cache::Key,
     conn: Conn,
-    host: String,
+    host: Host,
     req: Request<Incoming>,
     started: Instant,
     max_body: u64,
@@ -344,6 +345,8 @@ const fn idempotent(m: &Method) -> bool {
 
 /// How one failed attempt failed.
 enum Failure {
+    /// No attempt failed: none could be made.
+    None,
     Connect(String),
     Timeout,
     Other(String),
@@ -362,7 +365,7 @@ impl From<SendError> for Failure {
 async fn forward(
     svc: &Arc<ServiceState>,
     conn: Conn,
-    host: String,
+    host: Host,
     mut req: Request<Incoming>,
     started: Instant,
     max_body: u64,
@@ -400,8 +403,8 @@ async fn forward(
     let tries_allowed = (spec.retry.tries as usize).clamp(1, MAX_TRIES);
     let mut tried = [usize::MAX; MAX_TRIES];
     let mut n = 0;
-    let mut last_failure = Failure::Other("no backend can take requests".to_owned());
-    let mut last_backend = "-".to_owned();
+    let mut last_failure = Failure::None;
+    let mut last_backend = "-";
     let mut next = None;
     while n < tries_allowed {
         let now = Instant::now();
@@ -454,7 +457,7 @@ async fn forward(
                 if retryable && !last_try && Instant::now() < deadline {
                     next = svc.pick_admitted(pick, &tried[..n], Instant::now());
                     if next.is_some() {
-                        last_backend.clone_from(&b.identity);
+                        last_backend = &b.identity;
                         continue;
                     }
                 }
@@ -462,7 +465,7 @@ async fn forward(
                 clean_response_headers(&mut rparts.headers);
                 let log = log(status, &b.identity, n);
                 if let Some(miss) = miss.take() {
-                    return miss.answer(svc, rparts, rbody, &parts.headers, in_flight, log).await;
+                    return Box::pin(miss.answer(svc, rparts, rbody, &parts.headers, in_flight, log)).await;
                 }
                 return Response::from_parts(rparts, RespBody::upstream(rbody, in_flight, log));
             }
@@ -475,7 +478,7 @@ async fn forward(
                 last_failure = Failure::Timeout;
             }
         }
-        last_backend.clone_from(&b.identity);
+        last_backend = &b.identity;
         drop(in_flight);
         // A request whose body may have been sent is retried only where that is safe; a
         // connect error sent nothing.
@@ -484,7 +487,7 @@ async fn forward(
             break;
         }
     }
-    give_up(svc, &last_failure, n, &last_backend, log(StatusCode::OK, &last_backend, n))
+    give_up(svc, &last_failure, n, last_backend, log(StatusCode::OK, last_backend, n))
 }
 
 /// The request's headers as a backend gets them: hop-by-hop ones gone, the forwarding ones
@@ -585,6 +588,9 @@ fn give_up(
         (Failure::Connect(e) | Failure::Other(e), _) => {
             (StatusCode::BAD_GATEWAY, format!("backend {backend} failed: {e}\n"))
         }
+        (Failure::None, _) => {
+            (StatusCode::BAD_GATEWAY, format!("no backend can take requests for {}\n", svc.name))
+        }
     };
     log.status = status;
     let mut resp = local(status, &text, Some(log));
@@ -635,28 +641,44 @@ pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, hos
     let original_host = h.get(header::HOST).cloned();
     let fhost =
         original_host.unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
-    // Written into one buffer each, not formatted through Strings: this runs per request.
-    let mut xff = Vec::with_capacity(48);
-    let _ = write!(xff, "{client}");
-    let mut fwd = Vec::with_capacity(64 + fhost.len());
-    fwd.extend_from_slice(b"for=");
-    match client {
-        IpAddr::V4(_) => fwd.extend_from_slice(&xff),
-        IpAddr::V6(_) => {
-            fwd.extend_from_slice(b"\"[");
-            fwd.extend_from_slice(&xff);
-            fwd.extend_from_slice(b"]\"");
+    // Written on the stack, not formatted through Strings: this runs per request, and each
+    // value then costs the one allocation of its copy.
+    let mut addr = [0u8; 48];
+    let n = {
+        let mut w = &mut addr[..];
+        let _ = write!(w, "{client}");
+        48 - w.len()
+    };
+    let addr = &addr[..n];
+    let proto: &[u8] = if proto == "https" { b"https" } else { b"http" };
+    let v6 = client.is_ipv6();
+    let parts: [&[u8]; 7] = [
+        b"for=",
+        if v6 { b"\"[" } else { b"" },
+        addr,
+        if v6 { b"]\"" } else { b"" },
+        b";host=\"",
+        fhost.as_bytes(),
+        b"\";proto=",
+    ];
+    let mut fwd = [0u8; 256];
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + proto.len();
+    let fwd = if len <= fwd.len() {
+        let mut at = 0;
+        for p in parts.iter().chain(std::iter::once(&proto)) {
+            fwd[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
         }
-    }
-    fwd.extend_from_slice(b";host=\"");
-    fwd.extend_from_slice(fhost.as_bytes());
-    fwd.extend_from_slice(b"\";proto=");
-    fwd.extend_from_slice(if proto == "https" { b"https" } else { b"http" });
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+        HeaderValue::from_bytes(&fwd[..len])
+    } else {
+        // A long Host: on the heap.
+        HeaderValue::from_bytes(&[&parts[..], &[proto]].concat().concat())
+    };
+    if let Ok(v) = HeaderValue::from_bytes(addr) {
         h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(fwd)) {
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if proto == b"https" { "https" } else { "http" }));
+    if let Ok(v) = fwd {
         h.insert(header::FORWARDED, v);
     }
     h.insert(X_FORWARDED_HOST, fhost);
@@ -671,15 +693,19 @@ fn remove_hop_by_hop(h: &mut HeaderMap) {
     if !h.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::UPGRADE) {
         return;
     }
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        h.remove(name);
+    // The fields `Connection` names go too. Its values are cloned (shared bytes, no copy) so
+    // the map can change while they are read; names are looked up as `&str`, not allocated.
+    let mut named = h.get_all(header::CONNECTION).iter();
+    let (first, more) = (named.next().cloned(), named.next().is_some());
+    let rest: Vec<HeaderValue> =
+        if more { h.get_all(header::CONNECTION).iter().skip(1).cloned().collect() } else { Vec::new() };
+    for v in first.iter().chain(&rest) {
+        for t in v.to_str().unwrap_or("").split(',') {
+            let t = t.trim();
+            if !t.is_empty() {
+                h.remove(t);
+            }
+        }
     }
     for name in &HOP_BY_HOP {
         h.remove(name);
@@ -749,14 +775,17 @@ fn access_log<'a>(
     started: Instant,
     traffic: Option<&'a Arc<super::upstream::Traffic>>,
 ) -> impl Fn(StatusCode, &str, usize) -> AccessLog + 'a {
+    // The texts are copied only for a log line that will be written (it is often off).
+    let text = tracing::enabled!(target: "lb_userspace::access", tracing::Level::INFO);
+    let copy = move |s: &str| if text { s.to_owned() } else { String::new() };
     move |status, upstream, tries| AccessLog {
         traffic: traffic.cloned(),
         method: method.clone(),
-        host: host.to_owned(),
-        path: path.to_owned(),
+        host: copy(host),
+        path: copy(path),
         client,
         status,
-        upstream: upstream.to_owned(),
+        upstream: copy(upstream),
         tries,
         started,
     }
@@ -805,7 +834,8 @@ pub struct RespBody {
     inner: Frames<UpBody>,
     bytes: u64,
     done: bool,
-    finish: Option<Box<Finish>>,
+    /// Held inline, not boxed: one allocation less per response.
+    finish: Option<Finish>,
     /// Sent before `inner`: the part of a body read while deciding whether to keep it.
     prefix: Option<Bytes>,
 }
@@ -814,7 +844,12 @@ struct Finish {
     _in_flight: Option<InFlight>,
     log: Option<AccessLog>,
     /// Ends the connection's request when the body is done (idle tracking).
-    on_done: Option<Box<dyn FnOnce() + Send + Sync>>,
+    on_done: Option<Arc<dyn OnDone>>,
+}
+
+/// Told once when a response body is done or dropped.
+pub trait OnDone: Send + Sync {
+    fn done(&self);
 }
 
 impl RespBody {
@@ -824,7 +859,7 @@ impl RespBody {
             bytes: 0,
             done: false,
             prefix: None,
-            finish: Some(Box::new(Finish { _in_flight: None, log, on_done: None })),
+            finish: Some(Finish { _in_flight: None, log, on_done: None }),
         }
     }
 
@@ -834,16 +869,16 @@ impl RespBody {
             bytes: 0,
             done: false,
             prefix: None,
-            finish: Some(Box::new(Finish { _in_flight: Some(in_flight), log: Some(log), on_done: None })),
+            finish: Some(Finish { _in_flight: Some(in_flight), log: Some(log), on_done: None }),
         }
     }
 
-    /// Runs `f` once the body is done or dropped.
-    pub fn on_done(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+    /// Tells `hook` once the body is done or dropped.
+    pub fn on_done(&mut self, hook: Arc<dyn OnDone>) {
         if let Some(fin) = &mut self.finish {
-            fin.on_done = Some(Box::new(f));
+            fin.on_done = Some(hook);
         } else {
-            self.finish = Some(Box::new(Finish { _in_flight: None, log: None, on_done: Some(Box::new(f)) }));
+            self.finish = Some(Finish { _in_flight: None, log: None, on_done: Some(hook) });
         }
     }
 }
@@ -856,8 +891,8 @@ impl Drop for RespBody {
             if let Some(log) = &fin.log {
                 log.write(self.bytes, self.done);
             }
-            if let Some(f) = fin.on_done {
-                f();
+            if let Some(hook) = fin.on_done {
+                hook.done();
             }
         }
     }
@@ -935,6 +970,17 @@ mod tests {
         let mut v6 = HeaderMap::new();
         clean_request_headers(&mut v6, "2001:db8::1".parse().unwrap(), "https", "a.example.org");
         assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";host=\"a.example.org\";proto=https");
+        // A Host too long for the stack buffer; and two Connection fields, both obeyed.
+        let long = format!("{}.example.org", "a".repeat(300));
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(&long).unwrap());
+        h.append(header::CONNECTION, HeaderValue::from_static("x-one"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-two, , bad name"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "https", &long);
+        assert!(!h.contains_key("x-one") && !h.contains_key("x-two") && !h.contains_key("connection"));
+        assert_eq!(h["forwarded"], format!("for=10.0.0.9;host=\"{long}\";proto=https").as_str());
     }
 
     #[test]

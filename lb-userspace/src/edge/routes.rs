@@ -3,6 +3,8 @@
 
 use std::{cmp::Reverse, collections::BTreeMap};
 
+use http::HeaderValue;
+
 use crate::config::{HttpService, Registry};
 
 /// How a route matches the request's host (lowercase, without port).
@@ -132,18 +134,48 @@ fn service_routes(name: &str, svc: &HttpService) -> Vec<Route> {
 /// The host a request is for, lowercase and without port: from the URI's authority (HTTP/2,
 /// absolute-form) or the `Host` header.
 #[must_use]
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let raw = if let Some(h) = req.uri().host() {
-        h
+pub fn request_host<B>(req: &http::Request<B>) -> Option<Host> {
+    let (raw, value) = if let Some(h) = req.uri().host() {
+        (h, None)
     } else {
-        strip_port(req.headers().get(http::header::HOST)?.to_str().ok()?)
+        let v = req.headers().get(http::header::HOST)?;
+        (strip_port(v.to_str().ok()?), Some(v))
     };
     let host = raw.trim_end_matches('.');
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        host.to_ascii_lowercase()
-    } else {
-        host.to_owned()
-    })
+    let owned = |h: &str| HeaderValue::from_str(h).ok().map(|text| Host { at: 0..text.len(), text });
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return owned(&host.to_ascii_lowercase());
+    }
+    match value {
+        // The common case: the request's own Host field, shared, not copied.
+        Some(v) => {
+            let from = host.as_ptr() as usize - v.as_bytes().as_ptr() as usize;
+            Some(Host { text: v.clone(), at: from..from + host.len() })
+        }
+        None => owned(host),
+    }
+}
+
+/// A request's host: lowercase, without port or trailing dot.
+#[derive(Debug, Clone)]
+pub struct Host {
+    text: HeaderValue,
+    at: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for Host {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // A range of a value that was valid text when it was made.
+        std::str::from_utf8(&self.text.as_bytes()[self.at.clone()]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
 }
 
 fn strip_port(h: &str) -> &str {
@@ -234,11 +266,15 @@ http:
     #[test]
     fn the_host_comes_without_port_and_in_lowercase() {
         let req = |h: &str| http::Request::builder().uri("/").header("host", h).body(()).unwrap();
-        assert_eq!(request_host(&req("Example.ORG:8080")).as_deref(), Some("example.org"));
-        assert_eq!(request_host(&req("[::1]:80")).as_deref(), Some("::1"));
-        assert_eq!(request_host(&req("example.org.")).as_deref(), Some("example.org"));
+        assert_eq!(request_host(&req("Example.ORG:8080")).as_deref().map(|h| h as &str), Some("example.org"));
+        assert_eq!(request_host(&req("[::1]:80")).as_deref().map(|h| h as &str), Some("::1"));
+        assert_eq!(request_host(&req("example.org.")).as_deref().map(|h| h as &str), Some("example.org"));
         let abs = http::Request::builder().uri("http://a.example.org/x").body(()).unwrap();
-        assert_eq!(request_host(&abs).as_deref(), Some("a.example.org"));
-        assert_eq!(request_host(&http::Request::builder().uri("/").body(()).unwrap()), None);
+        assert_eq!(request_host(&abs).as_deref().map(|h| h as &str), Some("a.example.org"));
+        assert!(request_host(&http::Request::builder().uri("/").body(()).unwrap()).is_none());
+        assert_eq!(
+            request_host(&req("app.example.org:80")).as_deref().map(|h| h as &str),
+            Some("app.example.org")
+        );
     }
 }

@@ -78,6 +78,7 @@ pub async fn accept_loop(
     port: u16,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<()>,
+    placement: Arc<super::workers::Placement>,
 ) {
     let local = listener.local_addr().ok();
     loop {
@@ -105,9 +106,28 @@ pub async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        tokio::spawn(async move {
-            serve(stream, peer, port, shared, listener).await;
-            drop(counted);
+        let open = placement.place(super::workers::current());
+        let there = placement.handle(open.thread()).filter(|_| open.thread() != super::workers::current());
+        let Some(there) = there else {
+            tokio::spawn(async move {
+                serve(stream, peer, port, shared, listener).await;
+                drop((counted, open));
+            });
+            continue;
+        };
+        // Another thread's: its reactor takes the socket over.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(client = %peer, error = %e, "connection lost in the hand-off");
+                continue;
+            }
+        };
+        there.spawn(async move {
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                serve(stream, peer, port, shared, listener).await;
+            }
+            drop((counted, open));
         });
     }
     info!(?local, "listener closed");
@@ -160,7 +180,15 @@ impl ConnState {
             self.idle_since.store(self.ns(), Ordering::Relaxed);
         }
     }
+}
 
+impl proxy::OnDone for ConnState {
+    fn done(&self) {
+        self.request_done();
+    }
+}
+
+impl ConnState {
     /// What to do now: `Ok(next check)` or `Err(true)` for a head that took too long (408),
     /// `Err(false)` for an idle connection to close quietly. HTTP/2 (`h2`) sends frames of its
     /// own between requests (pings, window updates): there only idleness counts.
@@ -254,7 +282,7 @@ async fn drive<I>(
             if let Some(h) = hsts {
                 resp.headers_mut().entry(http::header::STRICT_TRANSPORT_SECURITY).or_insert(h);
             }
-            resp.body_mut().on_done(move || state.request_done());
+            resp.body_mut().on_done(state);
             Ok::<_, std::convert::Infallible>(resp)
         }
     });

@@ -8,6 +8,10 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{FromRawFd as _, IntoRawFd as _},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use tokio::{runtime::Handle, sync::oneshot};
@@ -34,11 +38,67 @@ pub fn current() -> usize {
 pub struct Workers {
     handles: Vec<Handle>,
     stops: Vec<oneshot::Sender<()>>,
+    placement: Arc<Placement>,
+}
+
+/// Which edge thread serves a new client connection. `SO_REUSEPORT` spreads connections by a
+/// hash of their addresses, which splits 32 of them 18/14 as often as not, and the busier
+/// thread's clients then wait longer. A connection accepted on a thread with more open than
+/// another is handed to the one with the fewest (HAProxy balances its threads the same way).
+pub struct Placement {
+    handles: Vec<Handle>,
+    open: Vec<AtomicUsize>,
+}
+
+/// Counts one open connection on a thread until dropped.
+pub struct Open {
+    placement: Arc<Placement>,
+    thread: usize,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.placement.open[self.thread].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Placement {
+    /// The thread for a connection accepted on `here`, counted open there.
+    pub fn place(self: &Arc<Self>, here: usize) -> Open {
+        let load = |i: usize| self.open[i].load(Ordering::Relaxed);
+        let least = (0..self.open.len()).min_by_key(|&i| load(i)).unwrap_or(here);
+        // Kept here unless another thread has fewer: then no two differ by more than one.
+        let thread = if here < self.open.len() && load(least) < load(here) { least } else { here };
+        if let Some(n) = self.open.get(thread) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        Open { placement: self.clone(), thread }
+    }
+
+    /// Connections open on each thread.
+    #[must_use]
+    pub fn open(&self) -> Vec<u64> {
+        self.open.iter().map(|n| n.load(Ordering::Relaxed) as u64).collect()
+    }
+
+    /// The runtime of thread `i`.
+    #[must_use]
+    pub fn handle(&self, i: usize) -> Option<&Handle> {
+        self.handles.get(i)
+    }
+}
+
+impl Open {
+    #[must_use]
+    pub fn thread(&self) -> usize {
+        self.thread
+    }
 }
 
 impl Workers {
     pub fn start(n: usize) -> io::Result<Self> {
-        let mut w = Self { handles: Vec::with_capacity(n), stops: Vec::with_capacity(n) };
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
         for i in 0..n {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -58,10 +118,17 @@ impl Workers {
                 });
             })?;
             let handle = ready_rx.recv().map_err(|_| io::Error::other("an edge thread died at start"))??;
-            w.handles.push(handle);
-            w.stops.push(stop_tx);
+            handles.push(handle);
+            stops.push(stop_tx);
         }
-        Ok(w)
+        let open = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let placement = Arc::new(Placement { handles: handles.clone(), open });
+        Ok(Self { handles, stops, placement })
+    }
+
+    #[must_use]
+    pub fn placement(&self) -> &Arc<Placement> {
+        &self.placement
     }
 
     #[must_use]

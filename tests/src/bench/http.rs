@@ -189,7 +189,7 @@ http {{
   upstream be {{
     server {backend}:{BACKEND_PORT};
     keepalive 64;
-    keepalive_requests 100;
+    keepalive_requests 1000000;
     keepalive_timeout 60s;
   }}
   server {{
@@ -249,8 +249,10 @@ http:
   bench:
     hosts: ['*']
     backends: [{{host: {backend}, port: {BACKEND_PORT}}}]
-    # As HAProxy's `maxconn 64` and nginx's `keepalive 64` / `keepalive_requests 100`.
-    pool: {{max_connections: 64, max_idle: 64, max_requests: 100}}
+    # As HAProxy's `maxconn 64` and nginx's `keepalive 64`. No cap on requests a backend
+    # connection (0): HAProxy keeps a client's backend connection for the client's whole session
+    # (its `max-reuse` counts only takes from the idle pool), so nginx gets no cap either.
+    pool: {{max_connections: 64, max_idle: 64, max_requests: 0}}
 "
     )
 }
