@@ -355,6 +355,50 @@ http:
     assert!(stopped.status.success(), "{}", stopped.log);
 }
 
+#[test]
+fn requests_queued_at_the_connection_cap_share_the_connections_without_opening_more() {
+    if !privileged("requests_queued_at_the_connection_cap_share_the_connections_without_opening_more") {
+        return;
+    }
+    let reg = "version: 1
+listeners:
+  - port: 8000
+http:
+  example.org:
+    backends: [{host: B0, port: 8080}]
+    health: {enabled: false}
+    # No cap on requests a connection: every new connection is one the queue made.
+    pool: {max_connections: 4, max_requests: 0}
+";
+    let (s, lbd) = setup("edge-cap", 1, reg);
+    let edge = s.lb(EDGE);
+    // Slow enough answers that requests on both edge threads queue at the cap.
+    s.backend(0).delay_ms.store(2, Ordering::Relaxed);
+    let before = s.backend(0).connections();
+    s.client(|| {
+        std::thread::scope(|scope| {
+            for t in 0..12 {
+                scope.spawn(move || {
+                    let mut c = Client::connect(edge).expect("connect");
+                    for i in 0..40 {
+                        let r =
+                            c.request("GET", "example.org", &format!("/{t}/{i}"), "", "").expect("answer");
+                        assert_eq!(r.status, 200);
+                    }
+                });
+            }
+        });
+    });
+    let conns = s.backend(0).connections() - before;
+    eprintln!("480 requests from 12 clients over max_connections 4: {conns} backend connection(s)");
+    assert!(s.backend(0).requests() >= 480);
+    // A connection freed while others wait goes to a waiting request, on either thread: the
+    // four opened first carry everything.
+    assert_eq!(conns, 4, "connections opened for 480 requests queued at a cap of 4");
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
+
 /// Requests from `threads` keep-alive clients until `stop`; every reply's status and body.
 fn load(
     s: &Setup,

@@ -34,8 +34,8 @@ const READ_MIN: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 /// Bodies up to this size go out in one write with their head.
 const COALESCE: usize = 16 * 1024;
-/// The largest request-head buffer an idle connection keeps (heads with a small body fit).
-const OUT_KEPT: usize = 4 * 1024;
+/// The largest request-head buffer an idle connection keeps: a head with a body sent along.
+const OUT_KEPT: usize = COALESCE + 4 * 1024;
 
 /// A backend connection: plain TCP or TLS.
 pub enum Stream {
@@ -368,6 +368,19 @@ impl Conn {
             self.read_size = (self.read_size * 2).min(READ_MAX);
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// The same connection, registered with the calling thread's reactor instead of the one
+    /// that opened it; `Err` (unchanged) for TLS, whose stream cannot be taken apart. `None`
+    /// when the socket could not be moved (it is then closed).
+    pub fn rehome(self) -> Result<Option<Self>, Self> {
+        let Self { io, buf, read_size, out } = self;
+        let tcp = match io {
+            Stream::Plain(tcp) => tcp,
+            io @ Stream::Tls(_) => return Err(Self { io, buf, read_size, out }),
+        };
+        let moved = tcp.into_std().and_then(TcpStream::from_std);
+        Ok(moved.ok().map(|tcp| Self { io: Stream::Plain(tcp), buf, read_size, out }))
     }
 
     /// The socket and what was read past the 101 answer, for a tunnel.

@@ -148,6 +148,8 @@ pub struct BackendPool {
     slots: Option<Arc<Semaphore>>,
     /// Woken when a connection goes idle, for requests waiting at the cap.
     returned: Notify,
+    /// Requests waiting at `max_connections` for a connection.
+    waiting: AtomicUsize,
     /// The HTTP/2 connection and the streams it carried. An async lock: concurrent first
     /// requests wait for one connection instead of opening one each.
     h2: tokio::sync::Mutex<Option<(http2::SendRequest<ReqBody>, u32)>>,
@@ -230,6 +232,15 @@ pub struct Outgoing<'a> {
     pub idempotent: bool,
 }
 
+/// Counts a request waiting at the cap until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl BackendPool {
     #[must_use]
     pub fn new(identity: &str, settings: Arc<Settings>) -> Self {
@@ -242,6 +253,7 @@ impl BackendPool {
             idle_total: AtomicUsize::new(0),
             slots: (cap > 0).then(|| Arc::new(Semaphore::new(cap as usize))),
             returned: Notify::new(),
+            waiting: AtomicUsize::new(0),
             h2: tokio::sync::Mutex::new(None),
         }
     }
@@ -380,6 +392,8 @@ impl BackendPool {
                             }
                         }
                         // Queued until a connection goes idle or closes.
+                        self.waiting.fetch_add(1, Ordering::Relaxed);
+                        let _waiting = Waiting(&self.waiting);
                         tokio::select! {
                             () = self.returned.notified() => continue,
                             p = sem.clone().acquire_owned() => p.ok(),
@@ -412,21 +426,30 @@ impl BackendPool {
         }
     }
 
-    fn put_back(&self, c: H1) {
+    fn put_back(&self, mut c: H1) {
         let p = &self.settings.pool;
         // Dropping a connection closes it (and frees its slot).
         if p.max_idle == 0 || (p.max_requests != 0 && c.meta.uses >= p.max_requests) {
             return;
         }
-        let home = c.meta.home;
+        let mut home = c.meta.home;
         let here = super::workers::current() % self.idle.len();
-        if here != home {
-            // Borrowed at the cap, as this thread had none idle while its own had more: closed
-            // instead, so this thread opens one of its own next and the lists even out (a
-            // borrowed one wakes across threads for every request it carries).
-            let len = |k: usize| self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).len();
-            if len(here) < len(home) {
-                return;
+        let len = |k: usize| self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).len();
+        if here != home && len(here) < len(home) {
+            // Borrowed at the cap, as this thread had none idle while its own had more (a
+            // borrowed one wakes its home thread for every request it carries). It moves to
+            // this thread, so the lists even out. A TLS one cannot move: it is closed, so this
+            // thread opens one of its own, unless requests wait at the cap (one of them takes
+            // it, rather than a new connection).
+            match c.conn.rehome() {
+                Ok(Some(conn)) => {
+                    c.conn = conn;
+                    c.meta.home = here;
+                    home = here;
+                }
+                Ok(None) => return,
+                Err(conn) if self.waiting.load(Ordering::Relaxed) > 0 => c.conn = conn,
+                Err(_) => return,
             }
         }
         let mut q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);

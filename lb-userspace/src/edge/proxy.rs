@@ -779,6 +779,7 @@ fn access_log<'a>(
     let text = tracing::enabled!(target: "lb_userspace::access", tracing::Level::INFO);
     let copy = move |s: &str| if text { s.to_owned() } else { String::new() };
     move |status, upstream, tries| AccessLog {
+        written: text,
         traffic: traffic.cloned(),
         method: method.clone(),
         host: copy(host),
@@ -794,6 +795,8 @@ fn access_log<'a>(
 /// What the access log says of one request, written when its response body is done.
 #[derive(Debug)]
 pub struct AccessLog {
+    /// Whether the log line is written (its texts are empty otherwise).
+    written: bool,
     method: Method,
     host: String,
     path: String,
@@ -811,6 +814,9 @@ impl AccessLog {
         let took = self.started.elapsed();
         if let Some(t) = &self.traffic {
             t.record(self.status, took);
+        }
+        if !self.written {
+            return;
         }
         info!(
             target: "lb_userspace::access",

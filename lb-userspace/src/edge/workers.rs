@@ -65,10 +65,11 @@ impl Drop for Open {
 impl Placement {
     /// The thread for a connection accepted on `here`, counted open there.
     pub fn place(self: &Arc<Self>, here: usize) -> Open {
+        let here = here.min(self.open.len().saturating_sub(1));
         let load = |i: usize| self.open[i].load(Ordering::Relaxed);
         let least = (0..self.open.len()).min_by_key(|&i| load(i)).unwrap_or(here);
         // Kept here unless another thread has fewer: then no two differ by more than one.
-        let thread = if here < self.open.len() && load(least) < load(here) { least } else { here };
+        let thread = if load(least) < load(here) { least } else { here };
         if let Some(n) = self.open.get(thread) {
             n.fetch_add(1, Ordering::Relaxed);
         }
