@@ -447,9 +447,8 @@ impl BackendPool {
                     c.meta.home = here;
                     home = here;
                 }
-                Ok(None) => return,
                 Err(conn) if self.waiting.load(Ordering::Relaxed) > 0 => c.conn = conn,
-                Err(_) => return,
+                Ok(None) | Err(_) => return,
             }
         }
         let mut q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);
