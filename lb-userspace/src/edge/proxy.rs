@@ -408,7 +408,8 @@ async fn forward(
     let mut next = None;
     while n < tries_allowed {
         let now = Instant::now();
-        if n > 0 && now >= deadline {
+        // A retry already picked (after an answer that was dropped for it) goes ahead.
+        if n > 0 && next.is_none() && now >= deadline {
             break;
         }
         let Some((i, pass)) = next.take().or_else(|| svc.pick_admitted(pick, &tried[..n], now)) else {
