@@ -71,6 +71,17 @@ pub fn echo(
     path: &str,
     messages: Vec<Message>,
 ) -> Result<Vec<Message>, String> {
+    echo_then(addr, host, path, messages, || {})
+}
+
+/// As `echo`, running `open` after the echoes while the WebSocket is still open.
+pub fn echo_then(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    messages: Vec<Message>,
+    open: impl FnOnce(),
+) -> Result<Vec<Message>, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -88,6 +99,7 @@ pub fn echo(
                 .map_err(|e| format!("read: {e}"))?;
             back.push(reply);
         }
+        open();
         let _ = ws.close(None).await;
         Ok(back)
     })

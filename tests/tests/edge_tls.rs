@@ -415,14 +415,35 @@ http:
 
     // WebSocket: text and a 200 KB binary message echoed through the edge.
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let lb_ns = &s.topo.lb.ns;
+    let open = || {
+        let m = lb_tests::lbd::admin(lb_ns, "GET", "/metrics", None).body;
+        m.lines()
+            .filter(|l| l.starts_with("lb_edge_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    // Until this changes: the edge's open client connections are the tunnel alone.
+    let counted_open = |want: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while open() != want && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        open()
+    };
+    let mut during = None;
     let back = s.topo.client.ns.run(|| {
-        ws::echo(
+        ws::echo_then(
             s.lb(8000),
             "ws.example",
             "/chat",
             vec![Message::text("hello"), Message::binary(big.clone())],
+            || during = Some(counted_open(1)),
         )
     });
+    // An upgraded connection still holds its place (per-client cap, thread placement).
+    assert_eq!(during, Some(1), "client connections counted open while a WebSocket tunnel is");
+    assert_eq!(counted_open(0), 0, "the tunnel counted out once closed");
     let back = back.unwrap_or_else(|e| panic!("{e}\nlbd:\n{}", lbd.log()));
     assert_eq!(back[0], Message::text("hello"));
     assert_eq!(back[1], Message::binary(big));

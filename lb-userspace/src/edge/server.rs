@@ -108,11 +108,9 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let open = placement.place(super::workers::current());
         let there = placement.handle(open.thread()).filter(|_| open.thread() != super::workers::current());
+        let held = Held { _counted: counted, _open: open };
         let Some(there) = there else {
-            tokio::spawn(async move {
-                serve(stream, peer, port, shared, listener).await;
-                drop((counted, open));
-            });
+            tokio::spawn(serve(stream, peer, port, shared, listener, held));
             continue;
         };
         // Another thread's: its reactor takes the socket over.
@@ -125,18 +123,32 @@ pub async fn accept_loop(
         };
         there.spawn(async move {
             if let Ok(stream) = TcpStream::from_std(stream) {
-                serve(stream, peer, port, shared, listener).await;
+                serve(stream, peer, port, shared, listener, held).await;
             }
-            drop((counted, open));
         });
     }
     info!(?local, "listener closed");
+}
+
+/// A connection's place under its client's cap and on its thread, held as long as its socket
+/// is open: in the connection's state, which its socket wrapper shares, so a connection
+/// upgraded to a WebSocket tunnel still counts.
+struct Held {
+    _counted: Counted,
+    _open: super::workers::Open,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held")
+    }
 }
 
 /// What the connection's watchdog knows: requests in flight, bytes read, and when it last
 /// went idle.
 #[derive(Debug)]
 struct ConnState {
+    _held: Option<Held>,
     start: Instant,
     in_flight: AtomicU32,
     read: AtomicU64,
@@ -149,8 +161,9 @@ struct ConnState {
 }
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(held: Option<Held>) -> Self {
         Self {
+            _held: held,
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
             read: AtomicU64::new(0),
@@ -212,13 +225,21 @@ impl ConnState {
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Shared>, listener: Arc<Port>) {
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    shared: Arc<Shared>,
+    listener: Arc<Port>,
+    held: Held,
+) {
     if listener.passthrough {
+        let _held = held;
         return super::passthrough::serve(stream, peer, port, &shared, &listener.limits).await;
     }
     let fd: RawFd = stream.as_raw_fd();
     let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port));
-    let state = Arc::new(ConnState::new());
+    let state = Arc::new(ConnState::new(Some(held)));
     let io = Counting { inner: stream, state: state.clone() };
     let limits = &listener.limits;
     let Some(tls) = &listener.tls else {
@@ -406,19 +427,19 @@ mod tests {
     #[test]
     fn the_watchdog_tells_slow_heads_from_idle_connections() {
         let ms = Duration::from_millis;
-        let s = ConnState::new();
+        let s = ConnState::new(None);
         // Fresh: the header timeout runs from the start.
         assert!(s.check(ms(50), ms(500), false).is_ok());
         std::thread::sleep(ms(60));
         assert_eq!(s.check(ms(50), ms(500), false), Err(false), "nothing sent: closed quietly");
         // A partial head: 408 once the header timeout passes from its first byte.
-        let s = ConnState::new();
+        let s = ConnState::new(None);
         s.on_read(10);
         assert!(s.check(ms(50), ms(500), false).is_ok());
         std::thread::sleep(ms(60));
         assert_eq!(s.check(ms(50), ms(500), false), Err(true));
         // After a request: idle gets the idle timeout, not the header timeout.
-        let s = ConnState::new();
+        let s = ConnState::new(None);
         s.on_read(100);
         s.in_flight.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(ms(60));
