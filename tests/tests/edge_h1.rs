@@ -210,7 +210,11 @@ fn serve(ns: &NetNs, seen: Arc<Seen>) -> std::thread::JoinHandle<()> {
 
 /// curl from the client namespace: (status, body).
 fn curl(topo: &DsrTopology, path: &str, extra: &[&str]) -> (u16, Vec<u8>) {
-    let url = format!("http://{}:8000{path}", topo.lb.ip);
+    curl_at(topo, 8000, path, extra)
+}
+
+fn curl_at(topo: &DsrTopology, port: u16, path: &str, extra: &[&str]) -> (u16, Vec<u8>) {
+    let url = format!("http://{}:{port}{path}", topo.lb.ip);
     let out = topo
         .client
         .ns
@@ -241,7 +245,10 @@ fn every_response_framing_reaches_the_client_whole_and_bad_answers_are_502() {
         "services.yaml",
         &format!(
             "version: 1
-listeners: [{{port: 8000}}]
+listeners:
+  - port: 8000
+  # Uploads over 100 KB refused (413) on this one.
+  - {{port: 8001, limits: {{max_body_bytes: 100000}}}}
 http:
   h1.example:
     health: {{enabled: false}}
@@ -313,6 +320,35 @@ http:
         assert_eq!(code, 502, "{path}: {}", log());
     }
     // And the edge keeps serving.
+    assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
+
+    // Uploads that fail on the client's side: the client's fault, answered so, and not
+    // counted against the backend (a client could otherwise take healthy backends out).
+    let b0 = format!("{}:{PORT}", backend_ip(0));
+    let failures = || {
+        let st = lb_tests::lbd::status(&topo.lb.ns);
+        lb_tests::lbd::backend_status(&st, "h1.example", &b0).expect("backend in status")["http"]["failures"]
+            .as_u64()
+            .expect("failures")
+    };
+    let before = failures();
+    // A chunked upload (no length to refuse it by) that grows past the listener's limit.
+    let (code, _) =
+        curl_at(&topo, 8001, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
+    assert_eq!(code, 413, "{}", log());
+    // A client that leaves halfway through a long upload.
+    topo.client.ns.run(|| {
+        let mut s = TcpStream::connect((topo.lb.ip, 8000)).expect("connect");
+        let head = "POST /upload HTTP/1.1\r\nHost: h1.example\r\nContent-Length: 1000000\r\n\r\n";
+        s.write_all(head.as_bytes()).expect("head");
+        s.write_all(&vec![b'x'; 200_000]).expect("half the body");
+        // Read until the edge closes: it saw the body break off (its answer may or may not
+        // come first).
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    assert_eq!(failures(), before, "client-side upload failures counted against the backend: {}", log());
     assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
 
     drop(lbd);

@@ -22,7 +22,7 @@ use super::{
     balance::hash_bytes,
     cache::{self, Found, NotKept},
     h1,
-    pool::{Home, Outgoing, SendError, UpBody},
+    pool::{ClientFault, Home, Outgoing, SendError, UpBody},
     routes::{Host, request_host},
     upstream::{InFlight, Pick, ServiceState},
 };
@@ -357,6 +357,7 @@ impl From<SendError> for Failure {
         match e {
             SendError::NotSent(text) => Self::Connect(text),
             SendError::Failed(text) => Self::Other(text),
+            SendError::Client(fault) => Self::Other(format!("{fault:?}")),
         }
     }
 }
@@ -429,6 +430,16 @@ async fn forward(
         let in_flight = InFlight::start(b);
         let attempt = Instant::now();
         let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
+        if let Ok(Err(SendError::Client(fault))) = &result {
+            // The client's body failed, not the backend: no failure counted against it (a
+            // client aborting uploads must not take healthy backends out), and no retry.
+            let (status, text) = match fault {
+                ClientFault::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+                ClientFault::Broken => (StatusCode::BAD_REQUEST, "incomplete request body\n"),
+            };
+            drop((pass, in_flight));
+            return local(status, text, Some(log(status, &b.identity, n)));
+        }
         let answered = result.as_ref().ok().and_then(|r| r.as_ref().ok()).map(Response::status);
         svc.outcome(i, pass, answered, attempt.elapsed());
         let last_try = n == tries_allowed || !may_retry;
