@@ -393,8 +393,8 @@ http:
     eprintln!("480 requests from 12 clients over max_connections 4: {conns} backend connection(s)");
     assert!(s.backend(0).requests() >= 480);
     // A connection freed while others wait goes to a waiting request, on either thread: the
-    // four opened first carry everything.
-    assert_eq!(conns, 4, "connections opened for 480 requests queued at a cap of 4");
+    // four opened first carry everything (closing and reopening them made 20-26).
+    assert!(conns <= 4, "{conns} connections opened for 480 requests queued at a cap of 4");
     let stopped = lbd.stop(libc::SIGTERM);
     assert!(stopped.status.success(), "{}", stopped.log);
 }

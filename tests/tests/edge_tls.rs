@@ -441,10 +441,10 @@ http:
             || during = Some(counted_open(1)),
         )
     });
+    let back = back.unwrap_or_else(|e| panic!("{e}\nlbd:\n{}", lbd.log()));
     // An upgraded connection still holds its place (per-client cap, thread placement).
     assert_eq!(during, Some(1), "client connections counted open while a WebSocket tunnel is");
     assert_eq!(counted_open(0), 0, "the tunnel counted out once closed");
-    let back = back.unwrap_or_else(|e| panic!("{e}\nlbd:\n{}", lbd.log()));
     assert_eq!(back[0], Message::text("hello"));
     assert_eq!(back[1], Message::binary(big));
     let st = status(&s.topo.lb.ns);

@@ -15,14 +15,13 @@ use std::{
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
-use http_body_util::Limited;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
-use super::proxy::{BoxError, Frames, ReqBody};
+use super::proxy::{BoxError, ClientBody, Frames, ReqBody};
 
 /// Largest response head read (as the edge's own request header limit).
 const MAX_HEAD: usize = 64 * 1024;
@@ -379,8 +378,17 @@ impl Conn {
             Stream::Plain(tcp) => tcp,
             io @ Stream::Tls(_) => return Err(Self { io, buf, read_size, out }),
         };
-        let moved = tcp.into_std().and_then(TcpStream::from_std);
-        Ok(moved.ok().map(|tcp| Self { io: Stream::Plain(tcp), buf, read_size, out }))
+        let moved = tcp.into_std().and_then(TcpStream::from_std).ok().filter(|tcp| {
+            // The new registration knows nothing yet of a close the old reactor saw: asked
+            // directly, once.
+            let mut byte = 0u8;
+            // SAFETY: a one-byte read into a local, from the socket `tcp` owns.
+            let n = unsafe {
+                libc::recv(tcp.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            };
+            n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+        });
+        Ok(moved.map(|tcp| Self { io: Stream::Plain(tcp), buf, read_size, out }))
     }
 
     /// The socket and what was read past the 101 answer, for a tunnel.
@@ -406,7 +414,7 @@ struct Writing {
     pending: Bytes,
     /// A body too large to go with the head.
     rest: Option<Bytes>,
-    stream: Option<Limited<Incoming>>,
+    stream: Option<ClientBody>,
     chunked: bool,
     /// Some of the request went.
     wrote: bool,

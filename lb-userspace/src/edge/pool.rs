@@ -106,36 +106,6 @@ pub enum SendError {
     NotSent(String),
     /// The request may have been (partly) sent.
     Failed(String),
-    /// The client's body broke off, was malformed, or went over the body limit: the client's
-    /// fault, not the backend's.
-    Client(ClientFault),
-}
-
-/// How a client's request body failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientFault {
-    /// Over the listener's `max_body_bytes`.
-    TooLarge,
-    /// Cut off or malformed (the client left mid-upload, or a bad chunk).
-    Broken,
-}
-
-impl ClientFault {
-    /// The client's body error in `e`'s chain, if any: the body limit, or the client's
-    /// connection failing under its body (a hyper error from reading it).
-    fn of(e: &(dyn std::error::Error + 'static)) -> Option<Self> {
-        let mut cur = Some(e);
-        while let Some(e) = cur {
-            if e.is::<http_body_util::LengthLimitError>() {
-                return Some(Self::TooLarge);
-            }
-            if e.is::<hyper::Error>() {
-                return Some(Self::Broken);
-            }
-            cur = e.source();
-        }
-        None
-    }
 }
 
 /// An open HTTP/1.1 connection.
@@ -345,10 +315,6 @@ impl BackendPool {
                     fresh = true;
                 }
                 Err(e @ h1::Error::Unsent) => return Err(SendError::NotSent(e.to_string())),
-                // The request body comes from the client alone.
-                Err(h1::Error::Body(e)) => {
-                    return Err(SendError::Client(ClientFault::of(&*e).unwrap_or(ClientFault::Broken)));
-                }
                 Err(e) => return Err(SendError::Failed(e.to_string())),
             }
         }
@@ -372,13 +338,7 @@ impl BackendPool {
                     Some(r) if !fresh => req = r,
                     Some(_) => return Err(SendError::NotSent(error_text(&e.into_error()))),
                     None => {
-                        let e = e.into_error();
-                        // The client's body failing shows under hyper's own error.
-                        let fault = std::error::Error::source(&e).and_then(ClientFault::of);
-                        return Err(match fault {
-                            Some(fault) => SendError::Client(fault),
-                            None => SendError::Failed(error_text(&e)),
-                        });
+                        return Err(SendError::Failed(error_text(&e.into_error())));
                     }
                 },
             }

@@ -22,7 +22,7 @@ use super::{
     balance::hash_bytes,
     cache::{self, Found, NotKept},
     h1,
-    pool::{ClientFault, Home, Outgoing, SendError, UpBody},
+    pool::{Home, Outgoing, SendError, UpBody},
     routes::{Host, request_host},
     upstream::{InFlight, Pick, ServiceState},
 };
@@ -357,7 +357,6 @@ impl From<SendError> for Failure {
         match e {
             SendError::NotSent(text) => Self::Connect(text),
             SendError::Failed(text) => Self::Other(text),
-            SendError::Client(fault) => Self::Other(format!("{fault:?}")),
         }
     }
 }
@@ -390,6 +389,8 @@ async fn forward(
         return refuse(StatusCode::BAD_REQUEST, "incomplete request body\n");
     };
     let may_retry = replay.is_some() && (spec.retry.non_idempotent || idempotent(&parts.method));
+    // How a streamed body failed, if it did (set by the body as it is read).
+    let mut fault: Option<Arc<std::sync::OnceLock<ClientFault>>> = None;
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
     upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
     let target = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
@@ -423,14 +424,17 @@ async fn forward(
         let body = match (&replay, stream.take()) {
             (Some(bytes), _) => Frames::Full(Some(bytes.clone())),
             (None, Some(s)) => {
-                Frames::Stream(Limited::new(s, usize::try_from(max_body).unwrap_or(usize::MAX)))
+                let inner = Limited::new(s, usize::try_from(max_body).unwrap_or(usize::MAX));
+                let fault = fault.get_or_insert_with(Arc::default).clone();
+                Frames::Stream(ClientBody { inner, fault })
             }
             (None, None) => break, // a streamed body went to an earlier attempt
         };
         let in_flight = InFlight::start(b);
         let attempt = Instant::now();
         let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
-        if let Ok(Err(SendError::Client(fault))) = &result {
+        let failed = !result.as_ref().is_ok_and(Result::is_ok);
+        if failed && let Some(&fault) = fault.as_ref().and_then(|f| f.get()) {
             // The client's body failed, not the backend: no failure counted against it (a
             // client aborting uploads must not take healthy backends out), and no retry.
             let (status, text) = match fault {
@@ -743,7 +747,53 @@ pub enum Frames<S> {
 }
 
 /// The request body sent to a backend.
-pub type ReqBody = Frames<Limited<Incoming>>;
+pub type ReqBody = Frames<ClientBody>;
+
+/// How a client's request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Over the listener's `max_body_bytes`.
+    TooLarge,
+    /// Cut off or malformed (the client left mid-upload, or a bad chunk).
+    Broken,
+}
+
+/// A client's request body streamed to a backend, keeping how it failed: the backend is not
+/// to blame for it, and hyper's HTTP/2 client drops a body's error (the stream is reset, the
+/// request fails with the reset), so the edge keeps its own record.
+pub struct ClientBody {
+    inner: Limited<Incoming>,
+    fault: Arc<std::sync::OnceLock<ClientFault>>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &r {
+            let fault = if e.is::<http_body_util::LengthLimitError>() {
+                ClientFault::TooLarge
+            } else {
+                ClientFault::Broken
+            };
+            let _ = self.fault.set(fault);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 impl<S> Body for Frames<S>
 where
