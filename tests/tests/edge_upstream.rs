@@ -59,8 +59,9 @@ http {{
 /// nginx servers answering with what they saw: protocol, TLS version, client certificate,
 /// PROXY address, connection serial and requests on it. 9443: TLS requiring a client
 /// certificate from `ca`; 9444: HTTP/2 over TLS; 9081: HTTP/2 in the clear; 9082: the PROXY
-/// protocol; 9445: the PROXY protocol, then TLS with the `pass` certificate.
-fn backend_servers(srv: (&Path, &Path), ca: &Path, pass: (&Path, &Path)) -> String {
+/// protocol; 9445: the PROXY protocol, then TLS with the `pass` certificate. 9081 also takes
+/// `WebDAV` `PUT`s under `/dav/` into `dav` (nginx reads the whole body before answering).
+fn backend_servers(srv: (&Path, &Path), ca: &Path, pass: (&Path, &Path), dav: &Path) -> String {
     let ssl = |port: u16, extra: &str| {
         format!(
             "ssl_certificate {};
@@ -78,7 +79,8 @@ fn backend_servers(srv: (&Path, &Path), ca: &Path, pass: (&Path, &Path)) -> Stri
     location / {{ {echo} }} }}
   server {{ {h2tls}
     location / {{ {echo} }} }}
-  server {{ listen 9081 http2; location / {{ {echo} }} }}
+  server {{ listen 9081 http2; location / {{ {echo} }}
+    location /dav/ {{ dav_methods PUT; root {dav}; client_max_body_size 10m; }} }}
   server {{ listen 9082 proxy_protocol; location / {{ {echo} }} }}
   server {{ listen 9445 ssl proxy_protocol;
     ssl_certificate {pass_pem};
@@ -89,6 +91,7 @@ fn backend_servers(srv: (&Path, &Path), ca: &Path, pass: (&Path, &Path)) -> Stri
         ca = ca.display(),
         pass_pem = pass.0.display(),
         pass_key = pass.1.display(),
+        dav = dav.display(),
     )
 }
 
@@ -137,6 +140,7 @@ http:
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one nginx, every way of reaching it checked in turn")]
 fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_requests() {
     if !privileged("backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_requests") {
         return;
@@ -149,9 +153,10 @@ fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_request
     let (edge_pem, edge_key) = pki.client("edge", "lb-edge");
     let (pass_pem, pass_key) = pki.server("secure", &["secure.example"], 30);
     let ca = pki.ca();
-    let servers = backend_servers((&srv_pem, &srv_key), &ca, (&pass_pem, &pass_key));
     let backend_dir = dir.path().join("nginx");
-    std::fs::create_dir_all(&backend_dir).expect("nginx dir");
+    std::fs::create_dir_all(backend_dir.join("dav/dav")).expect("nginx dirs");
+    let servers =
+        backend_servers((&srv_pem, &srv_key), &ca, (&pass_pem, &pass_key), &backend_dir.join("dav"));
     let _nginx = start_nginx(&topo.backends[0].ns, &backend_dir, &servers);
 
     let b = backend_ip(0);
@@ -220,6 +225,45 @@ fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_request
         }
         assert_eq!(conns.len(), 1, "{host}: streams of one connection: {conns:?}");
     }
+
+    // An upload streamed to an HTTP/2 backend (past the 64 KiB replay buffer) arrives whole;
+    // a client leaving halfway through one is the client's fault, not the backend's (hyper's
+    // HTTP/2 client drops the body's error and resets the stream: the edge keeps its own
+    // record), so no failure is counted against the backend.
+    let put = |len: usize, sent: usize| {
+        topo.client.ns.run(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(edge).expect("connect");
+            let head = format!(
+                "PUT /dav/up HTTP/1.1\r\nHost: h2c.example\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).expect("head");
+            s.write_all(&vec![b'x'; sent]).expect("body");
+            if sent < len {
+                // Leaves: the edge reads the end of its stream.
+                s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            }
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
+        })
+    };
+    let status_line = put(300_000, 300_000);
+    assert!(status_line.starts_with("HTTP/1.1 201"), "{status_line}\n{}", lbd.log());
+    let kept = std::fs::metadata(backend_dir.join("dav/dav/up")).expect("uploaded file").len();
+    assert_eq!(kept, 300_000, "the whole upload reached the backend");
+    let h2c = format!("{b}:9081");
+    let failures = || {
+        let st = lb_tests::lbd::status(&topo.lb.ns);
+        backend_status(&st, "h2c.example", &h2c).expect("backend in status")["http"]["failures"]
+            .as_u64()
+            .expect("failures")
+    };
+    let before = failures();
+    let status_line = put(1_000_000, 200_000);
+    assert!(!status_line.contains(" 502 "), "the client's fault answered as the backend's: {status_line}");
+    assert_eq!(failures(), before, "a client's broken upload counted against the backend: {}", lbd.log());
 
     // idle_timeout 300 ms: a connection idle past it is closed and the next request opens
     // another; within it, the connection is reused. One client connection, so one edge
