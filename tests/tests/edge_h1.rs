@@ -232,6 +232,7 @@ fn curl_at(topo: &DsrTopology, port: u16, path: &str, extra: &[&str]) -> (u16, V
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scripted backend, every framing and fault in turn")]
 fn every_response_framing_reaches_the_client_whole_and_bad_answers_are_502() {
     if !privileged("every_response_framing_reaches_the_client_whole_and_bad_answers_are_502") {
         return;
@@ -254,6 +255,11 @@ http:
     health: {{enabled: false}}
     # No second try: a request the edge got wrong is not hidden by a retry.
     retry: {{tries: 1}}
+    backends: [{{host: {b}, port: {PORT}}}]
+  slow.example:
+    health: {{enabled: false}}
+    retry: {{tries: 1}}
+    timeouts: {{response: 1s}}
     backends: [{{host: {b}, port: {PORT}}}]
 ",
             b = backend_ip(0)
@@ -349,6 +355,26 @@ http:
         let _ = s.read_to_end(&mut Vec::new());
     });
     assert_eq!(failures(), before, "client-side upload failures counted against the backend: {}", log());
+    // A client that stops sending its upload past the response timeout (1 s here): 408, its
+    // fault. The backend is waiting for the body as well; it is not timed out for it.
+    let slow_failures = || {
+        let st = lb_tests::lbd::status(&topo.lb.ns);
+        lb_tests::lbd::backend_status(&st, "slow.example", &b0).expect("backend in status")["http"]["failures"]
+            .as_u64()
+            .expect("failures")
+    };
+    let answer = topo.client.ns.run(|| {
+        let mut s = TcpStream::connect((topo.lb.ip, 8000)).expect("connect");
+        let head = "POST /upload HTTP/1.1\r\nHost: slow.example\r\nContent-Length: 1000000\r\n\r\n";
+        s.write_all(head.as_bytes()).expect("head");
+        s.write_all(&vec![b'x'; 100_000]).expect("a tenth of the body");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut answer = vec![0u8; 12];
+        let _ = s.read_exact(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert_eq!(answer, "HTTP/1.1 408", "{}", log());
+    assert_eq!(slow_failures(), 0, "a client's stalled upload counted against the backend: {}", log());
     assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
 
     drop(lbd);

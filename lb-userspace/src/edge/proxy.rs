@@ -5,7 +5,10 @@ use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::{Instant, SystemTime},
 };
@@ -390,7 +393,7 @@ async fn forward(
     };
     let may_retry = replay.is_some() && (spec.retry.non_idempotent || idempotent(&parts.method));
     // How a streamed body failed, if it did (set by the body as it is read).
-    let mut fault: Option<Arc<std::sync::OnceLock<ClientFault>>> = None;
+    let mut fault: Option<Arc<BodyRecord>> = None;
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
     upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
     let target = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
@@ -425,8 +428,8 @@ async fn forward(
             (Some(bytes), _) => Frames::Full(Some(bytes.clone())),
             (None, Some(s)) => {
                 let inner = Limited::new(s, usize::try_from(max_body).unwrap_or(usize::MAX));
-                let fault = fault.get_or_insert_with(Arc::default).clone();
-                Frames::Stream(ClientBody { inner, fault })
+                let record = fault.get_or_insert_with(Arc::default).clone();
+                Frames::Stream(ClientBody { inner, record })
             }
             (None, None) => break, // a streamed body went to an earlier attempt
         };
@@ -434,12 +437,15 @@ async fn forward(
         let attempt = Instant::now();
         let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
         let failed = !result.as_ref().is_ok_and(Result::is_ok);
-        if failed && let Some(&fault) = fault.as_ref().and_then(|f| f.get()) {
+        let timed_out = result.is_err();
+        if failed && let Some(fault) = fault.as_ref().and_then(|f| f.fault(timed_out)) {
             // The client's body failed, not the backend: no failure counted against it (a
-            // client aborting uploads must not take healthy backends out), and no retry.
+            // client aborting or trickling uploads must not take healthy backends out), and
+            // no retry.
             let (status, text) = match fault {
                 ClientFault::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
                 ClientFault::Broken => (StatusCode::BAD_REQUEST, "incomplete request body\n"),
+                ClientFault::Slow => (StatusCode::REQUEST_TIMEOUT, "request body not received in time\n"),
             };
             drop((pass, in_flight));
             return local(status, text, Some(log(status, &b.identity, n)));
@@ -756,6 +762,27 @@ pub enum ClientFault {
     TooLarge,
     /// Cut off or malformed (the client left mid-upload, or a bad chunk).
     Broken,
+    /// Still awaited from the client when the response timeout ran out.
+    Slow,
+}
+
+/// What a streamed request body knows of itself, for the request that sent it.
+#[derive(Debug, Default)]
+pub struct BodyRecord {
+    fault: std::sync::OnceLock<ClientFault>,
+    /// The last read of it waited on the client (not on the backend taking what it sent).
+    waiting: AtomicBool,
+}
+
+impl BodyRecord {
+    /// The client's fault in a failed attempt, if it was one; `timed_out`: the attempt ran
+    /// out of time, which is the client's doing while its body was awaited.
+    fn fault(&self, timed_out: bool) -> Option<ClientFault> {
+        self.fault
+            .get()
+            .copied()
+            .or_else(|| (timed_out && self.waiting.load(Ordering::Relaxed)).then_some(ClientFault::Slow))
+    }
 }
 
 /// A client's request body streamed to a backend, keeping how it failed: the backend is not
@@ -763,7 +790,7 @@ pub enum ClientFault {
 /// request fails with the reset), so the edge keeps its own record.
 pub struct ClientBody {
     inner: Limited<Incoming>,
-    fault: Arc<std::sync::OnceLock<ClientFault>>,
+    record: Arc<BodyRecord>,
 }
 
 impl Body for ClientBody {
@@ -775,13 +802,14 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        self.record.waiting.store(r.is_pending(), Ordering::Relaxed);
         if let Poll::Ready(Some(Err(e))) = &r {
             let fault = if e.is::<http_body_util::LengthLimitError>() {
                 ClientFault::TooLarge
             } else {
                 ClientFault::Broken
             };
-            let _ = self.fault.set(fault);
+            let _ = self.record.fault.set(fault);
         }
         r
     }
