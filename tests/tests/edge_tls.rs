@@ -356,6 +356,7 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "passthrough, then a WebSocket and what it holds, in turn")]
 fn tls_passes_through_by_sni_and_websockets_are_proxied_both_ways() {
     if !privileged("tls_passes_through_by_sni_and_websockets_are_proxied_both_ways") {
         return;
@@ -432,19 +433,36 @@ http:
         open()
     };
     let mut during = None;
+    let mut timers = String::new();
     let back = s.topo.client.ns.run(|| {
         ws::echo_then(
             s.lb(8000),
             "ws.example",
             "/chat",
             vec![Message::text("hello"), Message::binary(big.clone())],
-            || during = Some(counted_open(1)),
+            || {
+                during = Some(counted_open(1));
+                // The timer `ss` shows is keepalive once nothing waits to be acknowledged.
+                for _ in 0..100 {
+                    let ss = lb_ns
+                        .command("ss")
+                        .args(["-tno", "state", "established", "( sport = :8000 )"])
+                        .output();
+                    timers = ss.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+                    if timers.contains("keepalive") {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            },
         )
     });
     let back = back.unwrap_or_else(|e| panic!("{e}\nlbd:\n{}", lbd.log()));
     // An upgraded connection still holds its place (per-client cap, thread placement).
     assert_eq!(during, Some(1), "client connections counted open while a WebSocket tunnel is");
     assert_eq!(counted_open(0), 0, "the tunnel counted out once closed");
+    // Keepalives on the client's socket: a client gone without a FIN does not hold it forever.
+    assert!(timers.contains("keepalive"), "no keepalive timer on the tunnel's socket:\n{timers}");
     assert_eq!(back[0], Message::text("hello"));
     assert_eq!(back[1], Message::binary(big));
     let st = status(&s.topo.lb.ns);

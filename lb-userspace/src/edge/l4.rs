@@ -198,7 +198,7 @@ async fn relay_tcp(svc: Arc<Service>, mut client: TcpStream, peer: SocketAddr) {
 
 /// No Nagle delay (requests and answers are relayed as they come), and keepalives so a peer
 /// that vanished without a FIN does not hold its connection forever.
-fn tune(s: &TcpStream) {
+pub(super) fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
     let keepalive =
         socket2::TcpKeepalive::new().with_time(Duration::from_mins(1)).with_interval(Duration::from_secs(10));

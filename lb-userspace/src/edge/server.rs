@@ -104,7 +104,9 @@ pub async fn accept_loop(
             }
             continue;
         };
-        let _ = stream.set_nodelay(true);
+        // Keepalives too: a tunnel (WebSocket, passthrough) has no idle timeout, and a client
+        // gone without a FIN would hold its place under the per-address cap.
+        super::l4::tune(&stream);
         let shared = shared.clone();
         let open = placement.place(super::workers::current());
         let there = placement.handle(open.thread()).filter(|_| open.thread() != super::workers::current());
