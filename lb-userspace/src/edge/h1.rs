@@ -164,15 +164,7 @@ impl Conn {
             return false;
         }
         let tcp = self.io.tcp();
-        let fd = tcp.as_raw_fd();
-        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
-            let mut byte = 0u8;
-            // SAFETY: a one-byte read into a local, from the socket this stream owns.
-            let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n) }
-        });
-        // Nothing to read: open. Bytes (unasked for) or the end of the stream: not usable.
-        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        quiet(tcp.try_io(tokio::io::Interest::READABLE, || peek(tcp.as_raw_fd())))
     }
 
     /// Sends a request and reads its answer's head. `close` asks the backend to close the
@@ -378,16 +370,10 @@ impl Conn {
             Stream::Plain(tcp) => tcp,
             io @ Stream::Tls(_) => return Err(Self { io, buf, read_size, out }),
         };
-        let moved = tcp.into_std().and_then(TcpStream::from_std).ok().filter(|tcp| {
-            // The new registration knows nothing yet of a close the old reactor saw: asked
-            // directly, once.
-            let mut byte = 0u8;
-            // SAFETY: a one-byte read into a local, from the socket `tcp` owns.
-            let n = unsafe {
-                libc::recv(tcp.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-            };
-            n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
-        });
+        // The new registration knows nothing yet of a close the old reactor saw: asked
+        // directly, once.
+        let moved =
+            tcp.into_std().and_then(TcpStream::from_std).ok().filter(|tcp| quiet(peek(tcp.as_raw_fd())));
         Ok(moved.map(|tcp| Self { io: Stream::Plain(tcp), buf, read_size, out }))
     }
 
@@ -396,6 +382,20 @@ impl Conn {
     pub fn into_parts(self) -> (Stream, Bytes) {
         (self.io, self.buf.freeze())
     }
+}
+
+/// One byte peeked without waiting (TLS bytes stay in place): `Ok(0)` at the end of the stream.
+fn peek(fd: std::os::fd::RawFd) -> io::Result<isize> {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte read into a local, from a socket the caller owns.
+    let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n) }
+}
+
+/// An idle connection is usable when there is nothing to read: bytes (unasked for) or the end
+/// of the stream make it unusable.
+fn quiet(peeked: io::Result<isize>) -> bool {
+    matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 fn is_reset(e: &io::Error) -> bool {
