@@ -465,6 +465,30 @@ pub fn backend_status<'a>(
         .find(|b| b["backend"] == backend)
 }
 
+/// Failures the edge counted against `backend` of HTTP service `service` (passive health).
+///
+/// # Panics
+/// When the status has no such backend.
+#[must_use]
+pub fn http_failures(ns: &NetNs, service: &str, backend: &str) -> u64 {
+    let st = status(ns);
+    backend_status(&st, service, backend).unwrap_or_else(|| panic!("{service}/{backend} not in {st:#}"))["http"]
+        ["failures"]
+        .as_u64()
+        .expect("failures")
+}
+
+/// Client connections open on each edge thread (`lb_edge_connections{thread}`), in thread order.
+#[must_use]
+pub fn edge_connections(ns: &NetNs) -> Vec<u64> {
+    admin(ns, "GET", "/metrics", None)
+        .body
+        .lines()
+        .filter(|l| l.starts_with("lb_edge_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
 /// Whether no backend waits for its first health check.
 #[must_use]
 pub fn all_checked(status: &serde_json::Value) -> bool {

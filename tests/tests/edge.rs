@@ -310,12 +310,7 @@ http:
     let (s, lbd) = setup("edge-spread", 1, reg);
     let edge = s.lb(EDGE);
     let ns = &s.topo.lb.ns;
-    let open = |t: usize| lb_tests::lbd::metric(ns, &format!("lb_edge_connections{{thread=\"{t}\"}}"));
-    let threads = lb_tests::lbd::admin(ns, "GET", "/metrics", None)
-        .body
-        .lines()
-        .filter(|l| l.starts_with("lb_edge_connections{"))
-        .count();
+    let threads = lb_tests::lbd::edge_connections(ns).len();
     assert!(threads >= 1, "a gauge for each edge thread");
     // One at a time, each answered before the next: every one is placed knowing the others.
     // By the kernel's address hash alone, 16 split evenly one time in five.
@@ -329,8 +324,7 @@ http:
             })
             .collect()
     });
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "small counts")]
-    let counts: Vec<u64> = (0..threads).map(|t| open(t) as u64).collect();
+    let counts = lb_tests::lbd::edge_connections(ns);
     eprintln!("16 connections over {threads} edge thread(s): {counts:?}");
     assert_eq!(counts.iter().sum::<u64>(), 16, "{counts:?}");
     let (min, max) = (counts.iter().min(), counts.iter().max());
@@ -347,7 +341,7 @@ http:
     });
     // Closed connections are counted out.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (0..threads).map(open).sum::<f64>() > 0.0 {
+    while lb_tests::lbd::edge_connections(ns).iter().sum::<u64>() > 0 {
         assert!(Instant::now() < deadline, "connections still counted open after their clients left");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -331,13 +331,8 @@ http:
     // Uploads that fail on the client's side: the client's fault, answered so, and not
     // counted against the backend (a client could otherwise take healthy backends out).
     let b0 = format!("{}:{PORT}", backend_ip(0));
-    let failures = || {
-        let st = lb_tests::lbd::status(&topo.lb.ns);
-        lb_tests::lbd::backend_status(&st, "h1.example", &b0).expect("backend in status")["http"]["failures"]
-            .as_u64()
-            .expect("failures")
-    };
-    let before = failures();
+    let failures = |service: &str| lb_tests::lbd::http_failures(&topo.lb.ns, service, &b0);
+    let before = failures("h1.example");
     // A chunked upload (no length to refuse it by) that grows past the listener's limit.
     let (code, _) =
         curl_at(&topo, 8001, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
@@ -354,15 +349,14 @@ http:
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
         let _ = s.read_to_end(&mut Vec::new());
     });
-    assert_eq!(failures(), before, "client-side upload failures counted against the backend: {}", log());
+    assert_eq!(
+        failures("h1.example"),
+        before,
+        "client-side upload failures counted against the backend: {}",
+        log()
+    );
     // A client that stops sending its upload past the response timeout (1 s here): 408, its
     // fault. The backend is waiting for the body as well; it is not timed out for it.
-    let slow_failures = || {
-        let st = lb_tests::lbd::status(&topo.lb.ns);
-        lb_tests::lbd::backend_status(&st, "slow.example", &b0).expect("backend in status")["http"]["failures"]
-            .as_u64()
-            .expect("failures")
-    };
     let answer = topo.client.ns.run(|| {
         let mut s = TcpStream::connect((topo.lb.ip, 8000)).expect("connect");
         let head = "POST /upload HTTP/1.1\r\nHost: slow.example\r\nContent-Length: 1000000\r\n\r\n";
@@ -374,7 +368,12 @@ http:
         String::from_utf8_lossy(&answer).into_owned()
     });
     assert_eq!(answer, "HTTP/1.1 408", "{}", log());
-    assert_eq!(slow_failures(), 0, "a client's stalled upload counted against the backend: {}", log());
+    assert_eq!(
+        failures("slow.example"),
+        0,
+        "a client's stalled upload counted against the backend: {}",
+        log()
+    );
     assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
 
     drop(lbd);

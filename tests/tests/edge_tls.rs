@@ -356,7 +356,6 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
 }
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "passthrough, then a WebSocket and what it holds, in turn")]
 fn tls_passes_through_by_sni_and_websockets_are_proxied_both_ways() {
     if !privileged("tls_passes_through_by_sni_and_websockets_are_proxied_both_ways") {
         return;
@@ -417,13 +416,7 @@ http:
     // WebSocket: text and a 200 KB binary message echoed through the edge.
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let lb_ns = &s.topo.lb.ns;
-    let open = || {
-        let m = lb_tests::lbd::admin(lb_ns, "GET", "/metrics", None).body;
-        m.lines()
-            .filter(|l| l.starts_with("lb_edge_connections{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>()
-    };
+    let open = || lb_tests::lbd::edge_connections(lb_ns).iter().sum::<u64>();
     // Until this changes: the edge's open client connections are the tunnel alone.
     let counted_open = |want: u64| {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

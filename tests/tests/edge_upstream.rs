@@ -254,12 +254,7 @@ fn backends_get_mtls_http2_proxy_headers_and_fresh_connections_after_max_request
     let kept = std::fs::metadata(backend_dir.join("dav/dav/up")).expect("uploaded file").len();
     assert_eq!(kept, 300_000, "the whole upload reached the backend");
     let h2c = format!("{b}:9081");
-    let failures = || {
-        let st = lb_tests::lbd::status(&topo.lb.ns);
-        backend_status(&st, "h2c.example", &h2c).expect("backend in status")["http"]["failures"]
-            .as_u64()
-            .expect("failures")
-    };
+    let failures = || lb_tests::lbd::http_failures(&topo.lb.ns, "h2c.example", &h2c);
     let before = failures();
     let status_line = put(1_000_000, 200_000);
     assert!(!status_line.contains(" 502 "), "the client's fault answered as the backend's: {status_line}");

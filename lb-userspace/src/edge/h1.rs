@@ -274,25 +274,17 @@ impl Conn {
     /// Writes the next piece of the request; ready when it made progress.
     fn poll_write_step(&mut self, cx: &mut Context<'_>, w: &mut Writing) -> Poll<Result<(), Error>> {
         let io = Pin::new(&mut self.io);
-        if w.head_left > 0 {
-            let head = &self.out[self.out.len() - w.head_left..];
-            return match ready!(io.poll_write(cx, head)) {
+        // The head (in `out`) first, then the pending piece of the body.
+        let next = if w.head_left > 0 { &self.out[self.out.len() - w.head_left..] } else { &w.pending[..] };
+        if !next.is_empty() {
+            return match ready!(io.poll_write(cx, next)) {
                 Ok(0) => Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
                 Ok(n) => {
-                    w.head_left -= n;
-                    w.wrote = true;
-                    w.dirty = true;
-                    Poll::Ready(Ok(()))
-                }
-                Err(e) if !w.wrote && is_reset(&e) => Poll::Ready(Err(Error::Unsent)),
-                Err(e) => Poll::Ready(Err(e.into())),
-            };
-        }
-        if !w.pending.is_empty() {
-            return match ready!(io.poll_write(cx, &w.pending)) {
-                Ok(0) => Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
-                Ok(n) => {
-                    w.pending.advance(n);
+                    if w.head_left > 0 {
+                        w.head_left -= n;
+                    } else {
+                        w.pending.advance(n);
+                    }
                     w.wrote = true;
                     w.dirty = true;
                     Poll::Ready(Ok(()))

@@ -663,8 +663,8 @@ pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, hos
     let original_host = h.get(header::HOST).cloned();
     let fhost =
         original_host.unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
-    // Written on the stack, not formatted through Strings: this runs per request, and each
-    // value then costs the one allocation of its copy.
+    // Not formatted through Strings (this runs per request): the address on the stack, and
+    // each value one allocation.
     let mut addr = [0u8; 48];
     let n = {
         let mut w = &mut addr[..];
@@ -674,7 +674,8 @@ pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, hos
     let addr = &addr[..n];
     let proto: &[u8] = if proto == "https" { b"https" } else { b"http" };
     let v6 = client.is_ipv6();
-    let parts: [&[u8]; 7] = [
+    // Joined into one exactly sized buffer, which the value then owns.
+    let fwd: [&[u8]; 8] = [
         b"for=",
         if v6 { b"\"[" } else { b"" },
         addr,
@@ -682,20 +683,9 @@ pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, hos
         b";host=\"",
         fhost.as_bytes(),
         b"\";proto=",
+        proto,
     ];
-    let mut fwd = [0u8; 256];
-    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + proto.len();
-    let fwd = if len <= fwd.len() {
-        let mut at = 0;
-        for p in parts.iter().chain(std::iter::once(&proto)) {
-            fwd[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
-        HeaderValue::from_bytes(&fwd[..len])
-    } else {
-        // A long Host: on the heap.
-        HeaderValue::from_bytes(&[&parts[..], &[proto]].concat().concat())
-    };
+    let fwd = HeaderValue::from_maybe_shared(Bytes::from(fwd.concat()));
     if let Ok(v) = HeaderValue::from_bytes(addr) {
         h.insert(X_FORWARDED_FOR, v);
     }

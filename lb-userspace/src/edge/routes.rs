@@ -172,12 +172,6 @@ impl std::ops::Deref for Host {
     }
 }
 
-impl std::fmt::Display for Host {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self)
-    }
-}
-
 fn strip_port(h: &str) -> &str {
     if let Some(rest) = h.strip_prefix('[') {
         // [v6]:port
