@@ -21,7 +21,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::proxy::{BoxError, ClientBody, Frames, ReqBody};
+use super::{
+    pool::Outgoing,
+    proxy::{BoxError, ClientBody, Frames, ReqBody},
+};
 
 /// Largest response head read (as the edge's own request header limit).
 const MAX_HEAD: usize = 64 * 1024;
@@ -172,17 +175,11 @@ impl Conn {
     /// that answers early (413, 401) gets no more of the body, and one that answers while it
     /// reads is not deadlocked. Informational answers (100 Continue, 103) are skipped; a 101
     /// is returned, the connection then the caller's to tunnel.
-    pub async fn exchange(
-        &mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        close: bool,
-        body: ReqBody,
-    ) -> Result<Head, Error> {
+    pub async fn exchange(&mut self, req: &Outgoing<'_>, close: bool, body: ReqBody) -> Result<Head, Error> {
+        let method = req.method;
         let out = &mut self.out;
         out.clear();
-        encode_head(out, method, target, headers, close, &body);
+        encode_head(out, req, close, &body);
         let mut w = Writing {
             head_left: 0,
             pending: Bytes::new(),
@@ -432,14 +429,8 @@ fn announces_empty_body(m: &Method) -> bool {
     )
 }
 
-fn encode_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    close: bool,
-    body: &ReqBody,
-) {
+fn encode_head(out: &mut Vec<u8>, req: &Outgoing<'_>, close: bool, body: &ReqBody) {
+    let Outgoing { method, target, headers, forwarding, .. } = *req;
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
@@ -453,6 +444,9 @@ fn encode_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(f) = forwarding {
+        f.write_fields(out);
     }
     let length = match body {
         Frames::Full(b) => Some(b.as_ref().map_or(0, Bytes::len) as u64),
@@ -515,36 +509,104 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(n);
+    // What this hop needs of `Connection`, `Transfer-Encoding` and `Content-Length`, noted on
+    // the way rather than looked up after.
+    let mut seen = Seen::default();
     for &(name_from, name_to, from, to) in &spans[..n] {
         let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
             .map_err(|_| Error::Invalid("bad header name"))?;
         let v = HeaderValue::from_maybe_shared(head.slice(from as usize..to as usize))
             .map_err(|_| Error::Invalid("bad header value"))?;
-        headers.append(name, v);
+        if seen.note(&name, &v) {
+            headers.append(name, v);
+        }
     }
-    let framing = framing(method, status, &headers)?;
-    let mut reusable = framing != Framing::Close && keeps_alive(version, &headers);
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let framing = framing(method, status, &seen)?;
+    let keeps_alive = !seen.close && (version == Version::HTTP_11 || seen.keep_alive);
+    let mut reusable = framing != Framing::Close && keeps_alive;
+    if seen.transfer_coding.is_some() {
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
         }
         // Transfer-Encoding wins over a Content-Length beside it, which must not reach the
         // client with a body of another length; and such a message closes its connection
         // (RFC 9112 6.1, 6.3).
-        reusable &= headers.remove(header::CONTENT_LENGTH).is_none();
-    } else if let Framing::Length(n) = framing {
-        // One plain value goes on to the client, not `4, 4` or repeated fields.
-        let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-        let plain = values.next().is_some_and(|v| v.to_str().ok().and_then(|v| digits(v, 10)) == Some(n));
-        if !plain || values.next().is_some() {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        if seen.lengths > 0 {
+            headers.remove(header::CONTENT_LENGTH);
+            reusable = false;
         }
+    } else if let Framing::Length(n) = framing
+        && !seen.plain_length
+    {
+        // One plain value goes on to the client, not `4, 4` or repeated fields.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(Some(Head { status, version, headers, framing, reusable }))
 }
 
+/// The framing fields of a response head.
+#[derive(Default)]
+struct Seen {
+    close: bool,
+    keep_alive: bool,
+    /// The last `Transfer-Encoding` field.
+    transfer_coding: Option<HeaderValue>,
+    /// `Content-Length` fields, the length they agree on, or why they do not.
+    lengths: usize,
+    length: Option<u64>,
+    bad_length: Option<&'static str>,
+    /// One field with one value.
+    plain_length: bool,
+}
+
+impl Seen {
+    /// Notes a field; whether it goes on to the client. This hop's own fields do not: the
+    /// connection options (unless they name other fields, which the proxy then removes with
+    /// them), `Keep-Alive`, and the transfer coding, which this side decodes.
+    fn note(&mut self, name: &HeaderName, v: &HeaderValue) -> bool {
+        if *name == header::CONNECTION {
+            let mut names_fields = false;
+            for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
+                let close = t.eq_ignore_ascii_case("close");
+                let keep_alive = t.eq_ignore_ascii_case("keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                names_fields |= !(close || keep_alive || t.is_empty() || t.eq_ignore_ascii_case("upgrade"));
+            }
+            return names_fields;
+        }
+        if *name == header::TRANSFER_ENCODING {
+            self.transfer_coding = Some(v.clone());
+            return false;
+        }
+        if name.as_str() == "keep-alive" {
+            return false;
+        }
+        if *name == header::CONTENT_LENGTH {
+            self.lengths += 1;
+            self.plain_length = self.lengths == 1;
+            if self.bad_length.is_some() {
+                return true;
+            }
+            let Ok(text) = v.to_str() else {
+                self.bad_length = Some("bad content-length");
+                return true;
+            };
+            for part in text.split(',') {
+                self.plain_length &= part.len() == text.len();
+                match digits(part.trim(), 10) {
+                    Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
+                    Some(_) => self.bad_length = Some("conflicting content-length"),
+                    None => self.bad_length = Some("bad content-length"),
+                }
+            }
+        }
+        true
+    }
+}
+
 /// How the body after a response head ends (RFC 9112 6.3).
-fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing, Error> {
+fn framing(method: &Method, status: StatusCode, seen: &Seen) -> Result<Framing, Error> {
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -552,7 +614,7 @@ fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing
     {
         return Ok(Framing::Empty);
     }
-    if let Some(last) = h.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+    if let Some(last) = &seen.transfer_coding {
         let chunked = last
             .to_str()
             .ok()
@@ -560,35 +622,14 @@ fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         return Ok(if chunked { Framing::Chunked } else { Framing::Close });
     }
-    let mut length = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| Error::Invalid("bad content-length"))?.split(',') {
-            let n = digits(part.trim(), 10).ok_or(Error::Invalid("bad content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::Invalid("conflicting content-length"));
-            }
-            length = Some(n);
-        }
+    if let Some(why) = seen.bad_length {
+        return Err(Error::Invalid(why));
     }
-    Ok(match length {
+    Ok(match seen.length {
         Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
         None => Framing::Close,
     })
-}
-
-fn keeps_alive(version: Version, h: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if has("close") {
-        return false;
-    }
-    version == Version::HTTP_11 || has("keep-alive")
 }
 
 /// Where a chunked body's decoder stands.
@@ -885,6 +926,22 @@ mod tests {
         assert_eq!(h.headers[header::CONTENT_LENGTH], "2");
     }
 
+    #[test]
+    fn this_hops_fields_stay_here() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5\r\n\
+                    Transfer-Encoding: chunked\r\nETag: \"a\"\r\n\r\n";
+        let h = head(text, &Method::GET).unwrap().unwrap();
+        assert_eq!((h.framing, h.reusable), (Framing::Chunked, true));
+        let names: Vec<_> = h.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["etag"]);
+        // A Connection that names another field goes on, for the proxy to remove both.
+        let h = head("HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert!(!h.reusable);
+        assert_eq!(h.headers[header::CONNECTION], "close, X-Hop");
+    }
+
     fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, bool, BytesMut), Error> {
         let mut state = Chunk::Size;
         let mut buf = BytesMut::new();
@@ -928,19 +985,21 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a.example"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        let req = |method, target, headers| Outgoing { method, target, headers, forwarding: None, idempotent: true };
         let mut out = Vec::new();
         let body = super::Frames::Full(Some(Bytes::from_static(b"abc")));
-        encode_head(&mut out, &Method::POST, "/x?y=1", &h, true, &body);
+        encode_head(&mut out, &req(&Method::POST, "/x?y=1", &h), true, &body);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
             "POST /x?y=1 HTTP/1.1\r\nhost: a.example\r\ncontent-length: 3\r\nconnection: close\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_head(&mut out, &Method::GET, "", &HeaderMap::new(), false, &super::Frames::Full(None));
+        let none = HeaderMap::new();
+        encode_head(&mut out, &req(&Method::GET, "", &none), false, &super::Frames::Full(None));
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
         let mut out = Vec::new();
-        encode_head(&mut out, &Method::PUT, "/", &HeaderMap::new(), false, &super::Frames::Full(None));
+        encode_head(&mut out, &req(&Method::PUT, "/", &none), false, &super::Frames::Full(None));
         assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
         assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), u64::MAX.to_string().as_bytes());

@@ -33,7 +33,7 @@ use tracing::debug;
 
 use super::{
     h1,
-    proxy::{BoxError, Conn, Frames, ReqBody},
+    proxy::{BoxError, Conn, Forwarding, Frames, ReqBody},
     proxy_v2,
 };
 use crate::{
@@ -227,6 +227,8 @@ pub struct Outgoing<'a> {
     /// Path and query.
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// Who the client is, added to `headers` as they go.
+    pub forwarding: Option<&'a Forwarding>,
     /// Safe to send twice (RFC 9110 9.2.2): sent again on a fresh connection when a reused
     /// one closed without answering.
     pub idempotent: bool,
@@ -291,7 +293,7 @@ impl BackendPool {
             // The last request it carries: the backend closes it cleanly after answering.
             let last = max != 0 && c.meta.uses >= max;
             let Some(b) = body.take() else { unreachable!("a body for each round") };
-            match c.conn.exchange(req.method, req.target, req.headers, last, b).await {
+            match c.conn.exchange(req, last, b).await {
                 Ok(head) => {
                     let home = Home { pool: self.clone(), meta: c.meta };
                     let body = UpBody::H1(h1::ResponseBody::new(c.conn, &head, home));
@@ -329,6 +331,9 @@ impl BackendPool {
         let mut req = Request::new(body);
         *req.method_mut() = out.method.clone();
         *req.headers_mut() = out.headers.clone();
+        if let Some(f) = out.forwarding {
+            f.set(req.headers_mut());
+        }
         let mut req = h2_form(req, out.target, self.settings.tls.is_some(), &self.identity);
         for fresh in [false, true] {
             let mut tx = self.h2_sender(conn, fresh).await?;

@@ -37,8 +37,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const MAX_TRIES: usize = 10;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1, plus the old
-/// `Proxy-Connection` and `Keep-Alive`).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Proxy-Connection` and `Keep-Alive`), and `Upgrade`, which a proxy sets itself. A `static`:
+/// a `const` array would be built and dropped at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -47,7 +48,25 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// Where `name` stands in [`HOP_BY_HOP`], if it is one (names are lowercase).
+fn hop_by_hop(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -395,12 +414,14 @@ async fn forward(
     // How a streamed body failed, if it did (set by the body as it is read).
     let mut fault: Option<Arc<BodyRecord>> = None;
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
-    upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
+    let forwarding =
+        upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
     let target = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
     let out = Outgoing {
         method: &parts.method,
         target,
         headers: &parts.headers,
+        forwarding: Some(&forwarding),
         idempotent: idempotent(&parts.method),
     };
 
@@ -434,7 +455,8 @@ async fn forward(
             (None, None) => break, // a streamed body went to an earlier attempt
         };
         let in_flight = InFlight::start(b);
-        let attempt = Instant::now();
+        // Picking took next to no time: the clock is read once per attempt.
+        let attempt = now;
         let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
         let failed = !result.as_ref().is_ok_and(Result::is_ok);
         let timed_out = result.is_err();
@@ -451,11 +473,12 @@ async fn forward(
             return local(status, text, Some(log(status, &b.identity, n)));
         }
         let answered = result.as_ref().ok().and_then(|r| r.as_ref().ok()).map(Response::status);
-        svc.outcome(i, pass, answered, attempt.elapsed());
+        let took = attempt.elapsed();
+        svc.outcome(i, pass, answered, took);
         let last_try = n == tries_allowed || !may_retry;
         match result {
             Ok(Ok(resp)) => {
-                b.observe(attempt.elapsed());
+                b.observe(took);
                 let status = resp.status();
                 if status == StatusCode::SWITCHING_PROTOCOLS
                     && let Some((_, client_side)) = upgrade.take()
@@ -514,17 +537,24 @@ async fn forward(
 
 /// The request's headers as a backend gets them: hop-by-hop ones gone, the forwarding ones
 /// set, a Host for HTTP/2 requests (which name it in the URI only), and the upgrade asked for.
-fn upstream_headers(h: &mut HeaderMap, uri: &Uri, conn: &Conn, host: &str, upgrade: Option<&HeaderValue>) {
+fn upstream_headers(
+    h: &mut HeaderMap,
+    uri: &Uri,
+    conn: &Conn,
+    host: &str,
+    upgrade: Option<&HeaderValue>,
+) -> Forwarding {
     if !h.contains_key(header::HOST)
         && let Some(v) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
         h.insert(header::HOST, v);
     }
-    clean_request_headers(h, conn.client.ip(), conn.scheme(), host);
+    let forwarding = clean_request_headers(h, conn.client.ip(), conn.scheme(), host);
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
+    forwarding
 }
 
 /// The protocol a request asks to switch to (`Upgrade`, with `Connection: upgrade`), if any.
@@ -650,50 +680,115 @@ pub fn hash_key(balance: &Balance, conn: &Conn, headers: &HeaderMap) -> Option<u
 }
 
 /// Strips hop-by-hop headers (and those `Connection` names) and what a client may not claim
-/// about itself, then says who the client is: `X-Forwarded-For/-Proto/-Host` and `Forwarded`.
-pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, host: &str) {
-    // Set, not appended: a client's own claims are not trusted.
-    const CLAIMS: [HeaderName; 4] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, header::FORWARDED];
+/// about itself (`X-Forwarded-*`, `Forwarded`), and says what the backend is told instead.
+pub fn clean_request_headers(h: &mut HeaderMap, client: IpAddr, proto: &str, host: &str) -> Forwarding {
     remove_hop_by_hop(h);
-    if h.keys().any(|k| CLAIMS.contains(k)) {
-        for name in &CLAIMS {
+    // Set, not appended: a client's own claims are not trusted.
+    let claims = |k: &HeaderName| {
+        matches!(k.as_str(), "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded")
+    };
+    if h.keys().any(claims) {
+        for name in [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, header::FORWARDED] {
             h.remove(name);
         }
     }
-    let original_host = h.get(header::HOST).cloned();
-    let fhost =
-        original_host.unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
-    // Not formatted through Strings (this runs per request): the address on the stack, and
-    // each value one allocation.
+    let host = h
+        .get(header::HOST)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("")));
     let mut addr = [0u8; 48];
-    let n = {
-        let mut w = &mut addr[..];
-        let _ = write!(w, "{client}");
-        48 - w.len()
+    let len = write_ip(client, &mut addr).len();
+    Forwarding { addr, len, v6: client.is_ipv6(), https: proto == "https", host }
+}
+
+/// Who the client is, as a backend is told: `X-Forwarded-For/-Proto/-Host` and `Forwarded`.
+/// Written straight into an HTTP/1.1 request head (no field values built, no map grown, per
+/// request); set as fields for HTTP/2.
+pub struct Forwarding {
+    addr: [u8; 48],
+    len: usize,
+    v6: bool,
+    https: bool,
+    /// The client's Host, as it asked.
+    host: HeaderValue,
+}
+
+impl Forwarding {
+    fn addr(&self) -> &[u8] {
+        &self.addr[..self.len]
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+
+    /// The `Forwarded` value's pieces (RFC 7239: an IPv6 address quoted and bracketed).
+    fn forwarded(&self) -> [&[u8]; 8] {
+        [
+            b"for=",
+            if self.v6 { b"\"[" } else { b"" },
+            self.addr(),
+            if self.v6 { b"]\"" } else { b"" },
+            b";host=\"",
+            self.host.as_bytes(),
+            b"\";proto=",
+            self.proto().as_bytes(),
+        ]
+    }
+
+    /// The four fields as head lines.
+    pub fn write_fields(&self, out: &mut Vec<u8>) {
+        out.reserve(150 + 2 * self.len + 2 * self.host.len());
+        let head: [&[u8]; 5] =
+            [b"x-forwarded-for: ", self.addr(), b"\r\nx-forwarded-proto: ", self.proto().as_bytes(), b"\r\nforwarded: "];
+        for piece in head.into_iter().chain(self.forwarded()) {
+            out.extend_from_slice(piece);
+        }
+        out.extend_from_slice(b"\r\nx-forwarded-host: ");
+        out.extend_from_slice(self.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// The four fields set in `h`.
+    pub fn set(&self, h: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_bytes(self.addr()) {
+            h.insert(X_FORWARDED_FOR, v);
+        }
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto()));
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(self.forwarded().concat())) {
+            h.insert(header::FORWARDED, v);
+        }
+        h.insert(X_FORWARDED_HOST, self.host.clone());
+    }
+}
+
+/// `ip` as text in `buf`. IPv4 by hand: `Display` goes through the formatter a byte at a time,
+/// and this runs per request.
+fn write_ip(ip: IpAddr, buf: &mut [u8; 48]) -> &[u8] {
+    let IpAddr::V4(v4) = ip else {
+        let mut w = &mut buf[..];
+        let _ = write!(w, "{ip}");
+        let n = 48 - w.len();
+        return &buf[..n];
     };
-    let addr = &addr[..n];
-    let proto: &[u8] = if proto == "https" { b"https" } else { b"http" };
-    let v6 = client.is_ipv6();
-    // Joined into one exactly sized buffer, which the value then owns.
-    let fwd: [&[u8]; 8] = [
-        b"for=",
-        if v6 { b"\"[" } else { b"" },
-        addr,
-        if v6 { b"]\"" } else { b"" },
-        b";host=\"",
-        fhost.as_bytes(),
-        b"\";proto=",
-        proto,
-    ];
-    let fwd = HeaderValue::from_maybe_shared(Bytes::from(fwd.concat()));
-    if let Ok(v) = HeaderValue::from_bytes(addr) {
-        h.insert(X_FORWARDED_FOR, v);
+    let mut n = 0;
+    for (i, o) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if o >= 100 {
+            buf[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            buf[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + o % 10;
+        n += 1;
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if proto == b"https" { "https" } else { "http" }));
-    if let Ok(v) = fwd {
-        h.insert(header::FORWARDED, v);
-    }
-    h.insert(X_FORWARDED_HOST, fhost);
+    &buf[..n]
 }
 
 pub fn clean_response_headers(h: &mut HeaderMap) {
@@ -701,28 +796,42 @@ pub fn clean_response_headers(h: &mut HeaderMap) {
 }
 
 fn remove_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names rather than a lookup for each.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::UPGRADE) {
-        return;
+    // One pass over the fields, noting which hop-by-hop ones are there, and whether a
+    // `Connection` names any other field (most name none, or only `keep-alive`).
+    let mut found = 0u16;
+    let mut names_others = false;
+    for (k, v) in h.iter() {
+        let Some(i) = hop_by_hop(k.as_str()) else { continue };
+        found |= 1 << i;
+        if i == 0 {
+            names_others |= v.to_str().unwrap_or("").split(',').any(|t| {
+                let t = t.trim();
+                // Hop-by-hop names go anyway.
+                !(t.is_empty()
+                    || t.eq_ignore_ascii_case("keep-alive")
+                    || t.eq_ignore_ascii_case("upgrade")
+                    || hop_by_hop(t).is_some())
+            });
+        }
     }
-    // The fields `Connection` names go too. Its values are cloned (shared bytes, no copy) so
-    // the map can change while they are read; names are looked up as `&str`, not allocated.
-    let mut named = h.get_all(header::CONNECTION).iter();
-    let (first, more) = (named.next().cloned(), named.next().is_some());
-    let rest: Vec<HeaderValue> =
-        if more { h.get_all(header::CONNECTION).iter().skip(1).cloned().collect() } else { Vec::new() };
-    for v in first.iter().chain(&rest) {
-        for t in v.to_str().unwrap_or("").split(',') {
-            let t = t.trim();
-            if !t.is_empty() {
-                h.remove(t);
+    if names_others {
+        // The fields `Connection` names go too. Its values are cloned (shared bytes, no copy)
+        // so the map can change while they are read; names are looked up as `&str`.
+        let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+        for v in &named {
+            for t in v.to_str().unwrap_or("").split(',') {
+                let t = t.trim();
+                if !t.is_empty() {
+                    h.remove(t);
+                }
             }
         }
     }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
-    h.remove(header::UPGRADE);
 }
 
 /// A response made by the edge itself.
@@ -1044,7 +1153,17 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert(header::ORIGIN, HeaderValue::from_static("https://app.example.org"));
-        clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "http", "example.org");
+        let fwd = clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "http", "example.org");
+        let mut lines = Vec::new();
+        fwd.write_fields(&mut lines);
+        assert_eq!(
+            String::from_utf8(lines).unwrap(),
+            "x-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\
+             forwarded: for=10.0.0.9;host=\"example.org:8080\";proto=http\r\n\
+             x-forwarded-host: example.org:8080\r\n",
+            "the same fields written into an HTTP/1.1 head"
+        );
+        fwd.set(&mut h);
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
@@ -1054,7 +1173,7 @@ mod tests {
         assert_eq!(h["forwarded"], "for=10.0.0.9;host=\"example.org:8080\";proto=http");
         assert_eq!(h[header::ORIGIN], "https://app.example.org", "CORS headers pass untouched");
         let mut v6 = HeaderMap::new();
-        clean_request_headers(&mut v6, "2001:db8::1".parse().unwrap(), "https", "a.example.org");
+        clean_request_headers(&mut v6, "2001:db8::1".parse().unwrap(), "https", "a.example.org").set(&mut v6);
         assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";host=\"a.example.org\";proto=https");
         // A Host too long for the stack buffer; and two Connection fields, both obeyed.
         let long = format!("{}.example.org", "a".repeat(300));
@@ -1064,9 +1183,39 @@ mod tests {
         h.append(header::CONNECTION, HeaderValue::from_static("x-two, , bad name"));
         h.insert("x-one", HeaderValue::from_static("1"));
         h.insert("x-two", HeaderValue::from_static("2"));
-        clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "https", &long);
+        clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "https", &long).set(&mut h);
         assert!(!h.contains_key("x-one") && !h.contains_key("x-two") && !h.contains_key("connection"));
         assert_eq!(h["forwarded"], format!("for=10.0.0.9;host=\"{long}\";proto=https").as_str());
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in ["0.0.0.0", "10.0.0.9", "100.20.3.255", "192.168.10.1", "2001:db8::1", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(write_ip(ip, &mut [0; 48]), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn responses_lose_only_their_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(header::ETAG, HeaderValue::from_static("\"x\""));
+        clean_response_headers(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "etag"]);
+        // A field named in `Connection`, in any case, goes too (RFC 9110 7.6.1).
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        clean_response_headers(&mut h);
+        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["server"]);
     }
 
     #[test]
