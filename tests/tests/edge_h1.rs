@@ -133,6 +133,12 @@ fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
             }
             Ok(true)
         }
+        "/silent" => {
+            // Takes the request and says nothing for 3 s, then closes: past the edge's 1 s
+            // response timeout, which must answer first.
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(false)
+        }
         "/then-close" => {
             // Keep-alive by the protocol, but the backend closes right after: the edge's
             // pooled connection is found closed when it is next used.
@@ -374,6 +380,19 @@ http:
         "a client's stalled upload counted against the backend: {}",
         log()
     );
+    // A backend that takes a request and never answers: 504 at the response timeout (the
+    // backend closes at 3 s, which would be a 502), counted against it.
+    let answer = topo.client.ns.run(|| {
+        let mut s = TcpStream::connect((topo.lb.ip, 8000)).expect("connect");
+        s.write_all(b"GET /silent HTTP/1.1\r\nHost: slow.example\r\nConnection: close\r\n\r\n").expect("request");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}\n{}", log());
+    assert!(answer.contains("did not answer in time"), "{answer}");
+    assert_eq!(failures("slow.example"), 1, "the timeout counted against the backend: {}", log());
     assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
 
     drop(lbd);

@@ -20,6 +20,7 @@ mod acl;
 mod balance;
 mod breaker;
 mod cache;
+mod deadline;
 mod h1;
 mod l4;
 mod passthrough;

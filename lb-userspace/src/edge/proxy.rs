@@ -457,7 +457,7 @@ async fn forward(
         let in_flight = InFlight::start(b);
         // Picking took next to no time: the clock is read once per attempt.
         let attempt = now;
-        let result = tokio::time::timeout(spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
+        let result = super::deadline::within(attempt + spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
         let failed = !result.as_ref().is_ok_and(Result::is_ok);
         let timed_out = result.is_err();
         if failed && let Some(fault) = fault.as_ref().and_then(|f| f.fault(timed_out)) {
@@ -736,17 +736,24 @@ impl Forwarding {
         ]
     }
 
-    /// The four fields as head lines.
+    /// The four fields as head lines: nine copies, the constant parts joined at compile time.
     pub fn write_fields(&self, out: &mut Vec<u8>) {
-        out.reserve(150 + 2 * self.len + 2 * self.host.len());
-        let head: [&[u8]; 5] =
-            [b"x-forwarded-for: ", self.addr(), b"\r\nx-forwarded-proto: ", self.proto().as_bytes(), b"\r\nforwarded: "];
-        for piece in head.into_iter().chain(self.forwarded()) {
+        let (addr, host) = (self.addr(), self.host.as_bytes());
+        let proto_for: &[u8] = match (self.https, self.v6) {
+            (false, false) => b"\r\nx-forwarded-proto: http\r\nforwarded: for=",
+            (false, true) => b"\r\nx-forwarded-proto: http\r\nforwarded: for=\"[",
+            (true, false) => b"\r\nx-forwarded-proto: https\r\nforwarded: for=",
+            (true, true) => b"\r\nx-forwarded-proto: https\r\nforwarded: for=\"[",
+        };
+        let after_addr: &[u8] = if self.v6 { b"]\";host=\"" } else { b";host=\"" };
+        let proto_host: &[u8] =
+            if self.https { b"\";proto=https\r\nx-forwarded-host: " } else { b"\";proto=http\r\nx-forwarded-host: " };
+        let pieces: [&[u8]; 9] =
+            [b"x-forwarded-for: ", addr, proto_for, addr, after_addr, host, proto_host, host, b"\r\n"];
+        out.reserve(pieces.iter().map(|p| p.len()).sum());
+        for piece in pieces {
             out.extend_from_slice(piece);
         }
-        out.extend_from_slice(b"\r\nx-forwarded-host: ");
-        out.extend_from_slice(self.host.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
 
     /// The four fields set in `h`.
@@ -1186,6 +1193,29 @@ mod tests {
         clean_request_headers(&mut h, "10.0.0.9".parse().unwrap(), "https", &long).set(&mut h);
         assert!(!h.contains_key("x-one") && !h.contains_key("x-two") && !h.contains_key("connection"));
         assert_eq!(h["forwarded"], format!("for=10.0.0.9;host=\"{long}\";proto=https").as_str());
+    }
+
+    #[test]
+    fn forwarding_lines_say_what_forwarding_fields_say() {
+        for (ip, proto) in [("10.0.0.9", "http"), ("10.0.0.9", "https"), ("2001:db8::1", "http"), ("::1", "https")] {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("a.example:81"));
+            let fwd = clean_request_headers(&mut h, ip.parse().unwrap(), proto, "a.example");
+            let mut lines = Vec::new();
+            fwd.write_fields(&mut lines);
+            let mut fields = HeaderMap::new();
+            fwd.set(&mut fields);
+            let text = String::from_utf8(lines).unwrap();
+            let written: Vec<(String, String)> = text
+                .strip_suffix("\r\n")
+                .unwrap()
+                .split("\r\n")
+                .map(|l| l.split_once(": ").map(|(k, v)| (k.to_owned(), v.to_owned())).unwrap())
+                .collect();
+            let set: Vec<(String, String)> =
+                fields.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned())).collect();
+            assert_eq!(written, set, "{ip} {proto}");
+        }
     }
 
     #[test]

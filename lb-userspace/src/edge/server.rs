@@ -356,14 +356,24 @@ async fn drive<I>(
                 break;
             }
         };
-        tokio::select! {
-            r = result.as_mut() => {
-                if let Err(e) = r {
-                    debug!(client = %peer, error = %e, "connection ended with an error");
-                }
-                break;
+        // The timer is polled once, to register: the connection's own wake-ups (several per
+        // request) then only ask whether it fired, not the timer wheel.
+        let mut timer = std::pin::pin!(tokio::time::sleep(wait));
+        let mut registered = false;
+        let ended = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = result.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
             }
-            () = tokio::time::sleep(wait) => {}
+            let fired = if registered { timer.is_elapsed() } else { timer.as_mut().poll(cx).is_ready() };
+            registered = true;
+            if fired { Poll::Ready(None) } else { Poll::Pending }
+        })
+        .await;
+        if let Some(r) = ended {
+            if let Err(e) = r {
+                debug!(client = %peer, error = %e, "connection ended with an error");
+            }
+            break;
         }
     }
 }

@@ -398,6 +398,9 @@ pub(super) fn load(
         .output()
         .context("run wrk (cargo xtask bench http installs it)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if std::env::var_os("LB_BENCH_RAW").is_some() {
+        eprintln!("{addr}:\n{text}");
+    }
     parse_wrk(&text).with_context(|| format!("wrk output:\n{text}"))
 }
 

@@ -1,0 +1,187 @@
+//! Response deadlines, coarse and cheap. `tokio::time::timeout` puts an entry into the
+//! runtime's timer wheel and takes it out again, under the driver's lock, and reads the clock:
+//! about 4 % of a proxied request's instructions. A response timeout is seconds long and
+//! need not fire to the millisecond, so on an edge thread (a current-thread runtime) each
+//! attempt is instead a slot in a thread-local table, and one ticker task per thread wakes the
+//! expired ones every [`TICK`]. Elsewhere it falls back to tokio's timer.
+
+use std::{
+    cell::RefCell,
+    pin::Pin,
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use slab::Slab;
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+/// How late a deadline may fire.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// A deadline passed before the work finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+struct Slot {
+    at: Instant,
+    waker: Option<Waker>,
+    fired: bool,
+}
+
+#[derive(Default)]
+struct Table {
+    slots: Slab<Slot>,
+    /// Whether this thread's ticker task is running.
+    ticking: bool,
+}
+
+thread_local! {
+    static TABLE: RefCell<Table> = RefCell::new(Table::default());
+}
+
+/// `work`, unless `at` passes first (then `Err(Elapsed)`, at most [`TICK`] late).
+pub async fn within<F: Future>(at: Instant, work: F) -> Result<F::Output, Elapsed> {
+    let local = Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
+    if !local {
+        // A task that may move between threads cannot hold a thread-local slot.
+        let at = tokio::time::Instant::from_std(at);
+        return tokio::time::timeout_at(at, work).await.map_err(|_| Elapsed);
+    }
+    Within { work: std::pin::pin!(work), at, key: None }.await
+}
+
+struct Within<'a, F: Future> {
+    work: Pin<&'a mut F>,
+    at: Instant,
+    key: Option<usize>,
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(v) = this.work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        let at = this.at;
+        let (fired, start) = TABLE.with_borrow_mut(|t| {
+            let Some(key) = this.key else {
+                this.key = Some(t.slots.insert(Slot { at, waker: Some(cx.waker().clone()), fired: false }));
+                return (false, !std::mem::replace(&mut t.ticking, true));
+            };
+            let slot = &mut t.slots[key];
+            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.waker = Some(cx.waker().clone());
+            }
+            (slot.fired, false)
+        });
+        if start {
+            tokio::spawn(tick());
+        }
+        if fired { Poll::Ready(Err(Elapsed)) } else { Poll::Pending }
+    }
+}
+
+impl<F: Future> Drop for Within<'_, F> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            // `try_`: the table may be gone already when the thread itself is ending.
+            let _ = TABLE.try_with(|t| t.borrow_mut().slots.try_remove(key));
+        }
+    }
+}
+
+/// Wakes what has expired every [`TICK`], while anything waits; then ends (the next slot
+/// taken starts another).
+async fn tick() {
+    /// Marks the ticker stopped however it ends, also when its runtime drops it.
+    struct Stopped;
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = TABLE.try_with(|t| t.borrow_mut().ticking = false);
+        }
+    }
+    let _stopped = Stopped;
+    loop {
+        tokio::time::sleep(TICK).await;
+        let now = Instant::now();
+        let more = TABLE.with_borrow_mut(|t| {
+            for (_, slot) in &mut t.slots {
+                if !slot.fired && slot.at <= now {
+                    slot.fired = true;
+                    if let Some(w) = slot.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            !t.slots.is_empty()
+        });
+        if !more {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+    }
+
+    #[test]
+    fn work_done_in_time_is_returned_and_its_slot_freed() {
+        local().block_on(async {
+            let at = Instant::now() + Duration::from_secs(5);
+            let v = within(at, async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                7
+            })
+            .await;
+            assert_eq!(v, Ok(7));
+            assert!(TABLE.with_borrow(|t| t.slots.is_empty()), "slot freed");
+        });
+    }
+
+    #[test]
+    fn work_past_its_deadline_is_cut_off_at_most_a_tick_late() {
+        local().block_on(async {
+            let start = Instant::now();
+            let at = start + Duration::from_millis(50);
+            let r = within(at, std::future::pending::<()>()).await;
+            let took = start.elapsed();
+            assert_eq!(r, Err(Elapsed));
+            assert!(took >= Duration::from_millis(50), "fired early: {took:?}");
+            assert!(took < Duration::from_millis(50) + 10 * TICK, "fired late: {took:?}");
+            // Nothing waits: the ticker stops.
+            tokio::time::sleep(3 * TICK).await;
+            assert!(TABLE.with_borrow(|t| t.slots.is_empty() && !t.ticking));
+        });
+    }
+
+    #[test]
+    fn many_deadlines_each_fire_on_their_own() {
+        local().block_on(async {
+            let start = Instant::now();
+            let short = within(start + Duration::from_millis(30), std::future::pending::<()>());
+            let long = within(start + Duration::from_secs(5), async {
+                tokio::time::sleep(Duration::from_millis(80)).await;
+                "done"
+            });
+            let (a, b) = tokio::join!(short, long);
+            assert_eq!((a, b), (Err(Elapsed), Ok("done")));
+        });
+    }
+
+    #[test]
+    fn off_an_edge_thread_tokios_timer_is_used() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build().unwrap();
+        rt.block_on(async {
+            let r = within(Instant::now() + Duration::from_millis(20), std::future::pending::<()>()).await;
+            assert_eq!(r, Err(Elapsed));
+            assert!(TABLE.with_borrow(|t| t.slots.is_empty()));
+        });
+    }
+}
