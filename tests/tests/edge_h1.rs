@@ -384,7 +384,8 @@ http:
     // backend closes at 3 s, which would be a 502), counted against it.
     let answer = topo.client.ns.run(|| {
         let mut s = TcpStream::connect((topo.lb.ip, 8000)).expect("connect");
-        s.write_all(b"GET /silent HTTP/1.1\r\nHost: slow.example\r\nConnection: close\r\n\r\n").expect("request");
+        s.write_all(b"GET /silent HTTP/1.1\r\nHost: slow.example\r\nConnection: close\r\n\r\n")
+            .expect("request");
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
         let mut answer = Vec::new();
         let _ = s.read_to_end(&mut answer);

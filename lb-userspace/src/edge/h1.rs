@@ -935,9 +935,12 @@ mod tests {
         let names: Vec<_> = h.headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["etag"]);
         // A Connection that names another field goes on, for the proxy to remove both.
-        let h = head("HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
         assert!(!h.reusable);
         assert_eq!(h.headers[header::CONNECTION], "close, X-Hop");
     }
@@ -985,7 +988,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a.example"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
-        let req = |method, target, headers| Outgoing { method, target, headers, forwarding: None, idempotent: true };
+        let req = |method, target, headers| Outgoing {
+            method,
+            target,
+            headers,
+            forwarding: None,
+            idempotent: true,
+        };
         let mut out = Vec::new();
         let body = super::Frames::Full(Some(Bytes::from_static(b"abc")));
         encode_head(&mut out, &req(&Method::POST, "/x?y=1", &h), true, &body);

@@ -457,7 +457,9 @@ async fn forward(
         let in_flight = InFlight::start(b);
         // Picking took next to no time: the clock is read once per attempt.
         let attempt = now;
-        let result = super::deadline::within(attempt + spec.timeouts.response, member.pool.send(&out, body, &conn)).await;
+        let result =
+            super::deadline::within(attempt + spec.timeouts.response, member.pool.send(&out, body, &conn))
+                .await;
         let failed = !result.as_ref().is_ok_and(Result::is_ok);
         let timed_out = result.is_err();
         if failed && let Some(fault) = fault.as_ref().and_then(|f| f.fault(timed_out)) {
@@ -746,8 +748,11 @@ impl Forwarding {
             (true, true) => b"\r\nx-forwarded-proto: https\r\nforwarded: for=\"[",
         };
         let after_addr: &[u8] = if self.v6 { b"]\";host=\"" } else { b";host=\"" };
-        let proto_host: &[u8] =
-            if self.https { b"\";proto=https\r\nx-forwarded-host: " } else { b"\";proto=http\r\nx-forwarded-host: " };
+        let proto_host: &[u8] = if self.https {
+            b"\";proto=https\r\nx-forwarded-host: "
+        } else {
+            b"\";proto=http\r\nx-forwarded-host: "
+        };
         let pieces: [&[u8]; 9] =
             [b"x-forwarded-for: ", addr, proto_for, addr, after_addr, host, proto_host, host, b"\r\n"];
         out.reserve(pieces.iter().map(|p| p.len()).sum());
@@ -1197,7 +1202,9 @@ mod tests {
 
     #[test]
     fn forwarding_lines_say_what_forwarding_fields_say() {
-        for (ip, proto) in [("10.0.0.9", "http"), ("10.0.0.9", "https"), ("2001:db8::1", "http"), ("::1", "https")] {
+        for (ip, proto) in
+            [("10.0.0.9", "http"), ("10.0.0.9", "https"), ("2001:db8::1", "http"), ("::1", "https")]
+        {
             let mut h = HeaderMap::new();
             h.insert(header::HOST, HeaderValue::from_static("a.example:81"));
             let fwd = clean_request_headers(&mut h, ip.parse().unwrap(), proto, "a.example");
