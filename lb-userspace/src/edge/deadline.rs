@@ -39,6 +39,13 @@ thread_local! {
     static TABLE: RefCell<Table> = RefCell::new(Table::default());
 }
 
+/// `from + d`, or a century on when that is past what `Instant` holds (a registry may say
+/// `timeouts: {response: 1000000y}`).
+#[must_use]
+pub fn after(from: Instant, d: Duration) -> Instant {
+    from.checked_add(d).unwrap_or_else(|| from + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// `work`, unless `at` passes first (then `Err(Elapsed)`, at most [`TICK`] late).
 pub async fn within<F: Future>(at: Instant, work: F) -> Result<F::Output, Elapsed> {
     let local = Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
@@ -66,18 +73,21 @@ impl<F: Future> Future for Within<'_, F> {
         }
         let at = this.at;
         let (fired, start) = TABLE.with_borrow_mut(|t| {
-            let Some(key) = this.key else {
-                this.key = Some(t.slots.insert(Slot { at, waker: Some(cx.waker().clone()), fired: false }));
-                return (false, !std::mem::replace(&mut t.ticking, true));
-            };
-            let slot = &mut t.slots[key];
-            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                slot.waker = Some(cx.waker().clone());
+            // Its own slot; a fresh one on first poll (or, should the task ever have moved
+            // threads, when this table has none by that key).
+            if let Some(slot) = this.key.and_then(|k| t.slots.get_mut(k)) {
+                if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    slot.waker = Some(cx.waker().clone());
+                }
+                return (slot.fired, false);
             }
-            (slot.fired, false)
+            this.key = Some(t.slots.insert(Slot { at, waker: Some(cx.waker().clone()), fired: false }));
+            (false, !std::mem::replace(&mut t.ticking, true))
         });
         if start {
-            tokio::spawn(tick());
+            // The guard goes with the task: dropped unrun (its runtime ending), it still
+            // marks the ticker stopped.
+            tokio::spawn(tick(Stopped));
         }
         if fired { Poll::Ready(Err(Elapsed)) } else { Poll::Pending }
     }
@@ -92,17 +102,19 @@ impl<F: Future> Drop for Within<'_, F> {
     }
 }
 
+/// Marks this thread's ticker stopped when dropped, however the ticker ends.
+struct Stopped;
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = TABLE.try_with(|t| t.borrow_mut().ticking = false);
+    }
+}
+
 /// Wakes what has expired every [`TICK`], while anything waits; then ends (the next slot
 /// taken starts another).
-async fn tick() {
-    /// Marks the ticker stopped however it ends, also when its runtime drops it.
-    struct Stopped;
-    impl Drop for Stopped {
-        fn drop(&mut self) {
-            let _ = TABLE.try_with(|t| t.borrow_mut().ticking = false);
-        }
-    }
-    let _stopped = Stopped;
+async fn tick(_stopped: Stopped) {
+    let mut expired = Vec::new();
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
@@ -110,13 +122,15 @@ async fn tick() {
             for (_, slot) in &mut t.slots {
                 if !slot.fired && slot.at <= now {
                     slot.fired = true;
-                    if let Some(w) = slot.waker.take() {
-                        w.wake();
-                    }
+                    expired.extend(slot.waker.take());
                 }
             }
             !t.slots.is_empty()
         });
+        // Woken outside the borrow: a waker may run code that reaches the table.
+        for w in expired.drain(..) {
+            w.wake();
+        }
         if !more {
             return;
         }
@@ -173,6 +187,13 @@ mod tests {
             let (a, b) = tokio::join!(short, long);
             assert_eq!((a, b), (Err(Elapsed), Ok("done")));
         });
+    }
+
+    #[test]
+    fn a_deadline_past_what_instant_holds_is_far_off_not_a_panic() {
+        let now = Instant::now();
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(after(now, Duration::from_secs(1)), now + Duration::from_secs(1));
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl Conn {
 pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> Response<RespBody> {
     let started = Instant::now();
     let Some(host) = request_host(&req) else {
-        return local(StatusCode::BAD_REQUEST, "request without a host\n", None);
+        return local(StatusCode::BAD_REQUEST, "request without a valid host\n", None);
     };
     // Answered before a service is known: logged, counted in no service's traffic.
     let unrouted = |status, text| {
@@ -416,16 +416,24 @@ async fn forward(
     let pick = Pick { hash_key: hash_key(&spec.balance, &conn, &parts.headers) };
     let forwarding =
         upstream_headers(&mut parts.headers, &parts.uri, &conn, &host, upgrade.as_ref().map(|u| &u.0));
+    // A request whose answer may be kept has the fields set in its headers: the answer's
+    // `Vary` is read against them (one naming `X-Forwarded-For` is then never shared).
+    let forwarding = if miss.is_some() {
+        forwarding.set(&mut parts.headers);
+        None
+    } else {
+        Some(forwarding)
+    };
     let target = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
     let out = Outgoing {
         method: &parts.method,
         target,
         headers: &parts.headers,
-        forwarding: Some(&forwarding),
+        forwarding: forwarding.as_ref(),
         idempotent: idempotent(&parts.method),
     };
 
-    let deadline = started + spec.retry.within;
+    let deadline = super::deadline::after(started, spec.retry.within);
     let tries_allowed = (spec.retry.tries as usize).clamp(1, MAX_TRIES);
     let mut tried = [usize::MAX; MAX_TRIES];
     let mut n = 0;
@@ -457,9 +465,11 @@ async fn forward(
         let in_flight = InFlight::start(b);
         // Picking took next to no time: the clock is read once per attempt.
         let attempt = now;
-        let result =
-            super::deadline::within(attempt + spec.timeouts.response, member.pool.send(&out, body, &conn))
-                .await;
+        let result = super::deadline::within(
+            super::deadline::after(attempt, spec.timeouts.response),
+            member.pool.send(&out, body, &conn),
+        )
+        .await;
         let failed = !result.as_ref().is_ok_and(Result::is_ok);
         let timed_out = result.is_err();
         if failed && let Some(fault) = fault.as_ref().and_then(|f| f.fault(timed_out)) {

@@ -139,6 +139,11 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<Host> {
         (h, None)
     } else {
         let v = req.headers().get(http::header::HOST)?;
+        // Only what a host and port may hold (RFC 3986 reg-name, IP literal): a quote or a
+        // backslash would break out of the `Forwarded` value it is copied into.
+        if !v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b)) {
+            return None;
+        }
         (strip_port(v.to_str().ok()?), Some(v))
     };
     let host = raw.trim_end_matches('.');
@@ -270,6 +275,8 @@ http:
         let abs = http::Request::builder().uri("http://a.example.org/x").body(()).unwrap();
         assert_eq!(request_host(&abs).as_deref().map(|h| h as &str), Some("a.example.org"));
         assert!(request_host(&http::Request::builder().uri("/").body(()).unwrap()).is_none());
+        assert!(request_host(&req("a.example\";for=1.2.3.4")).is_none(), "a quote is no host");
+        assert!(request_host(&req("a.example\\x")).is_none());
         assert_eq!(
             request_host(&req("app.example.org:80")).as_deref().map(|h| h as &str),
             Some("app.example.org")

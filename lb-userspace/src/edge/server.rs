@@ -364,7 +364,12 @@ async fn drive<I>(
             if let Poll::Ready(r) = result.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
             }
-            let fired = if registered { timer.is_elapsed() } else { timer.as_mut().poll(cx).is_ready() };
+            // Unconstrained: out of its task's budget a first poll would not register at all.
+            let fired = if registered {
+                timer.is_elapsed()
+            } else {
+                Pin::new(&mut tokio::task::unconstrained(timer.as_mut())).poll(cx).is_ready()
+            };
             registered = true;
             if fired { Poll::Ready(None) } else { Poll::Pending }
         })
