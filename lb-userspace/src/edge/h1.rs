@@ -567,11 +567,9 @@ impl Seen {
         if *name == header::CONNECTION {
             let mut names_fields = false;
             for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
-                let close = t.eq_ignore_ascii_case("close");
-                let keep_alive = t.eq_ignore_ascii_case("keep-alive");
-                self.close |= close;
-                self.keep_alive |= keep_alive;
-                names_fields |= !(close || keep_alive || t.is_empty() || t.eq_ignore_ascii_case("upgrade"));
+                self.close |= t.eq_ignore_ascii_case("close");
+                self.keep_alive |= t.eq_ignore_ascii_case("keep-alive");
+                names_fields |= super::proxy::names_a_field(t);
             }
             return names_fields;
         }
@@ -653,12 +651,8 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Erro
     loop {
         match *state {
             Chunk::Size => {
-                let Some(end) = find_crlf(buf) else {
-                    return if buf.len() > MAX_CHUNK_LINE {
-                        Err(Error::Invalid("chunk size line too long"))
-                    } else {
-                        Ok(Decoded::More)
-                    };
+                let Some(end) = line_end(buf, "chunk size line too long")? else {
+                    return Ok(Decoded::More);
                 };
                 let line = &buf[..end];
                 let size = line.split(|b| *b == b';').next().unwrap_or_default();
@@ -688,12 +682,8 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Erro
             }
             Chunk::Trailers => {
                 // Trailer fields are dropped; the section ends with an empty line.
-                let Some(end) = find_crlf(buf) else {
-                    return if buf.len() > MAX_CHUNK_LINE {
-                        Err(Error::Invalid("trailer line too long"))
-                    } else {
-                        Ok(Decoded::More)
-                    };
+                let Some(end) = line_end(buf, "trailer line too long")? else {
+                    return Ok(Decoded::More);
                 };
                 buf.advance(end + 2);
                 if end == 0 {
@@ -710,6 +700,15 @@ fn digits(s: &str, radix: u32) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(s, radix).ok()
+}
+
+/// Where the line at the front of `buf` ends: `None` until it has all come, an error once it
+/// is longer than any chunk-size or trailer line may be.
+fn line_end(buf: &[u8], too_long: &'static str) -> Result<Option<usize>, Error> {
+    match find_crlf(buf) {
+        None if buf.len() > MAX_CHUNK_LINE => Err(Error::Invalid(too_long)),
+        end => Ok(end),
+    }
 }
 
 fn find_crlf(b: &[u8]) -> Option<usize> {

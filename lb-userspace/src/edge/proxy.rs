@@ -67,6 +67,17 @@ fn hop_by_hop(name: &str) -> Option<usize> {
     })
 }
 
+/// Whether a `Connection` token names a field to remove beside the hop-by-hop ones (which go
+/// anyway); `close` is an option, not a field. One rule for requests, and for responses as the
+/// HTTP/1.1 client reads them.
+pub(super) fn names_a_field(token: &str) -> bool {
+    !(token.is_empty()
+        || token.eq_ignore_ascii_case("close")
+        || token.eq_ignore_ascii_case("keep-alive")
+        || token.eq_ignore_ascii_case("upgrade")
+        || hop_by_hop(token).is_some())
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -826,14 +837,7 @@ fn remove_hop_by_hop(h: &mut HeaderMap) {
         let Some(i) = hop_by_hop(k.as_str()) else { continue };
         found |= 1 << i;
         if i == 0 {
-            names_others |= v.to_str().unwrap_or("").split(',').any(|t| {
-                let t = t.trim();
-                // Hop-by-hop names go anyway.
-                !(t.is_empty()
-                    || t.eq_ignore_ascii_case("keep-alive")
-                    || t.eq_ignore_ascii_case("upgrade")
-                    || hop_by_hop(t).is_some())
-            });
+            names_others |= v.to_str().unwrap_or("").split(',').any(|t| names_a_field(t.trim()));
         }
     }
     if names_others {
@@ -841,11 +845,8 @@ fn remove_hop_by_hop(h: &mut HeaderMap) {
         // so the map can change while they are read; names are looked up as `&str`.
         let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
         for v in &named {
-            for t in v.to_str().unwrap_or("").split(',') {
-                let t = t.trim();
-                if !t.is_empty() {
-                    h.remove(t);
-                }
+            for t in v.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| names_a_field(t)) {
+                h.remove(t);
             }
         }
     }
@@ -1233,6 +1234,14 @@ mod tests {
                 fields.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned())).collect();
             assert_eq!(written, set, "{ip} {proto}");
         }
+    }
+
+    #[test]
+    fn the_hop_by_hop_matcher_and_table_agree() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(name.as_str()), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop("content-length"), None);
     }
 
     #[test]
