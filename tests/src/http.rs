@@ -215,6 +215,11 @@ impl Client {
         self.read_reply(method == "HEAD")
     }
 
+    /// The connection's reader, with what it has read ahead.
+    pub fn reader_mut(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.reader
+    }
+
     /// Writes raw bytes (for malformed or partial requests).
     ///
     /// # Errors

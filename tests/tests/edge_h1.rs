@@ -26,6 +26,9 @@ use lb_tests::{
 
 const PORT: u16 = 8080;
 
+/// Set by the client once it has read the first event of `/stream`.
+static STREAM_SEEN: AtomicBool = AtomicBool::new(false);
+
 #[derive(Default)]
 struct Seen {
     connections: AtomicU64,
@@ -120,6 +123,19 @@ fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
             w.write_all(
                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nafter 1xx",
             )?;
+            Ok(true)
+        }
+        "/stream" => {
+            // A first event, then nothing until the client has seen it (or 10 s pass): an
+            // edge that holds streamed bytes back until more come fails the client's read.
+            w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")?;
+            for _ in 0..1000 {
+                if STREAM_SEEN.swap(false, Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            w.write_all(b"5\r\nlast\n\r\n0\r\n\r\n")?;
             Ok(true)
         }
         "/big" => {
@@ -396,6 +412,181 @@ http:
     assert_eq!(failures("slow.example"), 1, "the timeout counted against the backend: {}", log());
     assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
 
+    drop(lbd);
+    seen.stop.store(true, Ordering::Relaxed);
+    backend.join().expect("backend thread");
+}
+
+/// Reads `n` answers in turn.
+fn read_answers(s: &mut lb_tests::http::Client, n: usize) -> Vec<(u16, String)> {
+    (0..n)
+        .map(|i| s.read_reply(false).unwrap_or_else(|e| panic!("answer {i}: {e}")))
+        .map(|r| (r.status, r.body))
+        .collect()
+}
+
+/// The edge closes the connection cleanly (a FIN, not a reset) within 2 s, sending nothing
+/// more.
+fn closes_cleanly(c: &mut lb_tests::http::Client, what: &str) {
+    let r = c.reader_mut();
+    r.get_ref().set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let mut rest = Vec::new();
+    match r.read_to_end(&mut rest) {
+        Ok(_) => {
+            assert!(rest.is_empty(), "{what}: sent after its answer: {:?}", String::from_utf8_lossy(&rest));
+        }
+        Err(e) => panic!("{what}: not closed cleanly: {e}"),
+    }
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one client conversation per rule, in turn")]
+fn client_requests_are_framed_as_rfc_9112_says_pipelined_http10_and_100_continue() {
+    if !privileged("client_requests_are_framed_as_rfc_9112_says_pipelined_http10_and_100_continue") {
+        return;
+    }
+    let tag = "edge-h1c";
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let seen = Arc::new(Seen::default());
+    let backend = serve(&topo.backends[0].ns, seen.clone());
+    let dir = TempDir::new(tag);
+    let reg = dir.write(
+        "services.yaml",
+        &format!(
+            "version: 1
+listeners:
+  - port: 8000
+  - {{port: 8001, limits: {{max_body_bytes: 10}}}}
+http:
+  h1.example:
+    health: {{enabled: false}}
+    retry: {{tries: 1}}
+    backends: [{{host: {b}, port: {PORT}}}]
+",
+            b = backend_ip(0)
+        ),
+    );
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    let log = || lbd.log();
+    let edge = SocketAddr::from((topo.lb.ip, 8000));
+    let connect = || lb_tests::http::Client::connect(edge).expect("connect");
+    topo.client.ns.run(|| {
+        // Four requests in one write, two with bodies, one to no route (its body is not read
+        // by anyone, and must not be taken for the next request): four answers, in order.
+        let mut c = connect();
+        c.send_raw(
+            b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nContent-Length: 1\r\n\r\na\
+              POST /x HTTP/1.1\r\nHost: nowhere.example\r\nContent-Length: 18\r\n\r\nGET /x HTTP/1.1\r\n\r\n\
+              GET / HTTP/1.1\r\nHost: h1.example\r\n\r\n\
+              POST /upload HTTP/1.1\r\nHost: h1.example\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .expect("send");
+        let got = read_answers(&mut c, 4);
+        let want = [
+            (200, "1 97".to_owned()),
+            (404, "no route for this host and path\n".to_owned()),
+            (200, "ok\n".to_owned()),
+            (200, "5 532".to_owned()),
+        ];
+        assert_eq!(got, want, "{}", log());
+
+        // A chunked upload, then the same connection goes on.
+        c.send_raw(
+            b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nhel\r\n2;x=1\r\nlo\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        )
+        .expect("send");
+        let r = c.read_reply(false).expect("answer");
+        assert_eq!((r.status, r.body.as_str()), (200, "5 532"), "{}", log());
+        let date = r.header("date").expect("answers are dated");
+        assert!(date.len() == 29 && date.ends_with(" GMT"), "an IMF-fixdate: {date}");
+        // HEAD: the length the GET would have, no body; the connection carries on.
+        let r = c.request("HEAD", "h1.example", "/", "", "").expect("HEAD");
+        assert_eq!((r.status, r.header("content-length")), (200, Some("3")));
+        let r = c.request("HEAD", "nowhere.example", "/", "", "").expect("HEAD");
+        assert_eq!((r.status, r.header("content-length")), (404, Some("32")), "the edge's own answer too");
+        let r = c.request("GET", "h1.example", "/", "", "").expect("GET after HEAD");
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "nothing of a body after HEAD");
+
+        // A streamed answer reaches the client as it comes, not when it ends.
+        c.send_raw(b"GET /stream HTTP/1.1\r\nHost: h1.example\r\n\r\n").expect("send");
+        let r = c.read_reply(true).expect("head of a stream");
+        assert_eq!((r.status, r.header("transfer-encoding")), (200, Some("chunked")));
+        let mut line = String::new();
+        let reader = c.reader_mut();
+        // Well before the backend's 10 s: the event must come while the stream is open.
+        reader.get_ref().set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        std::io::BufRead::read_line(reader, &mut line).expect("chunk size");
+        assert_eq!(line, "6\r\n");
+        line.clear();
+        std::io::BufRead::read_line(reader, &mut line).expect("the first event, before the stream ends");
+        assert_eq!(line, "first\n");
+        STREAM_SEEN.store(true, Ordering::Relaxed);
+        let mut rest = [0u8; 17];
+        reader.read_exact(&mut rest).expect("the rest");
+        assert_eq!(&rest, b"\r\n5\r\nlast\n\r\n0\r\n\r\n");
+
+        // Expect: 100-continue: told to go on, then answered.
+        let mut c = connect();
+        c.send_raw(
+            b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .expect("head");
+        let r = c.read_reply(true).expect("100 Continue");
+        assert_eq!(r.status, 100, "{}", log());
+        c.send_raw(b"hello").expect("body");
+        let r = c.read_reply(false).expect("answer");
+        assert_eq!((r.status, r.body.as_str()), (200, "5 532"), "{}", log());
+        // A body refused by its length is not asked for: 413 first, then the close.
+        let mut c = lb_tests::http::Client::connect(SocketAddr::from((topo.lb.ip, 8001))).expect("connect");
+        c.send_raw(
+            b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .expect("head");
+        let r = c.read_reply(false).expect("answer");
+        assert_eq!(r.status, 413, "{}", log());
+        closes_cleanly(&mut c, "a refused upload never sent");
+
+        // HTTP/1.0: kept alive when asked (and told so), else closed after the answer; a body
+        // of unknown length is sent until the close, not chunked.
+        let mut c = connect();
+        c.send_raw(b"GET / HTTP/1.0\r\nHost: h1.example\r\nConnection: keep-alive\r\n\r\n").expect("send");
+        let r = c.read_reply(false).expect("answer");
+        assert_eq!((r.status, r.header("connection")), (200, Some("keep-alive")), "{}", log());
+        c.send_raw(b"GET /until-close HTTP/1.0\r\nHost: h1.example\r\n\r\n").expect("send");
+        let r = c.read_reply(true).expect("answer");
+        assert_eq!((r.status, r.header("transfer-encoding"), r.header("connection")), (200, None, Some("close")));
+        let mut rest = String::new();
+        c.reader_mut().read_to_string(&mut rest).expect("the body, then a clean close");
+        assert_eq!(rest, "read to the end");
+
+        // Malformed heads and framing: 400 (501 for a coding lb does not do), and the
+        // connection closes with nothing more.
+        for (what, req, status) in [
+            ("a bad chunk size", &b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..], 400),
+            ("chunked not last", b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            ("a coding besides chunked", b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            ("two lengths", b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+            ("two hosts", b"GET / HTTP/1.1\r\nHost: h1.example\r\nHost: other.example\r\n\r\n", 400),
+            ("no host", b"GET / HTTP/1.1\r\n\r\n", 400),
+        ] {
+            let mut c = connect();
+            c.send_raw(req).expect("send");
+            let r = c.read_reply(false).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(r.status, status, "{what}: {}", log());
+            closes_cleanly(&mut c, what);
+        }
+        // Both framings: Transfer-Encoding wins, answered, then closed (RFC 9112 6.1).
+        let mut c = connect();
+        c.send_raw(
+            b"POST /upload HTTP/1.1\r\nHost: h1.example\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n",
+        )
+        .expect("send");
+        let r = c.read_reply(false).expect("answer");
+        assert_eq!((r.status, r.body.as_str(), r.header("connection")), (200, "5 532", Some("close")));
+        closes_cleanly(&mut c, "a request with both framings");
+    });
     drop(lbd);
     seen.stop.store(true, Ordering::Relaxed);
     backend.join().expect("backend thread");

@@ -467,7 +467,7 @@ fn encode_head(out: &mut Vec<u8>, req: &Outgoing<'_>, close: bool, body: &ReqBod
     out.extend_from_slice(b"\r\n");
 }
 
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(super) fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -481,15 +481,17 @@ fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// Parses a complete head off the front of `buf`; `None` when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut slots);
-    let len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
-        Ok(httparse::Status::Complete(_)) => return Err(Error::Invalid("response head too large")),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many response headers")),
-        Err(_) => return Err(Error::Invalid("malformed response head")),
-    };
+    // Left uninitialised: 4 KiB of empty slots per head otherwise.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let len =
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots) {
+            Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+            Ok(httparse::Status::Complete(_)) => return Err(Error::Invalid("response head too large")),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many response headers")),
+            Err(_) => return Err(Error::Invalid("malformed response head")),
+        };
     let status =
         r.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("bad status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
@@ -632,7 +634,7 @@ fn framing(method: &Method, status: StatusCode, seen: &Seen) -> Result<Framing, 
 
 /// Where a chunked body's decoder stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(super) enum Chunk {
     Size,
     Data(u64),
     /// The CRLF after a chunk's data.
@@ -640,14 +642,14 @@ enum Chunk {
     Trailers,
 }
 
-enum Decoded {
+pub(super) enum Decoded {
     Data(Bytes),
     More,
     End,
 }
 
 /// Decodes what `buf` holds of a chunked body.
-fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Error> {
+pub(super) fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Error> {
     loop {
         match *state {
             Chunk::Size => {
@@ -695,7 +697,7 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Erro
 }
 
 /// A number of plain digits in `radix` (no sign, no spaces), at most 15 of them.
-fn digits(s: &str, radix: u32) -> Option<u64> {
+pub(super) fn digits(s: &str, radix: u32) -> Option<u64> {
     if s.is_empty() || s.len() > 15 || !s.chars().all(|c| c.is_digit(radix)) {
         return None;
     }

@@ -8,6 +8,9 @@
 //! - `proxy`: one request: redirect, forward, retry, access log.
 //! - `server`: accepting and serving connections (HTTP/1.1, HTTP/2, TLS) under the
 //!   listener's limits.
+//! - `h1_server`: HTTP/1.1 from clients, parsed and answered by the connection's own task
+//!   (hyper serves HTTP/2).
+//! - `h1`: HTTP/1.1 to backends, the same way.
 //! - `passthrough`: TLS connections forwarded by SNI without terminating them.
 //! - `l4`: the userspace TCP/UDP proxy of `mode: proxy` services.
 //! - `sni`: reading the name a `ClientHello` asks for (pure).
@@ -22,6 +25,7 @@ mod breaker;
 mod cache;
 mod deadline;
 mod h1;
+mod h1_server;
 mod l4;
 mod passthrough;
 mod pool;

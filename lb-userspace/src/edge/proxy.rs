@@ -24,7 +24,7 @@ use super::{
     Snapshot,
     balance::hash_bytes,
     cache::{self, Found, NotKept},
-    h1,
+    h1, h1_server,
     pool::{Home, Outgoing, SendError, UpBody},
     routes::{Host, request_host},
     upstream::{InFlight, Pick, ServiceState},
@@ -101,10 +101,12 @@ impl Conn {
 }
 
 /// Serves one request. Never fails: every outcome is a response.
-pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(snap: Arc<Snapshot>, conn: Conn, req: Request<RequestBody>) -> Response<RespBody> {
     let started = Instant::now();
     let Some(host) = request_host(&req) else {
-        return local(StatusCode::BAD_REQUEST, "request without a valid host\n", None);
+        let mut resp = local(StatusCode::BAD_REQUEST, "request without a valid host\n", None);
+        resp.extensions_mut().insert(h1_server::CloseAfter);
+        return resp;
     };
     // Answered before a service is known: logged, counted in no service's traffic.
     let unrouted = |status, text| {
@@ -165,7 +167,7 @@ async fn cached(
     key: cache::Key,
     conn: Conn,
     host: Host,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     started: Instant,
     max_body: u64,
 ) -> Response<RespBody> {
@@ -212,7 +214,7 @@ fn from_cache(
     svc: &ServiceState,
     conn: &Conn,
     host: &str,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     started: Instant,
 ) -> Response<RespBody> {
     let log = access_log(req.method(), host, req.uri().path(), conn.client.ip(), started, Some(&svc.traffic));
@@ -399,14 +401,14 @@ async fn forward(
     svc: &Arc<ServiceState>,
     conn: Conn,
     host: Host,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     started: Instant,
     max_body: u64,
     mut miss: Option<Miss>,
 ) -> Response<RespBody> {
     let spec = &svc.spec;
     // WebSocket and other upgrades: the client's side of the tunnel, once answered 101.
-    let mut upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
+    let mut upgrade = upgrade_protocol(&req).map(|proto| (proto, ClientSide::of(&mut req)));
     let (mut parts, body) = req.into_parts();
     let log =
         access_log(&parts.method, &host, parts.uri.path(), conn.client.ip(), started, Some(&svc.traffic));
@@ -596,7 +598,7 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// until either side closes.
 fn tunnel(
     mut parts: http::response::Parts,
-    client_side: hyper::upgrade::OnUpgrade,
+    client_side: ClientSide,
     (backend, home): (h1::Conn, Home),
     in_flight: InFlight,
     log: AccessLog,
@@ -611,29 +613,58 @@ fn tunnel(
         // Counted in flight (least-conn) and under `max_connections` while the tunnel is
         // open; its connection is not reused.
         let _held = (in_flight, home);
-        match client_side.await {
-            Ok(c) => {
-                let mut c = TokioIo::new(c);
-                let (mut b, early) = backend.into_parts();
-                // What the backend sent right after its 101 answer.
-                if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut c, &early).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
+        let Some((mut c, client_early)) = client_side.opened().await else { return };
+        let (mut b, early) = backend.into_parts();
+        // What each side sent past its own head: the backend right after its 101 answer,
+        // the client right after its request.
+        if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut c, &early).await.is_err()
+            || !client_early.is_empty()
+                && tokio::io::AsyncWriteExt::write_all(&mut b, &client_early).await.is_err()
+        {
+            return;
         }
+        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
     });
     Response::from_parts(parts, RespBody::full(Bytes::new(), Some(log)))
+}
+
+/// The client's side of a connection asked to switch protocols, from the server that read
+/// the request.
+enum ClientSide {
+    Hyper(hyper::upgrade::OnUpgrade),
+    Own(tokio::sync::oneshot::Receiver<h1_server::Upgraded>),
+}
+
+impl ClientSide {
+    fn of(req: &mut Request<RequestBody>) -> Self {
+        match req.extensions_mut().remove::<h1_server::OnUpgrade>().and_then(|u| u.take()) {
+            Some(rx) => Self::Own(rx),
+            None => Self::Hyper(hyper::upgrade::on(req)),
+        }
+    }
+
+    /// The client's stream once the 101 answer went, and what it sent past its request.
+    async fn opened(self) -> Option<(Box<dyn h1_server::Io>, Bytes)> {
+        match self {
+            Self::Hyper(on) => match on.await {
+                Ok(c) => Some((Box::new(TokioIo::new(c)), Bytes::new())),
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade not completed");
+                    None
+                }
+            },
+            Self::Own(rx) => rx.await.ok().map(|u| (u.io, u.early)),
+        }
+    }
 }
 
 /// The body to send: kept whole (`replay`) when empty or small enough to send again, else
 /// streamed once. `None`: the client did not send all it announced.
 async fn read_body(
-    body: Incoming,
+    body: RequestBody,
     length: Option<u64>,
     replay_bytes: usize,
-) -> Option<(Option<Bytes>, Option<Incoming>)> {
+) -> Option<(Option<Bytes>, Option<RequestBody>)> {
     if body.is_end_stream() {
         return Some((Some(Bytes::new()), None));
     }
@@ -877,6 +908,46 @@ pub enum Frames<S> {
 /// The request body sent to a backend.
 pub type ReqBody = Frames<ClientBody>;
 
+/// A client's request body as its server reads it: lb's own HTTP/1.1 server, or hyper's
+/// (HTTP/2, h2c).
+pub enum RequestBody {
+    Empty,
+    H1(h1_server::Body),
+    Hyper(Incoming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::H1(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::H1(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// How a client's request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientFault {
@@ -911,7 +982,7 @@ impl BodyRecord {
 /// to blame for it, and hyper's HTTP/2 client drops a body's error (the stream is reset, the
 /// request fails with the reset), so the edge keeps its own record.
 pub struct ClientBody {
-    inner: Limited<Incoming>,
+    inner: Limited<RequestBody>,
     record: Arc<BodyRecord>,
 }
 

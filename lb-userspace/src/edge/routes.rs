@@ -131,6 +131,25 @@ fn service_routes(name: &str, svc: &HttpService) -> Vec<Route> {
     out
 }
 
+/// The bytes a Host may hold: RFC 3986 reg-name and IP literal, with a port.
+static HOST_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        #[expect(clippy::cast_possible_truncation, reason = "i < 256")]
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric();
+        i += 1;
+    }
+    let other = b"-._~!$&'()*+,;=:[]%";
+    let mut j = 0;
+    while j < other.len() {
+        t[other[j] as usize] = true;
+        j += 1;
+    }
+    t
+};
+
 /// The host a request is for, lowercase and without port: from the URI's authority (HTTP/2,
 /// absolute-form) or the `Host` header.
 #[must_use]
@@ -141,7 +160,7 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<Host> {
         let v = req.headers().get(http::header::HOST)?;
         // Only what a host and port may hold (RFC 3986 reg-name, IP literal): a quote or a
         // backslash would break out of the `Forwarded` value it is copied into.
-        if !v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b)) {
+        if !v.as_bytes().iter().all(|b| HOST_BYTES[usize::from(*b)]) {
             return None;
         }
         (strip_port(v.to_str().ok()?), Some(v))

@@ -1,5 +1,6 @@
-//! Listeners: accepting connections under a per-client cap, and serving each with hyper under
-//! the listener's limits: header timeout (408), idle timeout, head size (431), bad input (400).
+//! Listeners: accepting connections under a per-client cap, and serving each (HTTP/1.1 with
+//! `h1_server`, HTTP/2 with hyper) under the listener's limits: header timeout (408), idle
+//! timeout, head size (431), bad input (400).
 
 use std::{
     collections::HashMap,
@@ -25,7 +26,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    Port, Shared,
+    Port, Shared, h1_server,
     proxy::{self, Conn},
 };
 
@@ -247,7 +248,7 @@ async fn serve(
     let Some(tls) = &listener.tls else {
         let proto = if listener.h2c { Proto::Auto } else { Proto::Http1 };
         let conn = Conn { client: peer, local, port, tls: false };
-        return drive(TokioIo::new(io), proto, Some(fd), conn, &shared, &listener, state).await;
+        return drive(io, proto, Some(fd), conn, &shared, &listener, state).await;
     };
     // The handshake is part of the request head: both within the header timeout.
     let accept = tokio_rustls::TlsAcceptor::from(tls.clone()).accept(io);
@@ -267,7 +268,7 @@ async fn serve(
     let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") { Proto::Http2 } else { Proto::Http1 };
     let conn = Conn { client: peer, local, port, tls: true };
     // A 408 would have to go through TLS: a slow TLS client is closed without one.
-    drive(TokioIo::new(stream), proto, None, conn, &shared, &listener, state).await;
+    drive(stream, proto, None, conn, &shared, &listener, state).await;
 }
 
 /// Which HTTP a connection speaks.
@@ -279,10 +280,51 @@ enum Proto {
     Auto,
 }
 
+/// What serves each request of a connection: the proxy, under the connection's idle
+/// tracking and the listener's HSTS.
+#[derive(Clone)]
+struct Handler {
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    hsts: Option<http::HeaderValue>,
+    conn: Conn,
+}
+
+impl h1_server::Service for Handler {
+    fn call(
+        &self,
+        req: http::Request<proxy::RequestBody>,
+    ) -> impl Future<Output = http::Response<proxy::RespBody>> + Send {
+        self.answer(req)
+    }
+}
+
+impl Handler {
+    /// The answer to `req`, holding nothing of `self` (hyper wants such futures).
+    fn answer(
+        &self,
+        req: http::Request<proxy::RequestBody>,
+    ) -> impl Future<Output = http::Response<proxy::RespBody>> + Send + use<> {
+        let snap = self.shared.snapshot();
+        let state = self.state.clone();
+        let hsts = self.hsts.clone();
+        let conn = self.conn;
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let mut resp = proxy::handle(snap, conn, req).await;
+            if let Some(h) = hsts {
+                resp.headers_mut().entry(http::header::STRICT_TRANSPORT_SECURITY).or_insert(h);
+            }
+            resp.body_mut().on_done(state);
+            resp
+        }
+    }
+}
+
 /// Serves HTTP on `io` until the client leaves or a timeout closes it. `fd`: the plain socket,
-/// for a 408 written past hyper.
+/// for a 408 written past the server.
 async fn drive<I>(
-    io: TokioIo<I>,
+    io: I,
     proto: Proto,
     fd: Option<RawFd>,
     conn: Conn,
@@ -292,41 +334,27 @@ async fn drive<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc_state = state.clone();
-    let svc_shared = shared.clone();
-    let hsts = listener.hsts.clone();
-    let svc = service_fn(move |req| {
-        let snap = svc_shared.snapshot();
-        let state = svc_state.clone();
-        let hsts = hsts.clone();
-        state.in_flight.fetch_add(1, Ordering::Relaxed);
-        async move {
-            let mut resp = proxy::handle(snap, conn, req).await;
-            if let Some(h) = hsts {
-                resp.headers_mut().entry(http::header::STRICT_TRANSPORT_SECURITY).or_insert(h);
-            }
-            resp.body_mut().on_done(state);
-            Ok::<_, std::convert::Infallible>(resp)
-        }
-    });
+    let handler = Handler { shared: shared.clone(), state: state.clone(), hsts: listener.hsts.clone(), conn };
     let limits = &listener.limits;
     let peer = conn.client;
-    // Timeouts are the watchdog's below: hyper's one timer cannot tell idle from slow.
+    let hyper_svc = {
+        let handler = handler.clone();
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let resp = handler.answer(req.map(proxy::RequestBody::Hyper));
+            async move { Ok::<_, std::convert::Infallible>(resp.await) }
+        })
+    };
+    // Timeouts are the watchdog's below: one timer cannot tell idle from slow.
     let result: Pin<Box<dyn Future<Output = Result<(), String>> + Send>> = match proto {
         Proto::Http1 => {
-            let mut h1 = hyper::server::conn::http1::Builder::new();
-            h1.header_read_timeout(None)
-                .max_header_size(limits.max_header_bytes)
-                .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-                .keep_alive(true);
-            let c = h1.serve_connection(io, svc).with_upgrades();
-            Box::pin(async move { c.await.map_err(|e| e.to_string()) })
+            let max_head = limits.max_header_bytes;
+            Box::pin(async move { h1_server::serve(io, max_head, &handler).await.map_err(|e| e.to_string()) })
         }
         Proto::Http2 => {
             let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             h2.timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-            let c = h2.serve_connection(io, svc);
+            let c = h2.serve_connection(TokioIo::new(io), hyper_svc);
             Box::pin(async move { c.await.map_err(|e| e.to_string()) })
         }
         Proto::Auto => {
@@ -336,9 +364,11 @@ async fn drive<I>(
                 .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
                 .keep_alive(true);
             auto.http2().timer(TokioTimer::new());
-            Box::pin(
-                async move { auto.serve_connection_with_upgrades(io, svc).await.map_err(|e| e.to_string()) },
-            )
+            Box::pin(async move {
+                auto.serve_connection_with_upgrades(TokioIo::new(io), hyper_svc)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
         }
     };
     let h2 = proto == Proto::Http2;
