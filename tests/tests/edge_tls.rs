@@ -172,6 +172,15 @@ http:
         .output()
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200", "{}", text(&out));
+    // The same listener still speaks HTTP/1.1 to clients that do.
+    let out = s
+        .client_cmd("curl")
+        .args(["-sS", "--http1.1", "-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+        .args(["-H", "Host: a.example"])
+        .arg(format!("http://{}/", s.lb(8000)))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.1 200", "{}", text(&out));
 
     // Versions: 1.2 and 1.3 spoken, 1.1 refused by the server (a protocol_version alert).
     let out = s.s_client(8443, &["-servername", "a.example", "-tls1_2"]);

@@ -562,9 +562,12 @@ impl<I: Io> Drop for Closing<I> {
 }
 
 /// Serves HTTP/1.1 requests on `io` until the client leaves, a request cannot be read, or a
-/// response says the connection ends. `max_head`: the largest request head read (431 past it).
-pub async fn serve<I: Io, S: Service>(io: I, max_head: usize, service: &S) -> Result<(), Ended> {
-    let closing = Closing(Arc::new(Mutex::new(Wire::new(io))));
+/// response says the connection ends. `read`: bytes already read from it; `max_head`: the
+/// largest request head read (431 past it).
+pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, service: &S) -> Result<(), Ended> {
+    let mut wire = Wire::new(io);
+    wire.buf.extend_from_slice(read);
+    let closing = Closing(Arc::new(Mutex::new(wire)));
     let wire = &closing.0;
     let mut out = Vec::new();
     loop {

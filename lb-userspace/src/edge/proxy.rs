@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::rt::TokioIo;
 use tracing::info;
 
 use super::{
@@ -628,33 +627,22 @@ fn tunnel(
     Response::from_parts(parts, RespBody::full(Bytes::new(), Some(log)))
 }
 
-/// The client's side of a connection asked to switch protocols, from the server that read
-/// the request.
-enum ClientSide {
-    Hyper(hyper::upgrade::OnUpgrade),
-    Own(tokio::sync::oneshot::Receiver<h1_server::Upgraded>),
-}
+/// The client's side of a connection asked to switch protocols: its stream once the 101
+/// answer went (only HTTP/1.1 asks, and lb's own server reads it).
+struct ClientSide(Option<tokio::sync::oneshot::Receiver<h1_server::Upgraded>>);
 
 impl ClientSide {
     fn of(req: &mut Request<RequestBody>) -> Self {
-        match req.extensions_mut().remove::<h1_server::OnUpgrade>().and_then(|u| u.take()) {
-            Some(rx) => Self::Own(rx),
-            None => Self::Hyper(hyper::upgrade::on(req)),
-        }
+        Self(req.extensions_mut().remove::<h1_server::OnUpgrade>().and_then(|u| u.take()))
     }
 
     /// The client's stream once the 101 answer went, and what it sent past its request.
     async fn opened(self) -> Option<(Box<dyn h1_server::Io>, Bytes)> {
-        match self {
-            Self::Hyper(on) => match on.await {
-                Ok(c) => Some((Box::new(TokioIo::new(c)), Bytes::new())),
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade not completed");
-                    None
-                }
-            },
-            Self::Own(rx) => rx.await.ok().map(|u| (u.io, u.early)),
-        }
+        let Some(rx) = self.0 else {
+            tracing::debug!("an upgrade on a connection that cannot switch");
+            return None;
+        };
+        rx.await.ok().map(|u| (u.io, u.early))
     }
 }
 

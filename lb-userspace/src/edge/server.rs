@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -161,6 +161,8 @@ struct ConnState {
     idle_since: AtomicU64,
     first_byte: AtomicU64,
     served: AtomicU64,
+    /// Speaks HTTP/2 (by ALPN, or an h2c preface).
+    h2: AtomicBool,
 }
 
 impl ConnState {
@@ -174,6 +176,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             first_byte: AtomicU64::new(u64::MAX),
             served: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
         }
     }
 
@@ -348,7 +351,9 @@ async fn drive<I>(
     let result: Pin<Box<dyn Future<Output = Result<(), String>> + Send>> = match proto {
         Proto::Http1 => {
             let max_head = limits.max_header_bytes;
-            Box::pin(async move { h1_server::serve(io, max_head, &handler).await.map_err(|e| e.to_string()) })
+            Box::pin(
+                async move { h1_server::serve(io, &[], max_head, &handler).await.map_err(|e| e.to_string()) },
+            )
         }
         Proto::Http2 => {
             let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -358,22 +363,35 @@ async fn drive<I>(
             Box::pin(async move { c.await.map_err(|e| e.to_string()) })
         }
         Proto::Auto => {
-            let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            auto.http1()
-                .header_read_timeout(None)
-                .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-                .keep_alive(true);
-            auto.http2().timer(TokioTimer::new());
+            let max_head = limits.max_header_bytes;
+            let state = state.clone();
             Box::pin(async move {
-                auto.serve_connection_with_upgrades(TokioIo::new(io), hyper_svc)
-                    .await
-                    .map_err(|e| e.to_string())
+                let mut io = io;
+                let first = match h2c_preface(&mut io).await {
+                    Ok(Start::Http2(first)) => {
+                        state.h2.store(true, Ordering::Relaxed);
+                        first
+                    }
+                    Ok(Start::Http1(first)) => {
+                        return h1_server::serve(io, &first, max_head, &handler)
+                            .await
+                            .map_err(|e| e.to_string());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new()).max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
+                let io = Rewind { first: bytes::Bytes::from(first), io };
+                b.serve_connection(TokioIo::new(io), hyper_svc).await.map_err(|e| e.to_string())
             })
         }
     };
-    let h2 = proto == Proto::Http2;
+    if proto == Proto::Http2 {
+        state.h2.store(true, Ordering::Relaxed);
+    }
     tokio::pin!(result);
     loop {
+        let h2 = state.h2.load(Ordering::Relaxed);
         let wait = match state.check(limits.header_timeout, limits.idle_timeout, h2) {
             Ok(wait) => wait,
             Err(slow) => {
@@ -410,6 +428,74 @@ async fn drive<I>(
             }
             break;
         }
+    }
+}
+
+/// What an h2c listener's connection starts with (RFC 9113 3.3: HTTP/2 with prior knowledge
+/// opens with its preface), and the bytes read to tell.
+enum Start {
+    Http1(Vec<u8>),
+    Http2(Vec<u8>),
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes differ from the HTTP/2 preface or are all of it.
+async fn h2c_preface<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<Start> {
+    let mut first = vec![0; H2_PREFACE.len()];
+    let mut n = 0;
+    while n < first.len() {
+        let got = tokio::io::AsyncReadExt::read(io, &mut first[n..]).await?;
+        if got == 0 || first[n..n + got] != H2_PREFACE[n..n + got] {
+            first.truncate(n + got);
+            return Ok(Start::Http1(first));
+        }
+        n += got;
+    }
+    Ok(Start::Http2(first))
+}
+
+/// A stream whose first bytes, already read, are read again.
+struct Rewind<I> {
+    first: bytes::Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.first.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.first.len().min(buf.remaining());
+        buf.put_slice(&this.first.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -470,6 +556,38 @@ impl AsyncWrite for Counting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn h2c_listeners_tell_http2_by_its_preface_and_replay_what_they_read() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut ours, mut client) = tokio::io::duplex(256);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(
+            matches!(h2c_preface(&mut ours).await.unwrap(), Start::Http1(b) if b == b"GET / HTTP/1.1\r\n")
+        );
+        // The preface in pieces, a request after it: all of it read again.
+        let (mut ours, mut client) = tokio::io::duplex(256);
+        let task = tokio::spawn(async move {
+            client.write_all(&H2_PREFACE[..5]).await.unwrap();
+            tokio::task::yield_now().await;
+            client.write_all(&H2_PREFACE[5..]).await.unwrap();
+            client.write_all(b"frames").await.unwrap();
+            client
+        });
+        let Start::Http2(first) = h2c_preface(&mut ours).await.unwrap() else { panic!("not HTTP/2") };
+        let _client = task.await.unwrap();
+        let mut again = Rewind { first: first.into(), io: ours };
+        let mut all = vec![0; H2_PREFACE.len() + 6];
+        again.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all[..H2_PREFACE.len()], H2_PREFACE);
+        assert_eq!(&all[H2_PREFACE.len()..], b"frames");
+        // Close to it, but HTTP/1.x.
+        let (mut ours, mut client) = tokio::io::duplex(256);
+        client.write_all(b"PRI * HTTP/1.1\r\n").await.unwrap();
+        assert!(
+            matches!(h2c_preface(&mut ours).await.unwrap(), Start::Http1(b) if b == b"PRI * HTTP/1.1\r\n")
+        );
+    }
 
     #[test]
     fn the_watchdog_tells_slow_heads_from_idle_connections() {
