@@ -618,13 +618,23 @@ fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_r
     assert_ne!(second_prog, first_prog, "the new lbd's program serves");
     load.wait_more(100);
     streams_whole(&mut streams, 2, "across a restart");
-    // Every stream's flow is still tracked to the backend that holds it.
-    let mut moved = 0;
-    for st in &streams {
-        let found = looked_up(lb, st);
-        assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
-        moved += usize::from(found["backend"] != found["table_backend"]);
-    }
+    // Every stream's flow is still tracked to the backend that holds it. The new weights are
+    // in the tables once the new lbd has checked its backends: read until a slot has moved
+    // (4 to 7 of 12 do), or 5 s pass.
+    wait_all_up(lb, 3);
+    let until = Instant::now() + Duration::from_secs(5);
+    let moved = loop {
+        let mut moved = 0;
+        for st in &streams {
+            let found = looked_up(lb, st);
+            assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
+            moved += usize::from(found["backend"] != found["table_backend"]);
+        }
+        if moved > 0 || Instant::now() > until {
+            break moved;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(moved > 0, "some stream's slot moved to another backend (else this proves nothing)");
     eprintln!("{moved} of {} streams kept their backend through adopted conntrack entries", streams.len());
 
