@@ -175,6 +175,24 @@ fn looked_up(ns: &NetNs, stream: &Stream) -> serde_json::Value {
     serde_json::from_str(&out).expect("lookup JSON")
 }
 
+/// How many of `streams` are tracked to a backend other than their table slot's, read until
+/// some are or 5 s pass. Each must be found through conntrack.
+fn moved_slots(lb: &NetNs, streams: &[Stream]) -> usize {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut moved = 0;
+        for st in streams {
+            let found = looked_up(lb, st);
+            assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
+            moved += usize::from(found["backend"] != found["table_backend"]);
+        }
+        if moved > 0 || Instant::now() > until {
+            return moved;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn health(ns: &NetNs, i: usize) -> String {
     backend_status(&status(ns), "echo", &identity(i))
         .map(|b| b["health"].as_str().unwrap_or("").to_owned())
@@ -622,19 +640,7 @@ fn lbd_restarts_under_load_without_breaking_a_flow_and_refuses_state_it_cannot_r
     // in the tables once the new lbd has checked its backends: read until a slot has moved
     // (4 to 7 of 12 do), or 5 s pass.
     wait_all_up(lb, 3);
-    let until = Instant::now() + Duration::from_secs(5);
-    let moved = loop {
-        let mut moved = 0;
-        for st in &streams {
-            let found = looked_up(lb, st);
-            assert!(found["why"].as_str().unwrap().starts_with("conntrack"), "{found:#}");
-            moved += usize::from(found["backend"] != found["table_backend"]);
-        }
-        if moved > 0 || Instant::now() > until {
-            break moved;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let moved = moved_slots(lb, &streams);
     assert!(moved > 0, "some stream's slot moved to another backend (else this proves nothing)");
     eprintln!("{moved} of {} streams kept their backend through adopted conntrack entries", streams.len());
 
