@@ -28,8 +28,8 @@ use super::{
 
 /// Largest response head read (as the edge's own request header limit).
 const MAX_HEAD: usize = 64 * 1024;
-/// Most response headers.
-const MAX_HEADERS: usize = 128;
+/// Most fields in a head (a request's more: 431; a response's: 502).
+pub(super) const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line or trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
 const READ_MIN: usize = 16 * 1024;
@@ -495,30 +495,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     let status =
         r.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("bad status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Where each name and value sits in the head, so values can share its bytes.
-    // (On the stack: this runs per response.)
-    let base = buf.as_ptr() as usize;
-    let n = r.headers.len();
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
-        let name = h.name.as_ptr() as usize - base;
-        let at = h.value.as_ptr() as usize - base;
-        // Within MAX_HEAD (64 KiB): every offset fits.
-        #[expect(clippy::cast_possible_truncation, reason = "offsets within MAX_HEAD")]
-        {
-            *span = (name as u32, (name + h.name.len()) as u32, at as u32, (at + h.value.len()) as u32);
-        }
-    }
+    let spans = Spans::of(buf, r.headers);
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
+    let mut headers = HeaderMap::with_capacity(spans.len());
     // What this hop needs of `Connection`, `Transfer-Encoding` and `Content-Length`, noted on
     // the way rather than looked up after.
     let mut seen = Seen::default();
-    for &(name_from, name_to, from, to) in &spans[..n] {
-        let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
-            .map_err(|_| Error::Invalid("bad header name"))?;
-        let v = HeaderValue::from_maybe_shared(head.slice(from as usize..to as usize))
-            .map_err(|_| Error::Invalid("bad header value"))?;
+    for field in spans.fields(&head) {
+        let (name, v) = field.map_err(Error::Invalid)?;
         if seen.note(&name, &v) {
             headers.append(name, v);
         }
@@ -544,6 +528,50 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(Some(Head { status, version, headers, framing, reusable }))
+}
+
+/// Where each field's name and value sit in a parsed head, so that they can share its bytes
+/// once it is split off the read buffer. On the stack: this runs per head.
+pub(super) struct Spans {
+    n: usize,
+    at: [(u32, u32, u32, u32); MAX_HEADERS],
+}
+
+impl Spans {
+    /// The positions of `fields` (parsed from `buf`) in `buf`.
+    pub(super) fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
+        let base = buf.as_ptr() as usize;
+        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        for (h, span) in fields.iter().zip(at.iter_mut()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            #[expect(clippy::cast_possible_truncation, reason = "offsets within a head held in memory")]
+            {
+                *span =
+                    (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
+            }
+        }
+        Self { n: fields.len().min(MAX_HEADERS), at }
+    }
+
+    pub(super) const fn len(&self) -> usize {
+        self.n
+    }
+
+    /// The fields, read from `head` (the bytes they were parsed from, split off): names, and
+    /// values sharing its bytes; or why one is malformed.
+    pub(super) fn fields<'a>(
+        &'a self,
+        head: &'a Bytes,
+    ) -> impl Iterator<Item = Result<(HeaderName, HeaderValue), &'static str>> + 'a {
+        self.at[..self.n].iter().map(|&(name_from, name_to, from, to)| {
+            let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
+                .map_err(|_| "bad header name")?;
+            let v = HeaderValue::from_maybe_shared(head.slice(from as usize..to as usize))
+                .map_err(|_| "bad header value")?;
+            Ok((name, v))
+        })
+    }
 }
 
 /// The framing fields of a response head.

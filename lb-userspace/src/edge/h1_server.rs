@@ -30,8 +30,6 @@ use super::{
     proxy::{BoxError, RequestBody, RespBody},
 };
 
-/// Most header fields in a request head (more: 431).
-const MAX_HEADERS: usize = 128;
 const READ_SIZE: usize = 8 * 1024;
 /// Body pieces up to this size go out in one write with their head or chunk line.
 const COALESCE: usize = 16 * 1024;
@@ -408,7 +406,7 @@ impl Asked {
 /// Parses a complete request head off the front of `buf`; `None` while more is needed.
 fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Parsed>, Refusal> {
     // Left uninitialised: 4 KiB of empty slots per head otherwise.
-    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; h1::MAX_HEADERS];
     let mut r = httparse::Request::new(&mut []);
     let len = match r.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) if n <= max => n,
@@ -424,28 +422,15 @@ fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Parsed>, Refusal> {
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refusal::bad("bad method"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Where the target and each field sit in the head, so they can share its bytes.
-    let base = buf.as_ptr() as usize;
-    let target = (path.as_ptr() as usize - base, path.len());
-    let n = r.headers.len();
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
-        let name = h.name.as_ptr() as usize - base;
-        let at = h.value.as_ptr() as usize - base;
-        #[expect(clippy::cast_possible_truncation, reason = "offsets within a head that fits in memory")]
-        {
-            *span = (name as u32, (name + h.name.len()) as u32, at as u32, (at + h.value.len()) as u32);
-        }
-    }
+    let target = path.as_ptr() as usize - buf.as_ptr() as usize;
+    let target = target..target + path.len();
+    let spans = h1::Spans::of(buf, r.headers);
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
-        .map_err(|_| Refusal::bad("bad request target"))?;
-    let mut headers = HeaderMap::with_capacity(n);
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| Refusal::bad("bad request target"))?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut asked = Asked::default();
-    for &(name_from, name_to, from, to) in &spans[..n] {
-        let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
-            .map_err(|_| Refusal::bad("bad header name"))?;
-        let v = HeaderValue::from_maybe_shared(head.slice(from as usize..to as usize))
-            .map_err(|_| Refusal::bad("bad header value"))?;
+    for field in spans.fields(&head) {
+        let (name, v) = field.map_err(Refusal::bad)?;
         asked.note(&name, &v);
         headers.append(name, v);
     }
@@ -975,7 +960,7 @@ mod tests {
         assert!(parsed("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none(), "partial");
         assert_eq!(refusal("GARBAGE\r\n\r\n"), Some(StatusCode::BAD_REQUEST));
         assert_eq!(refusal("GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n"), Some(StatusCode::BAD_REQUEST));
-        let many = "x-n: v\r\n".repeat(MAX_HEADERS + 1);
+        let many = "x-n: v\r\n".repeat(h1::MAX_HEADERS + 1);
         assert_eq!(
             refusal(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
             Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
