@@ -343,7 +343,9 @@ async fn drive<I>(
     let hyper_svc = {
         let handler = handler.clone();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = handler.answer(req.map(proxy::RequestBody::Hyper));
+            // Boxed: hyper spawns a task per HTTP/2 stream holding this future, and moving
+            // the whole request's future (~10 KB) into each task cost more than an allocation.
+            let resp = Box::pin(handler.answer(req.map(proxy::RequestBody::Hyper)));
             async move { Ok::<_, std::convert::Infallible>(resp.await) }
         })
     };
