@@ -253,19 +253,50 @@ fn curl_at(topo: &DsrTopology, port: u16, path: &str, extra: &[&str]) -> (u16, V
     (code, body)
 }
 
+/// The scripted backend in the first backend's namespace and an lbd in front of it serving
+/// `registry`; the backend stops when this is dropped, after lbd.
+struct Scripted {
+    lbd: Option<Lbd>,
+    seen: Arc<Seen>,
+    backend: Option<std::thread::JoinHandle<()>>,
+    dir: TempDir,
+    topo: DsrTopology,
+}
+
+fn scripted(tag: &str, registry: &str) -> Scripted {
+    let topo = DsrTopology::new(&unique_prefix(tag), 1);
+    let seen = Arc::new(Seen::default());
+    let backend = serve(&topo.backends[0].ns, seen.clone());
+    let dir = TempDir::new(tag);
+    let reg = dir.write("services.yaml", registry);
+    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
+    Scripted { lbd: Some(lbd), seen, backend: Some(backend), dir, topo }
+}
+
+impl Scripted {
+    fn log(&self) -> String {
+        self.lbd.as_ref().map(Lbd::log).unwrap_or_default()
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        drop(self.lbd.take());
+        self.seen.stop.store(true, Ordering::Relaxed);
+        if let Some(b) = self.backend.take() {
+            let _ = b.join();
+        }
+    }
+}
+
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scripted backend, every framing and fault in turn")]
 fn every_response_framing_reaches_the_client_whole_and_bad_answers_are_502() {
     if !privileged("every_response_framing_reaches_the_client_whole_and_bad_answers_are_502") {
         return;
     }
-    let tag = "edge-h1";
-    let topo = DsrTopology::new(&unique_prefix(tag), 1);
-    let seen = Arc::new(Seen::default());
-    let backend = serve(&topo.backends[0].ns, seen.clone());
-    let dir = TempDir::new(tag);
-    let reg = dir.write(
-        "services.yaml",
+    let s = scripted(
+        "edge-h1",
         &format!(
             "version: 1
 listeners:
@@ -287,25 +318,25 @@ http:
             b = backend_ip(0)
         ),
     );
-    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
-    let log = || lbd.log();
+    let (topo, seen, dir) = (&s.topo, &s.seen, &s.dir);
+    let log = || s.log();
 
-    let (code, body) = curl(&topo, "/chunked", &[]);
+    let (code, body) = curl(topo, "/chunked", &[]);
     assert_eq!((code, body.as_slice()), (200, &b"hello world"[..]), "{}", log());
-    let (code, body) = curl(&topo, "/te-and-cl", &[]);
+    let (code, body) = curl(topo, "/te-and-cl", &[]);
     assert_eq!((code, body.as_slice()), (200, &b"hello"[..]), "Transfer-Encoding wins: {}", log());
-    let (code, body) = curl(&topo, "/continue", &[]);
+    let (code, body) = curl(topo, "/continue", &[]);
     assert_eq!((code, body.as_slice()), (200, &b"after 1xx"[..]), "{}", log());
-    let (code, body) = curl(&topo, "/until-close", &[]);
+    let (code, body) = curl(topo, "/until-close", &[]);
     assert_eq!((code, body.as_slice()), (200, &b"read to the end"[..]), "{}", log());
-    let (code, body) = curl(&topo, "/big", &[]);
+    let (code, body) = curl(topo, "/big", &[]);
     assert_eq!((code, body.len()), (200, 1 << 20), "{}", log());
     assert!(body.chunks(65_536).all(|b| b[0] == b'a' && b[25] == b'z'), "the bytes arrive in order");
 
     // Kept-alive answers reuse one connection; those that close do not.
     let before = seen.connections.load(Ordering::Relaxed);
     for _ in 0..20 {
-        assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
+        assert_eq!(curl(topo, "/", &[]), (200, b"ok\n".to_vec()));
     }
     assert!(
         seen.connections.load(Ordering::Relaxed) - before <= 2,
@@ -315,9 +346,9 @@ http:
     // The backend closes after each answer: the next request finds its pooled connection
     // closed and goes on a fresh one, no error seen by the client.
     for _ in 0..10 {
-        let (code, body) = curl(&topo, "/then-close", &[]);
+        let (code, body) = curl(topo, "/then-close", &[]);
         assert_eq!((code, body.as_slice()), (200, &b"closed"[..]), "{}", log());
-        assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()), "{}", log());
+        assert_eq!(curl(topo, "/", &[]), (200, b"ok\n".to_vec()), "{}", log());
     }
 
     // A chunked upload past the replay buffer (64 KiB) is streamed to the backend whole.
@@ -325,7 +356,7 @@ http:
     let file = dir.write("upload.bin", "");
     std::fs::write(&file, &upload).expect("write upload");
     let data = format!("@{}", file.display());
-    let (code, body) = curl(&topo, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
+    let (code, body) = curl(topo, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
     let sum: u64 = upload.iter().map(|b| u64::from(*b)).sum();
     assert_eq!(
         (code, String::from_utf8_lossy(&body).into_owned()),
@@ -339,16 +370,16 @@ http:
     let big = dir.write("big.bin", "");
     std::fs::write(&big, vec![b'x'; 4 << 20]).expect("write big");
     let data = format!("@{}", big.display());
-    let (code, body) = curl(&topo, "/early-413", &["--data-binary", &data]);
+    let (code, body) = curl(topo, "/early-413", &["--data-binary", &data]);
     assert_eq!((code, body.as_slice()), (413, &b"too large"[..]), "{}", log());
 
     // Answers the edge cannot pass on faithfully: 502, and the client is told so.
     for path in ["/malformed", "/two-lengths", "/huge-head"] {
-        let (code, _) = curl(&topo, path, &[]);
+        let (code, _) = curl(topo, path, &[]);
         assert_eq!(code, 502, "{path}: {}", log());
     }
     // And the edge keeps serving.
-    assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
+    assert_eq!(curl(topo, "/", &[]), (200, b"ok\n".to_vec()));
 
     // Uploads that fail on the client's side: the client's fault, answered so, and not
     // counted against the backend (a client could otherwise take healthy backends out).
@@ -357,7 +388,7 @@ http:
     let before = failures("h1.example");
     // A chunked upload (no length to refuse it by) that grows past the listener's limit.
     let (code, _) =
-        curl_at(&topo, 8001, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
+        curl_at(topo, 8001, "/upload", &["-H", "Transfer-Encoding: chunked", "--data-binary", &data]);
     assert_eq!(code, 413, "{}", log());
     // A client that leaves halfway through a long upload.
     topo.client.ns.run(|| {
@@ -410,11 +441,7 @@ http:
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}\n{}", log());
     assert!(answer.contains("did not answer in time"), "{answer}");
     assert_eq!(failures("slow.example"), 1, "the timeout counted against the backend: {}", log());
-    assert_eq!(curl(&topo, "/", &[]), (200, b"ok\n".to_vec()));
-
-    drop(lbd);
-    seen.stop.store(true, Ordering::Relaxed);
-    backend.join().expect("backend thread");
+    assert_eq!(curl(topo, "/", &[]), (200, b"ok\n".to_vec()));
 }
 
 /// Reads `n` answers in turn.
@@ -445,13 +472,8 @@ fn client_requests_are_framed_as_rfc_9112_says_pipelined_http10_and_100_continue
     if !privileged("client_requests_are_framed_as_rfc_9112_says_pipelined_http10_and_100_continue") {
         return;
     }
-    let tag = "edge-h1c";
-    let topo = DsrTopology::new(&unique_prefix(tag), 1);
-    let seen = Arc::new(Seen::default());
-    let backend = serve(&topo.backends[0].ns, seen.clone());
-    let dir = TempDir::new(tag);
-    let reg = dir.write(
-        "services.yaml",
+    let s = scripted(
+        "edge-h1c",
         &format!(
             "version: 1
 listeners:
@@ -466,8 +488,8 @@ http:
             b = backend_ip(0)
         ),
     );
-    let lbd = Lbd::start(&topo.lb.ns, &dir, &reg, "eth0", &[]);
-    let log = || lbd.log();
+    let topo = &s.topo;
+    let log = || s.log();
     let edge = SocketAddr::from((topo.lb.ip, 8000));
     let connect = || lb_tests::http::Client::connect(edge).expect("connect");
     topo.client.ns.run(|| {
@@ -587,7 +609,4 @@ http:
         assert_eq!((r.status, r.body.as_str(), r.header("connection")), (200, "5 532", Some("close")));
         closes_cleanly(&mut c, "a request with both framings");
     });
-    drop(lbd);
-    seen.stop.store(true, Ordering::Relaxed);
-    backend.join().expect("backend thread");
 }
