@@ -612,7 +612,7 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
             }
             return Err(Ended::Refused("an interim answer as the final one"));
         }
-        let length = (body.size_hint().exact(), content_length(&parts.headers));
+        let length = (body.size_hint().exact(), super::proxy::content_length(&parts.headers));
         let framing = framing(status, switching, head_only, v10, length);
         let mut keep =
             keep_alive && framing != Framing::Close && parts.extensions.get::<CloseAfter>().is_none();
@@ -779,10 +779,6 @@ async fn linger<I: Io>(wire: &Mutex<Wire<I>>) {
         }
     };
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-}
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h1::digits(h.get(header::CONTENT_LENGTH)?.to_str().ok()?, 10)
 }
 
 /// Writes the status line and fields of a response, with this hop's framing and connection

@@ -694,8 +694,9 @@ fn give_up(
     resp
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+/// A message's `Content-Length`, when it is one plain number (no sign, no list).
+pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
+    h1::digits(h.get(header::CONTENT_LENGTH)?.to_str().ok()?, 10)
 }
 
 /// The request one attempt sends: origin-form URI, the cleaned headers (Host included).
