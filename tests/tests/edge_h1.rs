@@ -28,6 +28,8 @@ const PORT: u16 = 8080;
 
 /// Set by the client once it has read the first event of `/stream`.
 static STREAM_SEEN: AtomicBool = AtomicBool::new(false);
+/// `/bytes/N` answers whose writing failed: the edge closed the backend connection.
+static BYTES_CUT: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 struct Seen {
@@ -146,6 +148,19 @@ fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
             )?;
             for _ in 0..16 {
                 w.write_all(&block)?;
+            }
+            Ok(true)
+        }
+        p if p.starts_with("/bytes/") => {
+            // N MiB, written as fast as the edge takes them.
+            let mib: usize = p["/bytes/".len()..].parse().unwrap_or(1);
+            let block = vec![b'x'; 65_536];
+            w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", mib << 20).as_bytes())?;
+            for _ in 0..mib * 16 {
+                if let Err(e) = w.write_all(&block) {
+                    BYTES_CUT.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
             }
             Ok(true)
         }
@@ -608,5 +623,90 @@ http:
         let r = c.read_reply(false).expect("answer");
         assert_eq!((r.status, r.body.as_str(), r.header("connection")), (200, "5 532", Some("close")));
         closes_cleanly(&mut c, "a request with both framings");
+    });
+}
+
+#[test]
+fn a_client_that_reads_nothing_is_closed_at_the_send_timeout_and_its_backend_connection_freed() {
+    if !privileged(
+        "a_client_that_reads_nothing_is_closed_at_the_send_timeout_and_its_backend_connection_freed",
+    ) {
+        return;
+    }
+    let s = scripted(
+        "edge-h1s",
+        &format!(
+            "version: 1
+listeners:
+  - {{port: 8000, limits: {{send_timeout: 1s}}}}
+http:
+  h1.example:
+    health: {{enabled: false}}
+    retry: {{tries: 1}}
+    backends: [{{host: {b}, port: {PORT}}}]
+",
+            b = backend_ip(0)
+        ),
+    );
+    let log = || s.log();
+    let edge = SocketAddr::from((s.topo.lb.ip, 8000));
+    s.topo.client.ns.run(|| {
+        let get = |path: &str| {
+            let mut c = TcpStream::connect(edge).expect("connect");
+            write!(c, "GET {path} HTTP/1.1\r\nHost: h1.example\r\n\r\n").expect("send");
+            c
+        };
+        // A slow reader is not a stalled one: 4 MiB taken in pieces with pauses, 2 s in all,
+        // twice the send timeout. The edge waits for room often, but never 1 s for one write.
+        let mut c = get("/bytes/4");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut got = Vec::new();
+        let mut piece = vec![0u8; 512 * 1024];
+        let body = |got: &[u8]| got.windows(4).position(|w| w == b"\r\n\r\n").map(|at| got.len() - at - 4);
+        while body(&got).is_none_or(|n| n < 4 << 20) {
+            std::thread::sleep(Duration::from_millis(250));
+            let mut n = 0;
+            while n < piece.len() {
+                match c.read(&mut piece[n..]) {
+                    Ok(0) => panic!("closed after {} bytes\n{}", got.len() + n, log()),
+                    Ok(k) => n += k,
+                    Err(e) => panic!("slow reader cut off after {} bytes: {e}\n{}", got.len() + n, log()),
+                }
+                if body(&got).is_some_and(|b| b + n >= 4 << 20) {
+                    break;
+                }
+            }
+            got.extend_from_slice(&piece[..n]);
+        }
+        let head_end = got.len() - body(&got).expect("a head");
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..head_end]));
+        assert_eq!(got.len() - head_end, 4 << 20, "the whole answer, slowly: {}", log());
+        assert_eq!(BYTES_CUT.load(Ordering::Relaxed), 0);
+
+        // A client that asks for 64 MiB and reads nothing: once the socket buffers are full,
+        // the edge waits 1 s for room, then closes it, and the backend's writes fail (its
+        // connection is not held on behalf of a client that left).
+        let start = std::time::Instant::now();
+        let mut c = get("/bytes/64");
+        while BYTES_CUT.load(Ordering::Relaxed) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(15), "the backend is still held: {}", log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "cut before the send timeout: {:?}",
+            start.elapsed()
+        );
+        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut n = 0usize;
+        let ended = loop {
+            match c.read(&mut piece) {
+                Ok(0) => break "closed",
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                Err(e) => panic!("after {n} bytes, neither a close nor a reset: {e}"),
+            }
+        };
+        assert!(n < 64 << 20, "the client was sent the whole answer ({ended})");
     });
 }

@@ -182,6 +182,11 @@ pub struct Limits {
     #[serde(deserialize_with = "duration")]
     #[schemars(with = "String")]
     pub idle_timeout: Duration,
+    /// A client whose connection takes no byte of an answer for this long is closed, and the
+    /// backend connection behind the answer with it (nginx's `send_timeout`).
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub send_timeout: Duration,
     /// Largest request body in bytes; larger ones get 413.
     pub max_body_bytes: u64,
     /// Connections one client address may hold open at once; more are refused.
@@ -194,6 +199,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_mins(1),
+            send_timeout: Duration::from_mins(1),
             max_body_bytes: 16 * 1024 * 1024,
             max_connections_per_ip: 256,
         }

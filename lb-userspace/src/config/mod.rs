@@ -576,6 +576,26 @@ tcp:
     }
 
     #[test]
+    fn listener_timeouts_of_zero_and_a_zero_connection_cap_are_refused_where_written() {
+        let d = Dir::new("limits");
+        let root = d.write(
+            "services.yaml",
+            "version: 1\nlisteners:\n  - port: 80\n    limits:\n      send_timeout: 0s\n      idle_timeout: 0s\n      max_connections_per_ip: 0\n",
+        );
+        let e = load(&root).unwrap_err();
+        let fields: Vec<(&str, usize)> = e.problems().iter().map(|p| (p.field.as_str(), p.line)).collect();
+        let want = [
+            ("listeners[0].limits.send_timeout", 5),
+            ("listeners[0].limits.idle_timeout", 6),
+            ("listeners[0].limits.max_connections_per_ip", 7),
+        ];
+        assert_eq!(fields, want, "{e}");
+        d.write("services.yaml", "version: 1\nlisteners:\n  - {port: 80, limits: {send_timeout: 5s}}\n");
+        let r = load(&root).unwrap().registry;
+        assert_eq!(r.listeners[0].limits.send_timeout, std::time::Duration::from_secs(5));
+    }
+
+    #[test]
     fn circuit_breakers_take_seed_001s_defaults_and_refuse_what_could_never_close() {
         let d = Dir::new("breakers");
         let svc = |b: &str| {
@@ -822,5 +842,6 @@ http:
         .unwrap();
         assert_eq!(r.http["users"].balance, crate::config::Balance::LeastConn);
         assert_eq!(r.listeners[0].limits.header_timeout, std::time::Duration::from_secs(10), "safe default");
+        assert_eq!(r.listeners[0].limits.send_timeout, std::time::Duration::from_mins(1), "safe default");
     }
 }

@@ -191,9 +191,11 @@ fn listeners(path: &FieldPath, list: &[Listener], out: &mut Vec<Finding>) {
                 Some("browsers send heads of a few KiB; the default is 65536"),
             ));
         }
-        for (field, d) in
-            [("header_timeout", l.limits.header_timeout), ("idle_timeout", l.limits.idle_timeout)]
-        {
+        for (field, d) in [
+            ("header_timeout", l.limits.header_timeout),
+            ("idle_timeout", l.limits.idle_timeout),
+            ("send_timeout", l.limits.send_timeout),
+        ] {
             if d.is_zero() {
                 out.push(finding(lim.key(field), "must be longer than 0", None));
             }

@@ -1,6 +1,6 @@
 //! Listeners: accepting connections under a per-client cap, and serving each (HTTP/1.1 with
 //! `h1_server`, HTTP/2 with hyper) under the listener's limits: header timeout (408), idle
-//! timeout, head size (431), bad input (400).
+//! timeout, send timeout (a client that reads nothing), head size (431), bad input (400).
 
 use std::{
     collections::HashMap,
@@ -26,6 +26,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    super::config::Limits,
     Port, Shared, h1_server,
     proxy::{self, Conn},
 };
@@ -147,8 +148,8 @@ impl std::fmt::Debug for Held {
     }
 }
 
-/// What the connection's watchdog knows: requests in flight, bytes read, and when it last
-/// went idle.
+/// What the connection's watchdog knows: requests in flight, bytes read, when it last went
+/// idle, and since when its writes wait on a client that reads nothing.
 #[derive(Debug)]
 struct ConnState {
     _held: Option<Held>,
@@ -161,6 +162,9 @@ struct ConnState {
     idle_since: AtomicU64,
     first_byte: AtomicU64,
     served: AtomicU64,
+    /// Since when a write has waited for room in the socket (ns since `start`; `u64::MAX`:
+    /// none waits).
+    blocked: AtomicU64,
     /// Speaks HTTP/2 (by ALPN, or an h2c preface).
     h2: AtomicBool,
 }
@@ -176,6 +180,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             first_byte: AtomicU64::new(u64::MAX),
             served: AtomicU64::new(0),
+            blocked: AtomicU64::new(u64::MAX),
             h2: AtomicBool::new(false),
         }
     }
@@ -188,6 +193,19 @@ impl ConnState {
         let before = self.read.fetch_add(n as u64, Ordering::Relaxed);
         if before == self.idle_read.load(Ordering::Relaxed) {
             self.first_byte.store(self.ns(), Ordering::Relaxed);
+        }
+    }
+
+    /// A write that found no room starts the send timeout's clock; any write that went out
+    /// stops it (nginx's `send_timeout`: the time between two writes, not the whole answer).
+    fn wrote(&self, pending: bool) {
+        let blocked = self.blocked.load(Ordering::Relaxed);
+        if pending {
+            if blocked == u64::MAX {
+                self.blocked.store(self.ns(), Ordering::Relaxed);
+            }
+        } else if blocked != u64::MAX {
+            self.blocked.store(u64::MAX, Ordering::Relaxed);
         }
     }
 
@@ -207,27 +225,50 @@ impl proxy::OnDone for ConnState {
     }
 }
 
+/// Why the watchdog ends a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// A request head took longer than the header timeout: 408.
+    Head,
+    /// No request for the idle timeout (the header timeout before the first): closed quietly.
+    Idle,
+    /// A write found no room for the send timeout: the client reads nothing, closed.
+    Send,
+}
+
 impl ConnState {
-    /// What to do now: `Ok(next check)` or `Err(true)` for a head that took too long (408),
-    /// `Err(false)` for an idle connection to close quietly. HTTP/2 (`h2`) sends frames of its
-    /// own between requests (pings, window updates): there only idleness counts.
-    fn check(&self, header: Duration, idle: Duration, h2: bool) -> Result<Duration, bool> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return Ok(header.min(idle));
-        }
-        let now = self.ns();
-        let after = |since: u64, limit: Duration| {
+    /// What to do now: `Ok(next check)`, or why the connection ends. HTTP/2 (`h2`) sends
+    /// frames of its own between requests (pings, window updates): there only idleness
+    /// counts.
+    fn check(&self, limits: &Limits, h2: bool) -> Result<Duration, Expired> {
+        let (header, idle) = (limits.header_timeout, limits.idle_timeout);
+        let now = || self.ns();
+        let after = |now: u64, since: u64, limit: Duration| {
             let end = since.saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
             if now >= end { None } else { Some(Duration::from_nanos(end - now)) }
         };
+        // Whatever else goes on: a client that takes nothing holds the answer and, behind it,
+        // a backend connection.
+        let blocked = self.blocked.load(Ordering::Relaxed);
+        let send = if blocked == u64::MAX {
+            Duration::MAX
+        } else {
+            after(now(), blocked, limits.send_timeout).ok_or(Expired::Send)?
+        };
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Ok(header.min(idle).min(send));
+        }
+        let now = now();
         if !h2 && self.read.load(Ordering::Relaxed) > self.idle_read.load(Ordering::Relaxed) {
             // A request head is arriving.
-            return after(self.first_byte.load(Ordering::Relaxed), header).ok_or(true);
+            let first = self.first_byte.load(Ordering::Relaxed);
+            return after(now, first, header).map(|d| d.min(send)).ok_or(Expired::Head);
         }
         // Idle. Before the first request a client gets the header timeout, after it the
         // (longer) idle timeout.
         let limit = if self.served.load(Ordering::Relaxed) == 0 { header } else { idle };
-        after(self.idle_since.load(Ordering::Relaxed), limit).ok_or(false)
+        let since = self.idle_since.load(Ordering::Relaxed);
+        after(now, since, limit).map(|d| d.min(send)).ok_or(Expired::Idle)
     }
 }
 
@@ -394,15 +435,25 @@ async fn drive<I>(
     tokio::pin!(result);
     loop {
         let h2 = state.h2.load(Ordering::Relaxed);
-        let wait = match state.check(limits.header_timeout, limits.idle_timeout, h2) {
+        let wait = match state.check(limits, h2) {
             Ok(wait) => wait,
-            Err(slow) => {
-                if slow && let Some(fd) = fd {
-                    debug!(client = %peer, "request head not received in time: 408");
-                    // The connection future is not running: nothing else writes to the socket.
-                    send_now(fd, REQUEST_TIMEOUT);
+            Err(why) => {
+                match why {
+                    Expired::Head => {
+                        debug!(client = %peer, "request head not received in time: 408");
+                        if let Some(fd) = fd {
+                            // The connection future is not running: nothing else writes to
+                            // the socket.
+                            send_now(fd, REQUEST_TIMEOUT);
+                        }
+                    }
+                    Expired::Send => {
+                        debug!(client = %peer, timeout = ?limits.send_timeout, "client read nothing: closed");
+                    }
+                    Expired::Idle => {}
                 }
-                // Dropping the connection closes it.
+                // Dropping the connection closes it, and the backend connection of an answer
+                // in flight with it.
                 break;
             }
         };
@@ -410,9 +461,20 @@ async fn drive<I>(
         // request) then only ask whether it fired, not the timer wheel.
         let mut timer = std::pin::pin!(tokio::time::sleep(wait));
         let mut registered = false;
+        // A write that starts to wait may need the send timeout sooner than this timer.
+        let fires = state.ns().saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let send = u64::try_from(limits.send_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let mut blocked = state.blocked.load(Ordering::Relaxed);
         let ended = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = result.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
+            }
+            let now_blocked = state.blocked.load(Ordering::Relaxed);
+            if now_blocked != blocked {
+                blocked = now_blocked;
+                if blocked != u64::MAX && blocked.saturating_add(send) < fires {
+                    return Poll::Ready(None);
+                }
             }
             // Unconstrained: out of its task's budget a first poll would not register at all.
             let fired = if registered {
@@ -510,7 +572,7 @@ fn send_now(fd: RawFd, bytes: &[u8]) {
     };
 }
 
-/// The client stream, counting what is read for the watchdog.
+/// The client stream, counting what is read and noting writes that wait, for the watchdog.
 struct Counting {
     inner: TcpStream,
     state: Arc<ConnState>,
@@ -531,7 +593,10 @@ impl AsyncRead for Counting {
 
 impl AsyncWrite for Counting {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.state.wrote(r.is_pending());
+        r
     }
 
     fn poll_write_vectored(
@@ -539,7 +604,10 @@ impl AsyncWrite for Counting {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.state.wrote(r.is_pending());
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -592,27 +660,52 @@ mod tests {
     }
 
     #[test]
-    fn the_watchdog_tells_slow_heads_from_idle_connections() {
+    fn the_watchdog_tells_slow_heads_from_idle_connections_and_clients_that_read_nothing() {
         let ms = Duration::from_millis;
+        let limits = Limits {
+            header_timeout: ms(50),
+            idle_timeout: ms(500),
+            send_timeout: ms(100),
+            ..Limits::default()
+        };
         let s = ConnState::new(None);
         // Fresh: the header timeout runs from the start.
-        assert!(s.check(ms(50), ms(500), false).is_ok());
+        assert!(s.check(&limits, false).is_ok());
         std::thread::sleep(ms(60));
-        assert_eq!(s.check(ms(50), ms(500), false), Err(false), "nothing sent: closed quietly");
+        assert_eq!(s.check(&limits, false), Err(Expired::Idle), "nothing sent: closed quietly");
         // A partial head: 408 once the header timeout passes from its first byte.
         let s = ConnState::new(None);
         s.on_read(10);
-        assert!(s.check(ms(50), ms(500), false).is_ok());
+        assert!(s.check(&limits, false).is_ok());
         std::thread::sleep(ms(60));
-        assert_eq!(s.check(ms(50), ms(500), false), Err(true));
+        assert_eq!(s.check(&limits, false), Err(Expired::Head));
         // After a request: idle gets the idle timeout, not the header timeout.
         let s = ConnState::new(None);
         s.on_read(100);
         s.in_flight.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(ms(60));
-        assert!(s.check(ms(50), ms(500), false).is_ok(), "no timeout while a request is served");
+        assert!(s.check(&limits, false).is_ok(), "no timeout while a request is served");
         s.request_done();
         std::thread::sleep(ms(60));
-        assert!(s.check(ms(50), ms(500), false).is_ok(), "idle for 60 ms of 500");
+        assert!(s.check(&limits, false).is_ok(), "idle for 60 ms of 500");
+
+        // An answer the client does not take: the send timeout runs from the first write
+        // that found no room, and any write that goes out restarts it.
+        let s = ConnState::new(None);
+        s.on_read(100);
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        s.wrote(true);
+        let wait = s.check(&limits, false).expect("within the send timeout");
+        assert!(wait <= ms(100), "the next check comes by the send timeout: {wait:?}");
+        std::thread::sleep(ms(60));
+        s.wrote(true);
+        assert!(s.check(&limits, false).is_ok(), "60 ms of 100, counted from the first wait");
+        s.wrote(false);
+        std::thread::sleep(ms(60));
+        assert!(s.check(&limits, false).is_ok(), "a write went out: 60 ms without one is fine");
+        s.wrote(true);
+        std::thread::sleep(ms(110));
+        assert_eq!(s.check(&limits, false), Err(Expired::Send), "blocked 110 ms: closed");
+        assert_eq!(s.check(&limits, true), Err(Expired::Send), "over HTTP/2 too");
     }
 }
