@@ -4,6 +4,7 @@ use std::{
     net::{Ipv6Addr, SocketAddr},
     sync::mpsc,
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -72,6 +73,43 @@ pub fn echo(
     messages: Vec<Message>,
 ) -> Result<Vec<Message>, String> {
     echo_then(addr, host, path, messages, || {})
+}
+
+/// Opens `ws://host/path` at `addr` and has a message echoed every `every` for `busy`, then
+/// sends nothing: how long after the last echo the connection was closed. `Err` when an echo
+/// failed while busy, or the connection was still open after `wait`.
+pub fn quiet_until_closed(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    every: Duration,
+    busy: Duration,
+    wait: Duration,
+) -> Result<Duration, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let req = format!("ws://{host}{path}").into_client_request().map_err(|e| e.to_string())?;
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(req, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+        let start = Instant::now();
+        while start.elapsed() < busy {
+            tokio::time::sleep(every).await;
+            ws.send(Message::text("tick"))
+                .await
+                .map_err(|e| format!("send after {:?}: {e}", start.elapsed()))?;
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(m))) if m == Message::text("tick") => {}
+                other => return Err(format!("no echo after {:?}: {other:?}", start.elapsed())),
+            }
+        }
+        let quiet = Instant::now();
+        match tokio::time::timeout(wait, ws.next()).await {
+            Err(_) => Err(format!("still open {wait:?} after the last message")),
+            Ok(None | Some(Err(_) | Ok(Message::Close(_)))) => Ok(quiet.elapsed()),
+            Ok(Some(Ok(m))) => Err(format!("a message nobody sent: {m:?}")),
+        }
+    })
 }
 
 /// As `echo`, running `open` after the echoes while the WebSocket is still open.

@@ -370,7 +370,11 @@ fn tls_passes_through_by_sni_and_websockets_are_proxied_both_ways() {
         return;
     }
     let reg = "version: 1
-listeners: [{port: 8000}, {port: 8446, passthrough: true}]
+listeners:
+  - {port: 8000}
+  # Tunnels idle for 1 s closed, WebSocket and passthrough.
+  - {port: 8001, limits: {tunnel_timeout: 1s}}
+  - {port: 8446, passthrough: true, limits: {tunnel_timeout: 1s}}
 http:
   secure:
     hosts: [secure.example]
@@ -378,7 +382,7 @@ http:
     backends: [{host: B1, port: 8443}]
   ws:
     hosts: [ws.example]
-    listeners: [8000]
+    listeners: [8000, 8001]
     backends: [{host: B0, port: 9001}]
 ";
     let (s, lbd) = Setup::new("edge-pass", 2, reg);
@@ -421,6 +425,35 @@ http:
         c.closed_within(Duration::from_secs(5))
     });
     assert!(closed, "a plain HTTP request on the passthrough port was not closed");
+    // A passthrough connection idle past the tunnel timeout: closed by lb (the client waits
+    // for the server, which waits for a request, forever).
+    let mut idle = s
+        .client_cmd("openssl")
+        .args(["s_client", "-ign_eof", "-quiet", "-servername", "secure.example", "-connect"])
+        .arg(s.lb(8446).to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run openssl s_client");
+    let start = std::time::Instant::now();
+    let exited = loop {
+        if let Some(status) = idle.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = idle.kill();
+            let _ = idle.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exited.is_some(), "an idle passthrough connection still open after 10 s\n{}", lbd.log());
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "closed before the tunnel timeout: {:?}",
+        start.elapsed()
+    );
 
     // WebSocket: text and a 200 KB binary message echoed through the edge.
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -469,6 +502,17 @@ http:
     assert_eq!(back[1], Message::binary(big));
     let st = status(&s.topo.lb.ns);
     assert!(backend_status(&st, "ws", &b0).is_some_and(|b| b["http"]["requests"] == 1), "{st:#}");
+    // A tunnel under the 1 s tunnel timeout: open for 2 s while a message goes every 300 ms,
+    // then closed 1 s (plus an eighth at most) after the last.
+    let quiet = s.topo.client.ns.run(|| {
+        let (every, busy) = (Duration::from_millis(300), Duration::from_secs(2));
+        ws::quiet_until_closed(s.lb(8001), "ws.example", "/chat", every, busy, Duration::from_secs(10))
+    });
+    let quiet = quiet.unwrap_or_else(|e| panic!("{e}\nlbd:\n{}", lbd.log()));
+    assert!(
+        quiet >= Duration::from_millis(900) && quiet < Duration::from_secs(3),
+        "closed {quiet:?} after the last message"
+    );
     let stopped = lbd.stop(libc::SIGTERM);
     assert!(
         stopped.log.contains("passthrough") && stopped.log.contains("sni=secure.example"),

@@ -187,6 +187,11 @@ pub struct Limits {
     #[serde(deserialize_with = "duration")]
     #[schemars(with = "String")]
     pub send_timeout: Duration,
+    /// A WebSocket (or other upgraded) connection, or a TLS-passthrough one, with no byte
+    /// either way for this long is closed (HAProxy's `timeout tunnel`).
+    #[serde(deserialize_with = "duration")]
+    #[schemars(with = "String")]
+    pub tunnel_timeout: Duration,
     /// Largest request body in bytes; larger ones get 413.
     pub max_body_bytes: u64,
     /// Connections one client address may hold open at once; more are refused.
@@ -200,6 +205,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_mins(1),
             send_timeout: Duration::from_mins(1),
+            tunnel_timeout: Duration::from_hours(1),
             max_body_bytes: 16 * 1024 * 1024,
             max_connections_per_ip: 256,
         }

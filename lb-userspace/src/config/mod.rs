@@ -580,14 +580,15 @@ tcp:
         let d = Dir::new("limits");
         let root = d.write(
             "services.yaml",
-            "version: 1\nlisteners:\n  - port: 80\n    limits:\n      send_timeout: 0s\n      idle_timeout: 0s\n      max_connections_per_ip: 0\n",
+            "version: 1\nlisteners:\n  - port: 80\n    limits:\n      send_timeout: 0s\n      idle_timeout: 0s\n      tunnel_timeout: 0s\n      max_connections_per_ip: 0\n",
         );
         let e = load(&root).unwrap_err();
         let fields: Vec<(&str, usize)> = e.problems().iter().map(|p| (p.field.as_str(), p.line)).collect();
         let want = [
             ("listeners[0].limits.send_timeout", 5),
             ("listeners[0].limits.idle_timeout", 6),
-            ("listeners[0].limits.max_connections_per_ip", 7),
+            ("listeners[0].limits.tunnel_timeout", 7),
+            ("listeners[0].limits.max_connections_per_ip", 8),
         ];
         assert_eq!(fields, want, "{e}");
         d.write("services.yaml", "version: 1\nlisteners:\n  - {port: 80, limits: {send_timeout: 5s}}\n");
@@ -843,5 +844,6 @@ http:
         assert_eq!(r.http["users"].balance, crate::config::Balance::LeastConn);
         assert_eq!(r.listeners[0].limits.header_timeout, std::time::Duration::from_secs(10), "safe default");
         assert_eq!(r.listeners[0].limits.send_timeout, std::time::Duration::from_mins(1), "safe default");
+        assert_eq!(r.listeners[0].limits.tunnel_timeout, std::time::Duration::from_hours(1), "safe default");
     }
 }

@@ -195,6 +195,7 @@ fn listeners(path: &FieldPath, list: &[Listener], out: &mut Vec<Finding>) {
             ("header_timeout", l.limits.header_timeout),
             ("idle_timeout", l.limits.idle_timeout),
             ("send_timeout", l.limits.send_timeout),
+            ("tunnel_timeout", l.limits.tunnel_timeout),
         ] {
             if d.is_zero() {
                 out.push(finding(lim.key(field), "must be longer than 0", None));

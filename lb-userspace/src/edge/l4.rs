@@ -24,7 +24,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::upstream::{BackendState, InFlight, clock};
+use super::{
+    relay::relay,
+    upstream::{BackendState, InFlight, clock},
+};
 use crate::config::{AllDown, L4Service, Protocol, Role};
 
 /// Most backends one connection tries before it is closed.
@@ -174,10 +177,7 @@ async fn relay_tcp(svc: Arc<Service>, mut client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         let close_on_down = svc.spec.proxy.close_on_down;
         let (sent, received, how) = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut up) => match r {
-                Ok((to, from)) => (to, from, "closed"),
-                Err(_) => (0, 0, "reset"),
-            },
+            r = relay(&mut client, &mut up, None) => (r.from_a, r.from_b, r.end.as_str()),
             _ = marked.changed(), if close_on_down => (0, 0, "backend marked down"),
         };
         info!(

@@ -32,6 +32,7 @@ mod pool;
 mod proxy;
 mod proxy_v2;
 mod ratelimit;
+mod relay;
 mod routes;
 mod server;
 mod sni;

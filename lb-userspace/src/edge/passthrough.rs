@@ -14,6 +14,7 @@ use super::{
     Shared,
     proxy::{self, Conn},
     proxy_v2,
+    relay::relay,
     sni::{self, Hello},
     upstream::{InFlight, Pick},
 };
@@ -50,7 +51,7 @@ pub async fn serve(
         return;
     };
     let local = client.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
-    let conn = Conn { client: peer, local, port, tls: true };
+    let conn = Conn { client: peer, local, port, tls: true, tunnel_idle: limits.tunnel_timeout };
     let pick = Pick { hash_key: proxy::hash_key(&svc.spec.balance, &conn, &http::HeaderMap::new()) };
     let allowed = (svc.spec.retry.tries as usize).clamp(1, MAX_TRIES);
     let mut tried = [usize::MAX; MAX_TRIES];
@@ -81,18 +82,18 @@ pub async fn serve(
     let b = &svc.members[idx].state;
     let _in_flight = InFlight::start(b);
     let _ = up.set_nodelay(true);
-    let (mut sent, mut received) = (0, 0);
-    let result = async {
+    let relayed = async {
         if svc.spec.upstream.proxy_protocol {
             up.write_all(&proxy_v2::header(peer, local)).await?;
         }
         up.write_all(&hello).await?;
-        let (a, r) = tokio::io::copy_bidirectional(&mut client, &mut up).await?;
-        sent = a;
-        received = r;
-        std::io::Result::Ok(())
+        std::io::Result::Ok(relay(&mut client, &mut up, Some(limits.tunnel_timeout)).await)
     }
     .await;
+    let (sent, received, end) = match &relayed {
+        Ok(r) => (r.from_a, r.from_b, r.end.as_str()),
+        Err(_) => (0, 0, "reset"),
+    };
     info!(
         target: "lb_userspace::access",
         client = %peer.ip(),
@@ -102,7 +103,7 @@ pub async fn serve(
         tries = attempts,
         bytes_in = sent + hello.len() as u64,
         bytes_out = received,
-        complete = result.is_ok(),
+        end,
         ms = started.elapsed().as_millis(),
         "passthrough"
     );

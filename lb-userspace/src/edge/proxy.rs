@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -91,6 +91,9 @@ pub struct Conn {
     pub local: SocketAddr,
     pub port: u16,
     pub tls: bool,
+    /// The listener's `tunnel_timeout`: an upgraded connection (WebSocket) idle this long
+    /// either way is closed.
+    pub tunnel_idle: Duration,
 }
 
 impl Conn {
@@ -516,7 +519,7 @@ async fn forward(
                             Some(log),
                         );
                     };
-                    return tunnel(head, client_side, backend_side, in_flight, log);
+                    return tunnel(head, client_side, backend_side, in_flight, log, conn.tunnel_idle);
                 }
                 let retryable = spec.retry.statuses.contains(&status.as_u16());
                 if retryable {
@@ -601,6 +604,7 @@ fn tunnel(
     (backend, home): (h1::Conn, Home),
     in_flight: InFlight,
     log: AccessLog,
+    idle: Duration,
 ) -> Response<RespBody> {
     let proto = parts.headers.get(header::UPGRADE).cloned();
     clean_response_headers(&mut parts.headers);
@@ -622,7 +626,13 @@ fn tunnel(
         {
             return;
         }
-        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+        let r = super::relay::relay(&mut c, &mut b, Some(idle)).await;
+        tracing::debug!(
+            from_client = r.from_a,
+            from_backend = r.from_b,
+            end = r.end.as_str(),
+            "tunnel ended"
+        );
     });
     Response::from_parts(parts, RespBody::full(Bytes::new(), Some(log)))
 }
@@ -1349,6 +1359,7 @@ mod tests {
             local: "10.0.0.2:80".parse().unwrap(),
             port: 80,
             tls: false,
+            tunnel_idle: Duration::from_secs(1),
         };
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; session=abc; b=2"));

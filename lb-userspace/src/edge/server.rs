@@ -291,7 +291,7 @@ async fn serve(
     let limits = &listener.limits;
     let Some(tls) = &listener.tls else {
         let proto = if listener.h2c { Proto::Auto } else { Proto::Http1 };
-        let conn = Conn { client: peer, local, port, tls: false };
+        let conn = Conn { client: peer, local, port, tls: false, tunnel_idle: limits.tunnel_timeout };
         return drive(io, proto, Some(fd), conn, &shared, &listener, state).await;
     };
     // The handshake is part of the request head: both within the header timeout.
@@ -310,7 +310,7 @@ async fn serve(
         }
     };
     let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") { Proto::Http2 } else { Proto::Http1 };
-    let conn = Conn { client: peer, local, port, tls: true };
+    let conn = Conn { client: peer, local, port, tls: true, tunnel_idle: limits.tunnel_timeout };
     // A 408 would have to go through TLS: a slow TLS client is closed without one.
     drive(stream, proto, None, conn, &shared, &listener, state).await;
 }
