@@ -97,6 +97,20 @@ fn pieces(w: &mut TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `/bytes/N`: N MiB, written as fast as the edge takes them; a failed write is counted.
+fn bytes(w: &mut TcpStream, mib: &str) -> std::io::Result<bool> {
+    let mib: usize = mib.parse().unwrap_or(1);
+    let block = vec![b'x'; 65_536];
+    w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", mib << 20).as_bytes())?;
+    for _ in 0..mib * 16 {
+        if let Err(e) = w.write_all(&block) {
+            BYTES_CUT.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    }
+    Ok(true)
+}
+
 /// Answers one request as its path asks; false when the connection is to close.
 fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
     match req.path.as_str() {
@@ -151,19 +165,7 @@ fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
             }
             Ok(true)
         }
-        p if p.starts_with("/bytes/") => {
-            // N MiB, written as fast as the edge takes them.
-            let mib: usize = p["/bytes/".len()..].parse().unwrap_or(1);
-            let block = vec![b'x'; 65_536];
-            w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", mib << 20).as_bytes())?;
-            for _ in 0..mib * 16 {
-                if let Err(e) = w.write_all(&block) {
-                    BYTES_CUT.fetch_add(1, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-            Ok(true)
-        }
+        p if p.starts_with("/bytes/") => bytes(w, p.trim_start_matches("/bytes/")),
         "/silent" => {
             // Takes the request and says nothing for 3 s, then closes: past the edge's 1 s
             // response timeout, which must answer first.

@@ -364,7 +364,37 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// How long a TLS client that sends nothing after its handshake stays connected through the
+/// passthrough `port` (`None`: still after 10 s).
+fn idle_passthrough_lasts(s: &Setup, port: u16, name: &str) -> Option<Duration> {
+    let mut idle = s
+        .client_cmd("openssl")
+        .args(["s_client", "-ign_eof", "-quiet", "-servername", name, "-connect"])
+        .arg(s.lb(port).to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run openssl s_client");
+    let start = std::time::Instant::now();
+    loop {
+        if idle.try_wait().expect("wait").is_some() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = idle.kill();
+            let _ = idle.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one lbd: passthrough, then WebSockets, each with its idle timeout"
+)]
 fn tls_passes_through_by_sni_and_websockets_are_proxied_both_ways() {
     if !privileged("tls_passes_through_by_sni_and_websockets_are_proxied_both_ways") {
         return;
@@ -427,33 +457,10 @@ http:
     assert!(closed, "a plain HTTP request on the passthrough port was not closed");
     // A passthrough connection idle past the tunnel timeout: closed by lb (the client waits
     // for the server, which waits for a request, forever).
-    let mut idle = s
-        .client_cmd("openssl")
-        .args(["s_client", "-ign_eof", "-quiet", "-servername", "secure.example", "-connect"])
-        .arg(s.lb(8446).to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run openssl s_client");
-    let start = std::time::Instant::now();
-    let exited = loop {
-        if let Some(status) = idle.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = idle.kill();
-            let _ = idle.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(exited.is_some(), "an idle passthrough connection still open after 10 s\n{}", lbd.log());
-    assert!(
-        start.elapsed() >= Duration::from_secs(1),
-        "closed before the tunnel timeout: {:?}",
-        start.elapsed()
-    );
+    let idle = idle_passthrough_lasts(&s, 8446, "secure.example");
+    let idle =
+        idle.unwrap_or_else(|| panic!("an idle passthrough connection still open after 10 s\n{}", lbd.log()));
+    assert!(idle >= Duration::from_secs(1), "closed before the tunnel timeout: {idle:?}");
 
     // WebSocket: text and a 200 KB binary message echoed through the edge.
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();

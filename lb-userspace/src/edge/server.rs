@@ -236,6 +236,25 @@ enum Expired {
     Send,
 }
 
+impl Expired {
+    /// Logs why the connection ends, and answers a slow head with 408 on the plain socket
+    /// `fd` (the connection future is not running then: nothing else writes to it).
+    fn tell(self, fd: Option<RawFd>, peer: SocketAddr, limits: &Limits) {
+        match self {
+            Self::Head => {
+                debug!(client = %peer, "request head not received in time: 408");
+                if let Some(fd) = fd {
+                    send_now(fd, REQUEST_TIMEOUT);
+                }
+            }
+            Self::Send => {
+                debug!(client = %peer, timeout = ?limits.send_timeout, "client read nothing: closed");
+            }
+            Self::Idle => {}
+        }
+    }
+}
+
 impl ConnState {
     /// What to do now: `Ok(next check)`, or why the connection ends. HTTP/2 (`h2`) sends
     /// frames of its own between requests (pings, window updates): there only idleness
@@ -438,20 +457,7 @@ async fn drive<I>(
         let wait = match state.check(limits, h2) {
             Ok(wait) => wait,
             Err(why) => {
-                match why {
-                    Expired::Head => {
-                        debug!(client = %peer, "request head not received in time: 408");
-                        if let Some(fd) = fd {
-                            // The connection future is not running: nothing else writes to
-                            // the socket.
-                            send_now(fd, REQUEST_TIMEOUT);
-                        }
-                    }
-                    Expired::Send => {
-                        debug!(client = %peer, timeout = ?limits.send_timeout, "client read nothing: closed");
-                    }
-                    Expired::Idle => {}
-                }
+                why.tell(fd, peer, limits);
                 // Dropping the connection closes it, and the backend connection of an answer
                 // in flight with it.
                 break;
@@ -462,7 +468,7 @@ async fn drive<I>(
         let mut timer = std::pin::pin!(tokio::time::sleep(wait));
         let mut registered = false;
         // A write that starts to wait may need the send timeout sooner than this timer.
-        let fires = state.ns().saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let timer_end = state.ns().saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         let send = u64::try_from(limits.send_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut blocked = state.blocked.load(Ordering::Relaxed);
         let ended = std::future::poll_fn(|cx| {
@@ -472,7 +478,7 @@ async fn drive<I>(
             let now_blocked = state.blocked.load(Ordering::Relaxed);
             if now_blocked != blocked {
                 blocked = now_blocked;
-                if blocked != u64::MAX && blocked.saturating_add(send) < fires {
+                if blocked != u64::MAX && blocked.saturating_add(send) < timer_end {
                     return Poll::Ready(None);
                 }
             }
