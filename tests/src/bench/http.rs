@@ -88,6 +88,21 @@ impl Round {
     }
 }
 
+/// Whether rounds with these steals are enough: `rounds` quiet ones, or `max_rounds` in all.
+fn enough(steals: &[f64], opts: Options) -> bool {
+    steals.len() >= opts.max_rounds.max(opts.rounds)
+        || steals.iter().filter(|&&s| s <= QUIET_STEAL).count() >= opts.rounds
+}
+
+/// The `n` rounds with the least steal, in the order they ran.
+fn quietest(steals: &[f64], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..steals.len()).collect();
+    order.sort_by(|&a, &b| steals[a].total_cmp(&steals[b]));
+    order.truncate(n);
+    order.sort_unstable();
+    order
+}
+
 /// Which rounds of a protocol counted.
 #[derive(Serialize, Debug)]
 pub struct Selection {
@@ -531,9 +546,7 @@ pub fn run(opts: Options) -> Result<Report> {
         // count. On a shared VM the hypervisor takes whole seconds of CPU away (steal), and a
         // proxy measured then loses for no fault of its own.
         let mut done: Vec<Round> = Vec::new();
-        while done.len() < opts.max_rounds.max(opts.rounds)
-            && done.iter().filter(|r| r.steal() <= QUIET_STEAL).count() < opts.rounds
-        {
+        while !enough(&done.iter().map(Round::steal).collect::<Vec<_>>(), opts) {
             let round_no = done.len();
             eprintln!("http bench: {protocol} round {}", round_no + 1);
             let mut legs = Vec::new();
@@ -557,10 +570,7 @@ pub fn run(opts: Options) -> Result<Report> {
             }
             done.push(Round { legs });
         }
-        let mut order: Vec<usize> = (0..done.len()).collect();
-        order.sort_by(|&a, &b| done[a].steal().total_cmp(&done[b].steal()));
-        order.truncate(opts.rounds);
-        order.sort_unstable();
+        let order = quietest(&done.iter().map(Round::steal).collect::<Vec<_>>(), opts.rounds);
         eprintln!(
             "http bench: {protocol}: rounds {} of {} counted (steal at most {:.0} %)",
             order.iter().map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(", "),
@@ -653,6 +663,17 @@ pub fn run(opts: Options) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_run_until_enough_were_quiet_and_the_quietest_count() {
+        let opts = Options { rounds: 3, max_rounds: 5, ..Options::default() };
+        assert!(!enough(&[0.0, 0.2, 0.01], opts), "two quiet of three");
+        assert!(enough(&[0.0, 0.2, 0.01, 0.03], opts), "three quiet (3 % is quiet)");
+        assert!(enough(&[0.5, 0.2, 0.1, 0.3, 0.4], opts), "five run: no more");
+        assert!(enough(&[0.0, 0.0, 0.0], opts));
+        assert_eq!(quietest(&[0.5, 0.2, 0.1, 0.3, 0.4], 3), [1, 2, 3]);
+        assert_eq!(quietest(&[0.0, 0.01], 3), [0, 1], "fewer run than wanted: all");
+    }
 
     #[test]
     fn wrk_and_h2load_output_is_read() {
