@@ -640,7 +640,7 @@ fn a_client_that_reads_nothing_is_closed_at_the_send_timeout_and_its_backend_con
         &format!(
             "version: 1
 listeners:
-  - {{port: 8000, limits: {{send_timeout: 1s}}}}
+  - {{port: 8000, limits: {{send_timeout: 2s}}}}
 http:
   h1.example:
     health: {{enabled: false}}
@@ -658,15 +658,17 @@ http:
             write!(c, "GET {path} HTTP/1.1\r\nHost: h1.example\r\n\r\n").expect("send");
             c
         };
-        // A slow reader is not a stalled one: 4 MiB taken in pieces with pauses, 2 s in all,
-        // twice the send timeout. The edge waits for room often, but never 1 s for one write.
-        let mut c = get("/bytes/4");
+        // A slow reader is not a stalled one: 8 MiB taken in 256 KiB pieces 100 ms apart, over
+        // 3 s in all, longer than the send timeout. The edge waits for room often (a full
+        // socket is writable again once a third of it is free: up to ~1.3 MiB, 0.5 s here),
+        // but never 2 s for one write.
+        let mut c = get("/bytes/8");
         c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut got = Vec::new();
-        let mut piece = vec![0u8; 512 * 1024];
+        let mut piece = vec![0u8; 256 * 1024];
         let body = |got: &[u8]| got.windows(4).position(|w| w == b"\r\n\r\n").map(|at| got.len() - at - 4);
-        while body(&got).is_none_or(|n| n < 4 << 20) {
-            std::thread::sleep(Duration::from_millis(250));
+        while body(&got).is_none_or(|n| n < 8 << 20) {
+            std::thread::sleep(Duration::from_millis(100));
             let mut n = 0;
             while n < piece.len() {
                 match c.read(&mut piece[n..]) {
@@ -674,7 +676,7 @@ http:
                     Ok(k) => n += k,
                     Err(e) => panic!("slow reader cut off after {} bytes: {e}\n{}", got.len() + n, log()),
                 }
-                if body(&got).is_some_and(|b| b + n >= 4 << 20) {
+                if body(&got).is_some_and(|b| b + n >= 8 << 20) {
                     break;
                 }
             }
@@ -682,11 +684,11 @@ http:
         }
         let head_end = got.len() - body(&got).expect("a head");
         assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..head_end]));
-        assert_eq!(got.len() - head_end, 4 << 20, "the whole answer, slowly: {}", log());
+        assert_eq!(got.len() - head_end, 8 << 20, "the whole answer, slowly: {}", log());
         assert_eq!(BYTES_CUT.load(Ordering::Relaxed), 0);
 
         // A client that asks for 64 MiB and reads nothing: once the socket buffers are full,
-        // the edge waits 1 s for room, then closes it, and the backend's writes fail (its
+        // the edge waits 2 s for room, then closes it, and the backend's writes fail (its
         // connection is not held on behalf of a client that left).
         let start = std::time::Instant::now();
         let mut c = get("/bytes/64");
@@ -695,7 +697,7 @@ http:
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(
-            start.elapsed() >= Duration::from_secs(1),
+            start.elapsed() >= Duration::from_secs(2),
             "cut before the send timeout: {:?}",
             start.elapsed()
         );

@@ -461,6 +461,16 @@ http:
     let idle =
         idle.unwrap_or_else(|| panic!("an idle passthrough connection still open after 10 s\n{}", lbd.log()));
     assert!(idle >= Duration::from_secs(1), "closed before the tunnel timeout: {idle:?}");
+    // lb closed it for idleness, as its access log says (written as the relay ends).
+    let ended_idle = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("passthrough") && (l.contains("end=\"idle\"") || l.contains("end=idle")))
+    };
+    let start = std::time::Instant::now();
+    while !ended_idle(&lbd.log()) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ended_idle(&lbd.log()), "no passthrough ended for idleness:\n{}", lbd.log());
 
     // WebSocket: text and a 200 KB binary message echoed through the edge.
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();

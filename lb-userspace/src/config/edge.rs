@@ -182,8 +182,9 @@ pub struct Limits {
     #[serde(deserialize_with = "duration")]
     #[schemars(with = "String")]
     pub idle_timeout: Duration,
-    /// A client whose connection takes no byte of an answer for this long is closed, and the
-    /// backend connection behind the answer with it (nginx's `send_timeout`).
+    /// A client whose connection has no room for the answer's next write for this long (it
+    /// reads nothing) is closed, and the backend connection behind the answer with it
+    /// (nginx's `send_timeout`: the time between two writes, not the whole answer's).
     #[serde(deserialize_with = "duration")]
     #[schemars(with = "String")]
     pub send_timeout: Duration,

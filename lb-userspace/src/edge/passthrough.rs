@@ -83,10 +83,14 @@ pub async fn serve(
     let _in_flight = InFlight::start(b);
     let _ = up.set_nodelay(true);
     let relayed = async {
-        if svc.spec.upstream.proxy_protocol {
-            up.write_all(&proxy_v2::header(peer, local)).await?;
-        }
-        up.write_all(&hello).await?;
+        // A backend that takes nothing is given up after the tunnel timeout, as in the relay.
+        let first = async {
+            if svc.spec.upstream.proxy_protocol {
+                up.write_all(&proxy_v2::header(peer, local)).await?;
+            }
+            up.write_all(&hello).await
+        };
+        tokio::time::timeout(limits.tunnel_timeout, first).await.map_err(std::io::Error::from)??;
         std::io::Result::Ok(relay(&mut client, &mut up, Some(limits.tunnel_timeout)).await)
     }
     .await;

@@ -619,11 +619,12 @@ fn tunnel(
         let Some((mut c, client_early)) = client_side.opened().await else { return };
         let (mut b, early) = backend.into_parts();
         // What each side sent past its own head: the backend right after its 101 answer,
-        // the client right after its request.
-        if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut c, &early).await.is_err()
-            || !client_early.is_empty()
-                && tokio::io::AsyncWriteExt::write_all(&mut b, &client_early).await.is_err()
-        {
+        // the client right after its request. Within the idle timeout, as the relay.
+        let handed = async {
+            tokio::io::AsyncWriteExt::write_all(&mut c, &early).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut b, &client_early).await
+        };
+        if !matches!(tokio::time::timeout(idle, handed).await, Ok(Ok(()))) {
             return;
         }
         let r = super::relay::relay(&mut c, &mut b, Some(idle)).await;

@@ -44,17 +44,18 @@ pub struct Relayed {
     pub end: End,
 }
 
-/// Copies `a` to `b` and `b` to `a` until both are done, one fails, or (with `idle`) neither
-/// sends a byte for that long. Idleness is checked in eighths of `idle`, so a relay ends
-/// between `idle` and 9/8 of it after the last byte, and no clock is read per byte.
+/// Copies `a` to `b` and `b` to `a` until both are done, one fails, or (with `idle`) no byte
+/// is read or written either way for that long (a slow reader still taking bytes keeps it).
+/// Idleness is checked in eighths of `idle`, so a relay ends between `idle` and 9/8 of it
+/// after the last byte, and no clock is read per byte.
 pub async fn relay<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (from_a, from_b) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut ta = Counted { io: a, read: &from_a };
-    let mut tb = Counted { io: b, read: &from_b };
+    let (from_a, from_b, written) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let mut ta = Counted { io: a, read: &from_a, written: &written };
+    let mut tb = Counted { io: b, read: &from_b, written: &written };
     let copy = tokio::io::copy_bidirectional(&mut ta, &mut tb);
     let end = match idle {
         None => copy.await.map_or(End::Failed, |_| End::Closed),
@@ -68,7 +69,9 @@ where
                 tokio::select! {
                     r = &mut copy => break r.map_or(End::Failed, |_| End::Closed),
                     _ = ticks.tick() => {
-                        let moved = from_a.load(Ordering::Relaxed) + from_b.load(Ordering::Relaxed);
+                        let moved = from_a.load(Ordering::Relaxed)
+                            + from_b.load(Ordering::Relaxed)
+                            + written.load(Ordering::Relaxed);
                         if moved == seen {
                             quiet += tick;
                             if quiet >= idle {
@@ -85,10 +88,11 @@ where
     Relayed { from_a: from_a.load(Ordering::Relaxed), from_b: from_b.load(Ordering::Relaxed), end }
 }
 
-/// A stream counting the bytes read from it.
+/// A stream counting the bytes read from it and written to it.
 struct Counted<'a, T: ?Sized> {
     io: &'a mut T,
     read: &'a AtomicU64,
+    written: &'a AtomicU64,
 }
 
 impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
@@ -106,7 +110,12 @@ impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
 
 impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -152,6 +161,26 @@ mod tests {
         assert!(matches!(r.end, End::Idle), "{r:?}");
         assert_eq!((r.from_a, r.from_b), (15, 15));
         assert!(took >= Duration::from_secs(38) && took <= Duration::from_secs(39), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_draining_the_relays_buffer_keeps_it_open() {
+        let (mut a, mut a_peer) = tokio::io::duplex(1024);
+        let (mut b, mut b_peer) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, Some(Duration::from_secs(8))).await });
+        // 4 KiB sent at once: the relay reads it all, then waits to write it out.
+        a_peer.write_all(&[7u8; 4096]).await.unwrap();
+        // Taken 100 bytes every 5 s: no read for the relay, only writes.
+        let mut buf = [0u8; 100];
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            b_peer.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!relay.is_finished(), "cut while its bytes were still being taken");
+        let ended = tokio::time::timeout(Duration::from_mins(1), relay).await;
+        let r = ended.expect("never ended for idleness").unwrap();
+        assert!(matches!(r.end, End::Idle), "{r:?}");
+        assert_eq!(r.from_a, 4096);
     }
 
     #[tokio::test]

@@ -26,10 +26,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    super::config::Limits,
     Port, Shared, h1_server,
     proxy::{self, Conn},
 };
+use crate::config::Limits;
 
 /// Sent to a client that did not finish its request head in time.
 const REQUEST_TIMEOUT: &[u8] =
@@ -697,21 +697,23 @@ mod tests {
 
         // An answer the client does not take: the send timeout runs from the first write
         // that found no room, and any write that goes out restarts it.
+        // (Margins of 340 ms: sleeps overshoot on a loaded machine.)
+        let limits = Limits { send_timeout: ms(400), ..limits };
         let s = ConnState::new(None);
         s.on_read(100);
         s.in_flight.fetch_add(1, Ordering::Relaxed);
         s.wrote(true);
         let wait = s.check(&limits, false).expect("within the send timeout");
-        assert!(wait <= ms(100), "the next check comes by the send timeout: {wait:?}");
+        assert!(wait <= ms(400), "the next check comes by the send timeout: {wait:?}");
         std::thread::sleep(ms(60));
         s.wrote(true);
-        assert!(s.check(&limits, false).is_ok(), "60 ms of 100, counted from the first wait");
+        assert!(s.check(&limits, false).is_ok(), "60 ms of 400, counted from the first wait");
         s.wrote(false);
         std::thread::sleep(ms(60));
         assert!(s.check(&limits, false).is_ok(), "a write went out: 60 ms without one is fine");
         s.wrote(true);
-        std::thread::sleep(ms(110));
-        assert_eq!(s.check(&limits, false), Err(Expired::Send), "blocked 110 ms: closed");
+        std::thread::sleep(ms(410));
+        assert_eq!(s.check(&limits, false), Err(Expired::Send), "blocked 410 ms: closed");
         assert_eq!(s.check(&limits, true), Err(Expired::Send), "over HTTP/2 too");
     }
 }
