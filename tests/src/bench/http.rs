@@ -63,7 +63,7 @@ pub(super) const BACKEND_PORT: u16 = 8080;
 const PROXIES: [(&str, u16, u16); 3] = [("lb", 8000, 8443), ("haproxy", 8100, 8543), ("nginx", 8200, 8643)];
 const PROTOCOLS: [&str; 3] = ["http", "https", "h2"];
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// A round with less steal than this (a share of all CPUs' time) ran on a quiet host.
+/// A round with at most this much steal (a share of all CPUs' time) ran on a quiet host.
 const QUIET_STEAL: f64 = 0.03;
 
 /// One proxy measured once.
@@ -119,7 +119,7 @@ pub struct Figure {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub cpu_s_per_1m_req: f64,
-    /// Failed requests (errors, non-2xx) over all rounds.
+    /// Failed requests (errors, non-2xx) over all rounds run, counted or not.
     pub errors: u64,
     pub rps_samples: Vec<f64>,
     /// Share of the machine's CPU time taken by the hypervisor during each counted round.
@@ -337,9 +337,15 @@ fn steal_seconds() -> f64 {
     steal.unwrap_or(0) as f64 / hz
 }
 
+/// CPUs that /proc/stat's total counts (all online ones, whatever this process's affinity).
 #[expect(clippy::cast_precision_loss, reason = "a handful of CPUs")]
 fn cpus() -> f64 {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let n = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    n.max(1) as f64
 }
 
 /// CPU seconds used so far by `pid` and its children (nginx's workers).
@@ -547,17 +553,18 @@ pub fn run(opts: Options) -> Result<Report> {
         // proxy measured then loses for no fault of its own.
         let mut done: Vec<Round> = Vec::new();
         while !enough(&done.iter().map(Round::steal).collect::<Vec<_>>(), opts) {
-            let round_no = done.len();
-            eprintln!("http bench: {protocol} round {}", round_no + 1);
+            eprintln!("http bench: {protocol} round {}", done.len() + 1);
             let mut legs = Vec::new();
-            // Each round starts with another proxy: none always follows the same one.
+            // Each round starts with another proxy: none always follows the same one. Turned
+            // by the quiet rounds so far, so the ones counted start with different proxies.
+            let turn = done.iter().filter(|r| r.steal() <= QUIET_STEAL).count();
             for k in 0..PROXIES.len() {
-                let (name, plain, tls) = PROXIES[(k + round_no) % PROXIES.len()];
+                let (name, plain, tls) = PROXIES[(k + turn) % PROXIES.len()];
                 let port = if protocol == "http" { plain } else { tls };
-                let (cpu0, steal0) = (cpu_seconds(pid(name)), steal_seconds());
+                let (cpu0, steal0, t0) = (cpu_seconds(pid(name)), steal_seconds(), Instant::now());
                 let r = load(client, d, protocol, SocketAddr::from((topo.lb.ip, port)), opts)?;
                 let cpu = cpu_seconds(pid(name)) - cpu0;
-                let steal = (steal_seconds() - steal0) / (f64::from(opts.seconds) * cpus());
+                let steal = (steal_seconds() - steal0) / (t0.elapsed().as_secs_f64() * cpus());
                 eprintln!(
                     "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen",
                     r.rps,
@@ -577,6 +584,11 @@ pub fn run(opts: Options) -> Result<Report> {
             done.len(),
             order.iter().map(|&i| done[i].steal()).fold(0.0, f64::max) * 100.0
         );
+        // Failed requests of every round, counted or not.
+        for leg in done.iter().flat_map(|r| &r.legs) {
+            let f = figures.entry(leg.proxy.to_owned()).or_default().entry(protocol.to_owned()).or_default();
+            f.errors += leg.run.errors;
+        }
         for &i in &order {
             for leg in &done[i].legs {
                 let f =
@@ -586,7 +598,6 @@ pub fn run(opts: Options) -> Result<Report> {
                 f.p99.push(leg.run.p99_ms);
                 f.cpu.push(leg.cpu / leg.run.requests.max(1.0) * 1e6);
                 f.steal_samples.push(round(leg.steal, 3));
-                f.errors += leg.run.errors;
             }
         }
         selection.insert(
