@@ -75,6 +75,22 @@ pub fn echo(
     echo_then(addr, host, path, messages, || {})
 }
 
+/// `ws://host/path` at `addr`, switched to (101).
+async fn connect(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let req = format!("ws://{host}{path}").into_client_request().map_err(|e| e.to_string())?;
+    let (ws, resp) =
+        tokio_tungstenite::client_async(req, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+    if resp.status() != 101 {
+        return Err(format!("answered {} instead of 101", resp.status()));
+    }
+    Ok(ws)
+}
+
 /// Opens `ws://host/path` at `addr` and has a message echoed every `every` for `busy`, then
 /// sends nothing: how long after the last echo the connection was closed. `Err` when an echo
 /// failed while busy, or the connection was still open after `wait`.
@@ -88,10 +104,7 @@ pub fn quiet_until_closed(
 ) -> Result<Duration, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        let req = format!("ws://{host}{path}").into_client_request().map_err(|e| e.to_string())?;
-        let (mut ws, _) =
-            tokio_tungstenite::client_async(req, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+        let mut ws = connect(addr, host, path).await?;
         let start = Instant::now();
         while start.elapsed() < busy {
             tokio::time::sleep(every).await;
@@ -122,11 +135,7 @@ pub fn echo_then(
 ) -> Result<Vec<Message>, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        let req = format!("ws://{host}{path}").into_client_request().map_err(|e| e.to_string())?;
-        let (mut ws, resp) =
-            tokio_tungstenite::client_async(req, tcp).await.map_err(|e| format!("handshake: {e}"))?;
-        assert_eq!(resp.status(), 101);
+        let mut ws = connect(addr, host, path).await?;
         let mut back = Vec::new();
         for m in messages {
             ws.send(m).await.map_err(|e| format!("send: {e}"))?;
