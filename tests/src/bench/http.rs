@@ -103,6 +103,11 @@ fn quietest(steals: &[f64], n: usize) -> Vec<usize> {
     order
 }
 
+/// The median of `a[i] / b[i]`: samples of the same rounds, paired.
+fn paired(a: &[f64], b: &[f64]) -> f64 {
+    median(&mut a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
+}
+
 /// Which rounds of a protocol counted.
 #[derive(Serialize, Debug)]
 pub struct Selection {
@@ -132,7 +137,9 @@ pub struct Figure {
     cpu: Vec<f64>,
 }
 
-/// lb against each baseline, per protocol.
+/// lb against each baseline, per protocol: medians of the ratios within each round (its legs
+/// ran back to back), which the host's speed, drifting from round to round even without
+/// steal, moves less than a ratio of medians.
 #[derive(Serialize, Debug)]
 pub struct Ratios {
     pub rps_vs_haproxy: f64,
@@ -607,9 +614,10 @@ pub fn run(opts: Options) -> Result<Report> {
     }
     for f in figures.values_mut().flat_map(|m| m.values_mut()) {
         f.rps = median(&mut f.rps_samples.clone());
-        f.p50_ms = round(median(&mut f.p50), 3);
-        f.p99_ms = round(median(&mut f.p99), 3);
-        f.cpu_s_per_1m_req = round(median(&mut f.cpu), 2);
+        // On copies: the samples stay in round order, for the paired ratios below.
+        f.p50_ms = round(median(&mut f.p50.clone()), 3);
+        f.p99_ms = round(median(&mut f.p99.clone()), 3);
+        f.cpu_s_per_1m_req = round(median(&mut f.cpu.clone()), 2);
     }
     let mut lb_ratios = BTreeMap::new();
     let mut rows = Vec::new();
@@ -617,10 +625,10 @@ pub fn run(opts: Options) -> Result<Report> {
         let get = |p: &str| figures[p][protocol].clone();
         let (lb, ha, ng) = (get("lb"), get("haproxy"), get("nginx"));
         let ratios = Ratios {
-            rps_vs_haproxy: round(lb.rps / ha.rps, 2),
-            rps_vs_nginx: round(lb.rps / ng.rps, 2),
-            p99_vs_haproxy: round(lb.p99_ms / ha.p99_ms, 2),
-            cpu_vs_haproxy: round(lb.cpu_s_per_1m_req / ha.cpu_s_per_1m_req, 2),
+            rps_vs_haproxy: round(paired(&lb.rps_samples, &ha.rps_samples), 2),
+            rps_vs_nginx: round(paired(&lb.rps_samples, &ng.rps_samples), 2),
+            p99_vs_haproxy: round(paired(&lb.p99, &ha.p99), 2),
+            cpu_vs_haproxy: round(paired(&lb.cpu, &ha.cpu), 2),
         };
         for (name, f) in [("lb", &lb), ("haproxy", &ha), ("nginx", &ng)] {
             rows.push(vec![
@@ -684,6 +692,10 @@ mod tests {
         assert!(enough(&[0.0, 0.0, 0.0], opts));
         assert_eq!(quietest(&[0.5, 0.2, 0.1, 0.3, 0.4], 3), [1, 2, 3]);
         assert_eq!(quietest(&[0.0, 0.01], 3), [0, 1], "fewer run than wanted: all");
+        // lb half as fast in two rounds of three (the host's speed differing between them),
+        // twice in the third: paired 0.5, where the ratio of the medians would say 0.8.
+        let (lb, other) = ([10.0, 20.0, 50.0], [20.0, 40.0, 25.0]);
+        assert!((paired(&lb, &other) - 0.5).abs() < 1e-12);
     }
 
     #[test]
