@@ -519,7 +519,7 @@ async fn forward(
                             Some(log),
                         );
                     };
-                    return tunnel(head, client_side, backend_side, in_flight, log, conn.tunnel_idle);
+                    return tunnel(head, client_side, backend_side, in_flight, log, conn);
                 }
                 let retryable = spec.retry.statuses.contains(&status.as_u16());
                 if retryable {
@@ -604,8 +604,9 @@ fn tunnel(
     (backend, home): (h1::Conn, Home),
     in_flight: InFlight,
     log: AccessLog,
-    idle: Duration,
+    conn: Conn,
 ) -> Response<RespBody> {
+    let idle = conn.tunnel_idle;
     let proto = parts.headers.get(header::UPGRADE).cloned();
     clean_response_headers(&mut parts.headers);
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -629,6 +630,7 @@ fn tunnel(
         }
         let r = super::relay::relay(&mut c, &mut b, Some(idle)).await;
         tracing::debug!(
+            client = %conn.client,
             from_client = r.from_a,
             from_backend = r.from_b,
             end = r.end.as_str(),
