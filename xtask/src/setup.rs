@@ -39,7 +39,7 @@ const TEST_ONLY_PACKAGES: &[&str] = &[
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 /// The HTTP benchmark's baselines (HAProxy, nginx, with nginx as the backend too), its
 /// clients (wrk, h2load) and openssl for the certificate.
-const BENCH_HTTP_PACKAGES: &[&str] = &["haproxy", "nginx", "wrk", "nghttp2-client", "openssl"];
+const BENCH_HTTP_PACKAGES: &[&str] = &["haproxy", "nginx", "wrk", "nghttp2-client", "openssl", "tcpdump"];
 
 /// bpf-linker release known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";

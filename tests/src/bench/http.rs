@@ -103,6 +103,61 @@ fn quietest(steals: &[f64], n: usize) -> Vec<usize> {
     order
 }
 
+/// One more HTTP/1.1 round, not counted above (the capture costs CPU): each proxy's traffic
+/// captured on the lb namespace's interface with `tcpdump`, and the time requests spent inside
+/// the proxy and with the backend read off it (`wire`). Skipped, with a note, without tcpdump.
+fn wire_round(
+    lb_ns: &NetNs,
+    client: &NetNs,
+    d: &Path,
+    lb: SocketAddr,
+    opts: Options,
+    figures: &mut BTreeMap<String, BTreeMap<String, Figure>>,
+) -> Result<()> {
+    if !lb_ns.command("tcpdump").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("http bench: no tcpdump: no figures from the wire (cargo xtask bench http installs it)");
+        return Ok(());
+    }
+    eprintln!("http bench: http wire round (captured, not counted above)");
+    for (name, plain, _) in PROXIES {
+        let pcap = d.join(format!("{name}.pcap"));
+        let filter = format!("tcp and (port {plain} or port {BACKEND_PORT})");
+        let mut dump = lb_ns
+            .command("tcpdump")
+            // As root (`-Z`): the bench's directory is not the tcpdump user's.
+            .args(["-i", "eth0", "-s", "96", "-q", "-U", "-Z", "root", "-w"])
+            .arg(&pcap)
+            .arg(&filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("run tcpdump")?;
+        let r = load(client, d, "http", SocketAddr::new(lb.ip(), plain), opts);
+        if let Ok(pid) = i32::try_from(dump.id()) {
+            // SAFETY: signalling our own child, not yet waited for. SIGINT: it writes the rest.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let _ = dump.wait();
+        r?;
+        let bytes = std::fs::read(&pcap).unwrap_or_default();
+        let _ = std::fs::remove_file(&pcap);
+        let t = super::wire::times(&bytes, plain, BACKEND_PORT);
+        let q = |v: &[f64]| [0.5, 0.99, 0.999].map(|p| round(super::wire::quantile_ms(v, p), 3));
+        eprintln!(
+            "http bench: {name} on the wire: {} requests, in the proxy p99 {:.2} ms, to the backend p99 {:.2} ms",
+            t.front.len(),
+            q(&t.front)[1],
+            q(&t.back)[1]
+        );
+        if let Some(f) = figures.get_mut(name).and_then(|m| m.get_mut("http")) {
+            f.in_proxy_ms = Some(q(&t.front));
+            f.to_backend_ms = Some(q(&t.back));
+        }
+    }
+    Ok(())
+}
+
 /// The median of `a[i] / b[i]`: samples of the same rounds, paired.
 fn paired(a: &[f64], b: &[f64]) -> f64 {
     median(&mut a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
@@ -127,6 +182,12 @@ pub struct Figure {
     /// Failed requests (errors, non-2xx) over all rounds run, counted or not.
     pub errors: u64,
     pub rps_samples: Vec<f64>,
+    /// HTTP/1.1 only, from a capture on the proxies' interface in an extra round: request to
+    /// answer inside the proxy (p50, p99, p99.9), and the proxy's exchanges with the backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_proxy_ms: Option<[f64; 3]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_backend_ms: Option<[f64; 3]>,
     /// Share of the machine's CPU time taken by the hypervisor during each counted round.
     pub steal_samples: Vec<f64>,
     #[serde(skip)]
@@ -146,6 +207,9 @@ pub struct Ratios {
     pub rps_vs_nginx: f64,
     pub p99_vs_haproxy: f64,
     pub cpu_vs_haproxy: f64,
+    /// The p99 inside the proxy (the wire round), lb's over HAProxy's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_in_proxy_vs_haproxy: Option<f64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -611,6 +675,9 @@ pub fn run(opts: Options) -> Result<Report> {
             protocol.to_owned(),
             Selection { run: done.len(), counted: order.iter().map(|i| i + 1).collect() },
         );
+        if protocol == "http" {
+            wire_round(&topo.lb.ns, client, d, SocketAddr::from((topo.lb.ip, 0)), opts, &mut figures)?;
+        }
     }
     for f in figures.values_mut().flat_map(|m| m.values_mut()) {
         f.rps = median(&mut f.rps_samples.clone());
@@ -629,6 +696,7 @@ pub fn run(opts: Options) -> Result<Report> {
             rps_vs_nginx: round(paired(&lb.rps_samples, &ng.rps_samples), 2),
             p99_vs_haproxy: round(paired(&lb.p99, &ha.p99), 2),
             cpu_vs_haproxy: round(paired(&lb.cpu, &ha.cpu), 2),
+            p99_in_proxy_vs_haproxy: lb.in_proxy_ms.zip(ha.in_proxy_ms).map(|(l, h)| round(l[1] / h[1], 2)),
         };
         for (name, f) in [("lb", &lb), ("haproxy", &ha), ("nginx", &ng)] {
             rows.push(vec![
@@ -664,6 +732,24 @@ pub fn run(opts: Options) -> Result<Report> {
             &ratio_rows
         )
     );
+    let wire: Vec<Vec<String>> = figures
+        .iter()
+        .filter_map(|(name, m)| {
+            let f = m.get("http")?;
+            let (i, b) = (f.in_proxy_ms?, f.to_backend_ms?);
+            let ms = |v: [f64; 3]| v.map(|x| format!("{x:.2}")).join(" / ");
+            Some(vec![name.clone(), ms(i), ms(b)])
+        })
+        .collect();
+    if !wire.is_empty() {
+        println!(
+            "{}",
+            table(
+                &["HTTP/1.1 on the wire", "in the proxy p50/p99/p99.9 ms", "to the backend p50/p99/p99.9 ms"],
+                &wire
+            )
+        );
+    }
     let mut note = String::new();
     let _ = write!(note, "targets: rps >= 1.0 x HAProxy and >= 1.2 x nginx; p99 <= HAProxy; cpu <= HAProxy");
     println!("{note}");

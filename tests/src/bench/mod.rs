@@ -16,6 +16,7 @@ pub mod http;
 pub mod l4;
 pub mod maglev;
 pub mod policies;
+pub mod wire;
 pub mod xdp;
 
 use std::{fmt::Write as _, path::Path};
