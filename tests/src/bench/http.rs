@@ -104,8 +104,9 @@ fn quietest(steals: &[f64], n: usize) -> Vec<usize> {
 }
 
 /// One more HTTP/1.1 round, not counted above (the capture costs CPU): each proxy's traffic
-/// captured on the lb namespace's interface with `tcpdump`, and the time requests spent inside
-/// the proxy and with the backend read off it (`wire`). Skipped, with a note, without tcpdump.
+/// captured on the lb namespace's interface with `tcpdump`, and request-to-answer times at the
+/// proxy and with the backend read off it (`wire`), beside wrk's p99 in the same leg. Skipped,
+/// with a note, without tcpdump or when a capture fails.
 fn wire_round(
     lb_ns: &NetNs,
     client: &NetNs,
@@ -113,53 +114,77 @@ fn wire_round(
     lb: SocketAddr,
     opts: Options,
     figures: &mut BTreeMap<String, BTreeMap<String, Figure>>,
-) -> Result<()> {
+) {
     if !lb_ns.command("tcpdump").arg("--version").output().is_ok_and(|o| o.status.success()) {
         eprintln!("http bench: no tcpdump: no figures from the wire (cargo xtask bench http installs it)");
-        return Ok(());
+        return;
     }
     eprintln!("http bench: http wire round (captured, not counted above)");
     for (name, plain, _) in PROXIES {
-        let pcap = d.join(format!("{name}.pcap"));
-        let filter = format!("tcp and (port {plain} or port {BACKEND_PORT})");
-        let mut dump = lb_ns
-            .command("tcpdump")
-            // As root (`-Z`): the bench's directory is not the tcpdump user's.
-            .args(["-i", "eth0", "-s", "96", "-q", "-U", "-Z", "root", "-w"])
-            .arg(&pcap)
-            .arg(&filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("run tcpdump")?;
-        let r = load(client, d, "http", SocketAddr::new(lb.ip(), plain), opts);
-        if let Ok(pid) = i32::try_from(dump.id()) {
-            // SAFETY: signalling our own child, not yet waited for. SIGINT: it writes the rest.
-            unsafe { libc::kill(pid, libc::SIGINT) };
-        }
-        let _ = dump.wait();
-        r?;
-        let bytes = std::fs::read(&pcap).unwrap_or_default();
-        let _ = std::fs::remove_file(&pcap);
-        let t = super::wire::times(&bytes, plain, BACKEND_PORT);
-        let q = |v: &[f64]| [0.5, 0.99, 0.999].map(|p| round(super::wire::quantile_ms(v, p), 3));
-        eprintln!(
-            "http bench: {name} on the wire: {} requests, in the proxy p99 {:.2} ms, to the backend p99 {:.2} ms",
-            t.front.len(),
-            q(&t.front)[1],
-            q(&t.back)[1]
-        );
-        if let Some(f) = figures.get_mut(name).and_then(|m| m.get_mut("http")) {
-            f.in_proxy_ms = Some(q(&t.front));
-            f.to_backend_ms = Some(q(&t.back));
+        match wire_leg(lb_ns, client, d, SocketAddr::new(lb.ip(), plain), opts) {
+            Ok(w) => {
+                eprintln!(
+                    "http bench: {name} on the wire: {} requests paired, {} dropped, at the proxy p99 {:.2} ms, to the backend p99 {:.2} ms, wrk p99 {:.2} ms",
+                    w.paired,
+                    w.dropped.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                    w.at_proxy_ms[1],
+                    w.to_backend_ms[1],
+                    w.client_p99_ms
+                );
+                if let Some(f) = figures.get_mut(name).and_then(|m| m.get_mut("http")) {
+                    f.wire = Some(w);
+                }
+            }
+            Err(e) => eprintln!("http bench: {name}: no figures from the wire: {e:#}"),
         }
     }
-    Ok(())
+}
+
+/// One proxy's wire leg: tcpdump started (its "listening" line is the readiness signal), wrk
+/// run, tcpdump stopped (SIGTERM: it writes the rest and its counts), the capture read.
+fn wire_leg(lb_ns: &NetNs, client: &NetNs, d: &Path, addr: SocketAddr, opts: Options) -> Result<Wire> {
+    let (pcap, err) = (d.join("wire.pcap"), d.join("tcpdump.err"));
+    // Segments with data only: a smaller capture, fewer drops.
+    let filter = format!(
+        "tcp and (port {} or port {BACKEND_PORT}) and (ip[2:2] - ((ip[0]&0xf)<<2) - ((tcp[12]&0xf0)>>2)) != 0",
+        addr.port()
+    );
+    let mut cmd = lb_ns.command("tcpdump");
+    // As root (`-Z`): the bench's directory is not the tcpdump user's. A 32 MiB buffer (`-B`).
+    cmd.args(["-i", "eth0", "-s", "80", "-B", "32768", "-q", "-U", "-Z", "root", "-w"])
+        .arg(&pcap)
+        .arg(&filter);
+    let mut dump = spawn(&mut cmd, "tcpdump", &err)?;
+    let started = Instant::now();
+    while !std::fs::read_to_string(&err).unwrap_or_default().contains("listening on") {
+        if dump.0.try_wait()?.is_some() || started.elapsed() > START_TIMEOUT {
+            bail!("tcpdump did not start: {}", std::fs::read_to_string(&err).unwrap_or_default());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (steal0, t0) = (steal_seconds(), Instant::now());
+    let run = load(client, d, "http", addr, opts);
+    let steal = (steal_seconds() - steal0) / (t0.elapsed().as_secs_f64() * cpus());
+    drop(dump);
+    let run = run?;
+    let bytes = std::fs::read(&pcap).unwrap_or_default();
+    let _ = std::fs::remove_file(&pcap);
+    let t = super::wire::times(&bytes, addr.port(), BACKEND_PORT);
+    ensure!(!t.front.is_empty(), "no exchange in the capture ({} bytes)", bytes.len());
+    let q = |v: &[f64]| [0.5, 0.99, 0.999].map(|p| round(super::wire::quantile_ms(v, p), 3));
+    Ok(Wire {
+        at_proxy_ms: q(&t.front),
+        to_backend_ms: q(&t.back),
+        client_p99_ms: run.p99_ms,
+        paired: t.front.len(),
+        dropped: super::wire::dropped(&std::fs::read_to_string(&err).unwrap_or_default()),
+        steal: round(steal, 3),
+    })
 }
 
 /// The median of `a[i] / b[i]`: samples of the same rounds, paired.
 fn paired(a: &[f64], b: &[f64]) -> f64 {
+    debug_assert_eq!(a.len(), b.len(), "every counted round measures every proxy");
     median(&mut a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
 }
 
@@ -182,12 +207,9 @@ pub struct Figure {
     /// Failed requests (errors, non-2xx) over all rounds run, counted or not.
     pub errors: u64,
     pub rps_samples: Vec<f64>,
-    /// HTTP/1.1 only, from a capture on the proxies' interface in an extra round: request to
-    /// answer inside the proxy (p50, p99, p99.9), and the proxy's exchanges with the backend.
+    /// HTTP/1.1 only: the wire round's figures.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub in_proxy_ms: Option<[f64; 3]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_backend_ms: Option<[f64; 3]>,
+    pub wire: Option<Wire>,
     /// Share of the machine's CPU time taken by the hypervisor during each counted round.
     pub steal_samples: Vec<f64>,
     #[serde(skip)]
@@ -196,6 +218,23 @@ pub struct Figure {
     p99: Vec<f64>,
     #[serde(skip)]
     cpu: Vec<f64>,
+}
+
+/// One proxy's leg of the wire round (HTTP/1.1, captured on the proxies' interface).
+#[derive(Serialize, Clone, Debug)]
+pub struct Wire {
+    /// Request arriving to answer leaving, at the proxy (the backend exchange included): p50,
+    /// p99, p99.9 in ms.
+    pub at_proxy_ms: [f64; 3],
+    /// Request leaving for the backend to its answer arriving: p50, p99, p99.9 in ms.
+    pub to_backend_ms: [f64; 3],
+    /// wrk's p99 in the same leg: what the client saw while the capture ran.
+    pub client_p99_ms: f64,
+    /// Client requests paired with their answers, and packets tcpdump's kernel buffer dropped.
+    pub paired: usize,
+    pub dropped: Option<u64>,
+    /// Share of the machine's CPU time stolen during the leg.
+    pub steal: f64,
 }
 
 /// lb against each baseline, per protocol: medians of the ratios within each round (its legs
@@ -207,9 +246,9 @@ pub struct Ratios {
     pub rps_vs_nginx: f64,
     pub p99_vs_haproxy: f64,
     pub cpu_vs_haproxy: f64,
-    /// The p99 inside the proxy (the wire round), lb's over HAProxy's.
+    /// The p99 at the proxy (the wire round), lb's over HAProxy's.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub p99_in_proxy_vs_haproxy: Option<f64>,
+    pub p99_at_proxy_vs_haproxy: Option<f64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -676,7 +715,7 @@ pub fn run(opts: Options) -> Result<Report> {
             Selection { run: done.len(), counted: order.iter().map(|i| i + 1).collect() },
         );
         if protocol == "http" {
-            wire_round(&topo.lb.ns, client, d, SocketAddr::from((topo.lb.ip, 0)), opts, &mut figures)?;
+            wire_round(&topo.lb.ns, client, d, SocketAddr::from((topo.lb.ip, 0)), opts, &mut figures);
         }
     }
     for f in figures.values_mut().flat_map(|m| m.values_mut()) {
@@ -696,7 +735,11 @@ pub fn run(opts: Options) -> Result<Report> {
             rps_vs_nginx: round(paired(&lb.rps_samples, &ng.rps_samples), 2),
             p99_vs_haproxy: round(paired(&lb.p99, &ha.p99), 2),
             cpu_vs_haproxy: round(paired(&lb.cpu, &ha.cpu), 2),
-            p99_in_proxy_vs_haproxy: lb.in_proxy_ms.zip(ha.in_proxy_ms).map(|(l, h)| round(l[1] / h[1], 2)),
+            p99_at_proxy_vs_haproxy: lb
+                .wire
+                .as_ref()
+                .zip(ha.wire.as_ref())
+                .map(|(l, h)| round(l.at_proxy_ms[1] / h.at_proxy_ms[1], 2)),
         };
         for (name, f) in [("lb", &lb), ("haproxy", &ha), ("nginx", &ng)] {
             rows.push(vec![
@@ -735,17 +778,29 @@ pub fn run(opts: Options) -> Result<Report> {
     let wire: Vec<Vec<String>> = figures
         .iter()
         .filter_map(|(name, m)| {
-            let f = m.get("http")?;
-            let (i, b) = (f.in_proxy_ms?, f.to_backend_ms?);
+            let w = m.get("http")?.wire.as_ref()?;
             let ms = |v: [f64; 3]| v.map(|x| format!("{x:.2}")).join(" / ");
-            Some(vec![name.clone(), ms(i), ms(b)])
+            let dropped = w.dropped.map_or_else(|| "?".to_owned(), |d| d.to_string());
+            Some(vec![
+                name.clone(),
+                ms(w.at_proxy_ms),
+                ms(w.to_backend_ms),
+                format!("{:.2}", w.client_p99_ms),
+                format!("{} / {dropped}", w.paired),
+            ])
         })
         .collect();
     if !wire.is_empty() {
         println!(
             "{}",
             table(
-                &["HTTP/1.1 on the wire", "in the proxy p50/p99/p99.9 ms", "to the backend p50/p99/p99.9 ms"],
+                &[
+                    "HTTP/1.1 on the wire",
+                    "at the proxy p50/p99/p99.9 ms",
+                    "to the backend p50/p99/p99.9 ms",
+                    "wrk p99 ms",
+                    "paired / dropped",
+                ],
                 &wire
             )
         );
