@@ -184,7 +184,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// A client whose connection has no room for the answer's next write for this long (it
     /// reads nothing) is closed, and the backend connection behind the answer with it
-    /// (nginx's `send_timeout`: the time between two writes, not the whole answer's).
+    /// (nginx's `send_timeout`: the time between two writes, not the whole answer's). Meant to
+    /// be no shorter than `header_timeout`: the watchdog checks at least that often anyway.
     #[serde(deserialize_with = "duration")]
     #[schemars(with = "String")]
     pub send_timeout: Duration,
