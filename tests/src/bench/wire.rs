@@ -6,6 +6,13 @@
 
 use std::collections::HashMap;
 
+use lb_common::{
+    maps::PROTO_TCP,
+    packet::{
+        BytesPacket, ETH_HLEN, ETH_P_IPV4, EthHdr, IPV4_MIN_HLEN, Ipv4Hdr, Packet as _, TCP_HLEN, TcpHdr,
+    },
+};
+
 /// Request-to-answer times, in seconds.
 #[derive(Debug, Default)]
 pub struct Times {
@@ -47,33 +54,40 @@ fn segments(pcap: &[u8]) -> impl Iterator<Item = Segment<'_>> {
     })
 }
 
-/// The TCP segment in an Ethernet frame, if it carries data.
+/// The TCP segment in an Ethernet frame, if it carries data, read with the datapath's own
+/// header layouts.
 fn tcp(frame: &[u8], at: f64) -> Option<Segment<'_>> {
-    if frame.get(12..14)? != [0x08, 0x00] {
+    // The headers are viewed in a copy: `Packet` hands out mutable views. A capture's snaplen
+    // (80) keeps the copy within the buffer; a longer frame's headers fit it all the same.
+    let mut buf = [0u8; 128];
+    let n = frame.len().min(buf.len());
+    buf[..n].copy_from_slice(&frame[..n]);
+    let mut p = BytesPacket::new(&mut buf, 0, n);
+    if p.header::<EthHdr>(0)?.ether_type != ETH_P_IPV4 {
         return None;
     }
-    let ip = frame.get(14..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    if *ip.get(9)? != 6 || ihl < 20 {
+    let ip = *p.header::<Ipv4Hdr>(ETH_HLEN)?;
+    let ihl = ip.header_len();
+    if ip.proto != PROTO_TCP || ihl < IPV4_MIN_HLEN {
         return None;
     }
-    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    let addr = |i: usize| -> Option<[u8; 4]> { ip.get(i..i + 4)?.try_into().ok() };
-    let (src, dst) = (addr(12)?, addr(16)?);
-    let seg = ip.get(ihl..)?;
-    let port = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*seg.get(i)?, *seg.get(i + 1)?])) };
-    let (sp, dp) = (port(0)?, port(2)?);
-    let word = |i: usize| -> Option<u32> { Some(u32::from_be_bytes(seg.get(i..i + 4)?.try_into().ok()?)) };
-    let (seq, ack) = (word(4)?, word(8)?);
-    let off = usize::from(seg.get(12)? >> 4) * 4;
-    if off < 20 {
+    let t = *p.header::<TcpHdr>(ETH_HLEN + ihl)?;
+    let off = usize::from(t.data_off >> 4) * 4;
+    if off < TCP_HLEN {
         return None;
     }
-    let payload = total.checked_sub(ihl + off).filter(|n| *n > 0)?;
+    let payload = usize::from(u16::from_be_bytes(ip.tot_len)).checked_sub(ihl + off).filter(|n| *n > 0)?;
     // Captured short (snaplen): the payload's first bytes are enough to tell its kind.
-    let data = seg.get(off..).map_or(&[][..], |d| &d[..d.len().min(payload)]);
-    let len = u32::try_from(payload).ok()?;
-    Some(Segment { at, from: (src, sp), to: (dst, dp), seq, ack, len, data })
+    let data = frame.get(ETH_HLEN + ihl + off..).map_or(&[][..], |d| &d[..d.len().min(payload)]);
+    Some(Segment {
+        at,
+        from: (ip.src, u16::from_be_bytes(t.src)),
+        to: (ip.dst, u16::from_be_bytes(t.dst)),
+        seq: u32::from_be_bytes(t.seq),
+        ack: u32::from_be_bytes(t.ack),
+        len: u32::try_from(payload).ok()?,
+        data,
+    })
 }
 
 /// Request-to-answer times of HTTP/1.1 exchanges in `pcap`: clients talking to `front` (the
