@@ -92,7 +92,7 @@ impl Controller {
             );
             maps.assume(adopted);
         }
-        let mut edge = Edge::new(opts.node.clone());
+        let mut edge = Edge::new(opts.node.clone(), opts.edge_affinity);
         edge.apply(&loaded.registry, &over)?;
         let plan = make_plan(&loaded.registry, &node, &resolved, maps.applied(), &over);
         maps.apply(&plan)?;

@@ -59,6 +59,8 @@ pub struct Options {
     pub on_exit: OnExit,
     /// Load this XDP object instead of the built-in one.
     pub xdp_object: Option<PathBuf>,
+    /// Bind each HTTP edge thread to a CPU of its own.
+    pub edge_affinity: bool,
 }
 
 /// What lbd leaves on the interface when it stops.

@@ -489,6 +489,43 @@ pub fn edge_connections(ns: &NetNs) -> Vec<u64> {
         .collect()
 }
 
+/// The CPUs each thread of `pid` named `prefix*` may run on, by thread name, and those of the
+/// process's main thread, from `/proc` (`Cpus_allowed_list`).
+#[must_use]
+pub fn thread_cpus(pid: u32, prefix: &str) -> (Vec<(String, Vec<usize>)>, Vec<usize>) {
+    let allowed = |status: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|list| cpu_list(list.trim()))
+            .unwrap_or_default()
+    };
+    let mut threads: Vec<(String, Vec<usize>)> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| {
+                    let name = fs::read_to_string(t.path().join("comm")).ok()?.trim().to_owned();
+                    name.starts_with(prefix)
+                        .then(|| Some((name, allowed(&fs::read_to_string(t.path().join("status")).ok()?))))?
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    threads.sort();
+    (threads, allowed(&fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()))
+}
+
+/// A kernel CPU list (`0-2,5`) as CPU numbers.
+fn cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some((a.parse().ok()?..=b.parse().ok()?).collect::<Vec<usize>>()),
+            None => Some(vec![r.parse().ok()?]),
+        })
+        .flatten()
+        .collect()
+}
+
 /// Whether no backend waits for its first health check.
 #[must_use]
 pub fn all_checked(status: &serde_json::Value) -> bool {

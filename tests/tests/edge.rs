@@ -350,6 +350,48 @@ http:
 }
 
 #[test]
+fn edge_threads_each_have_a_cpu_of_their_own_unless_told_not_to() {
+    if !privileged("edge_threads_each_have_a_cpu_of_their_own_unless_told_not_to") {
+        return;
+    }
+    let reg = "version: 1
+listeners:
+  - port: 8000
+http:
+  example.org:
+    backends: [{host: B0, port: 8080}]
+    health: {enabled: false}
+";
+    let (s, lbd) = setup("edge-cpus", 1, reg);
+    let ns = &s.topo.lb.ns;
+    let threads = lb_tests::lbd::edge_connections(ns).len();
+    let (edge, process) = lb_tests::lbd::thread_cpus(lbd.pid(), "lb-edge-");
+    eprintln!("lbd may use CPUs {process:?}; edge threads: {edge:?}");
+    assert_eq!(edge.len(), threads, "one edge thread a gauge: {edge:?}");
+    // One CPU each, the first ones lbd may use, in thread order.
+    let bound: Vec<Vec<usize>> = edge.iter().map(|(_, c)| c.clone()).collect();
+    let expected: Vec<Vec<usize>> = process.iter().take(threads).map(|&c| vec![c]).collect();
+    assert_eq!(bound, expected, "edge threads bound one to a CPU");
+    assert!(lbd.log().contains("edge threads bound to CPUs"), "{}", lbd.log());
+    // Still serving.
+    let r = s.client(|| get(s.lb(EDGE), "example.org", "/")).expect("an answer");
+    assert_eq!(r.status, 200);
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+
+    // Told not to: every edge thread may run on every CPU lbd may.
+    let reg = s.dir.path().join("services.yaml");
+    let lbd = Lbd::start(ns, &s.dir, &reg, "eth0", &["--no-edge-affinity"]);
+    let (edge, process) = lb_tests::lbd::thread_cpus(lbd.pid(), "lb-edge-");
+    assert_eq!(edge.len(), threads, "{edge:?}");
+    assert!(edge.iter().all(|(_, c)| *c == process), "free edge threads: {edge:?}, lbd: {process:?}");
+    let r = s.client(|| get(s.lb(EDGE), "example.org", "/")).expect("an answer");
+    assert_eq!(r.status, 200);
+    let stopped = lbd.stop(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
+
+#[test]
 fn requests_queued_at_the_connection_cap_share_the_connections_without_opening_more() {
     if !privileged("requests_queued_at_the_connection_cap_share_the_connections_without_opening_more") {
         return;

@@ -72,6 +72,10 @@ struct Args {
     /// instead of the one built into lbd: upgrades the kernel program without a new lbd.
     #[arg(long, value_name = "FILE")]
     xdp_object: Option<PathBuf>,
+    /// Leave the HTTP edge's threads free to move between CPUs. By default each is bound to a
+    /// CPU of its own (of those lbd may use), so two busy ones never take turns on one CPU.
+    #[arg(long)]
+    no_edge_affinity: bool,
     /// Remove the pinned state of --iface (detaching its balancer) and exit.
     #[arg(long)]
     unpin: bool,
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         pin_dir: (!args.no_pin).then_some(args.pin_dir),
         on_exit: if args.no_pin { OnExit::Detach } else { args.on_exit },
         xdp_object: args.xdp_object,
+        edge_affinity: !args.no_edge_affinity,
     };
     // One thread: lbd's work is a thousand small probes and rare reloads, and waking tasks
     // across worker threads cost more CPU than the probes themselves (measured with

@@ -139,6 +139,8 @@ impl Shared {
 pub struct Edge {
     /// This node's name from the command line; else the registry's.
     node: Option<String>,
+    /// Bind each edge thread to a CPU of its own (`workers::placement_cpus`).
+    affinity: bool,
     /// Its own threads, one a core: proxying wants every core, the controller one thread.
     workers: Option<workers::Workers>,
     shared: Arc<Shared>,
@@ -190,9 +192,10 @@ fn stamps(reg: &Registry) -> Vec<FileStamp> {
 
 impl Edge {
     #[must_use]
-    pub fn new(node: Option<String>) -> Self {
+    pub fn new(node: Option<String>, affinity: bool) -> Self {
         Self {
             node,
+            affinity,
             workers: None,
             shared: Arc::default(),
             listeners: HashMap::new(),
@@ -221,7 +224,7 @@ impl Edge {
         }
         let (l4_wanted, l4_fresh) = self.bind_l4(reg, threads)?;
         if (!fresh.is_empty() || !l4_fresh.is_empty()) && self.workers.is_none() {
-            let w = workers::Workers::start(threads).map_err(EdgeError::Runtime)?;
+            let w = workers::Workers::start(threads, self.affinity).map_err(EdgeError::Runtime)?;
             let rt = &w.handles()[0];
             let shared = self.shared.clone();
             rt.spawn(async move {

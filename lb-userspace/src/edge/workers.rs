@@ -97,14 +97,26 @@ impl Open {
 }
 
 impl Workers {
-    pub fn start(n: usize) -> io::Result<Self> {
+    /// Starts `n` threads, each bound to a CPU of its own when `affinity` is on and there are
+    /// enough CPUs.
+    pub fn start(n: usize, affinity: bool) -> io::Result<Self> {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
+        let cpus = if affinity { placement_cpus(n) } else { Vec::new() };
+        if affinity && cpus.is_empty() {
+            tracing::info!(threads = n, "edge threads not bound to CPUs: fewer CPUs allowed than threads");
+        }
         for i in 0..n {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let cpu = cpus.get(i).copied();
             std::thread::Builder::new().name(format!("lb-edge-{i}")).spawn(move || {
                 INDEX.set(i);
+                if let Some(cpu) = cpu
+                    && let Err(e) = pin(cpu)
+                {
+                    tracing::warn!(thread = i, cpu, error = %e, "edge thread not pinned to its CPU");
+                }
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -121,6 +133,9 @@ impl Workers {
             let handle = ready_rx.recv().map_err(|_| io::Error::other("an edge thread died at start"))??;
             handles.push(handle);
             stops.push(stop_tx);
+        }
+        if !cpus.is_empty() {
+            tracing::info!(?cpus, "edge threads bound to CPUs, one each");
         }
         let open = (0..n).map(|_| AtomicUsize::new(0)).collect();
         let placement = Arc::new(Placement { handles: handles.clone(), open });
@@ -145,6 +160,53 @@ impl Drop for Workers {
             let _ = stop.send(());
         }
     }
+}
+
+/// The CPU for each of `n` edge threads: distinct CPUs the process may run on, in order, or
+/// none when there are fewer than `n`. Two busy edge threads left to share one CPU take turns
+/// a scheduler tick at a time (4 ms at 250 Hz), and every client of the waiting one waits that
+/// long: the far tail of the latency. Pinned, each has a CPU of its own to share only with
+/// threads that sleep and wake, which the scheduler interleaves finely.
+#[must_use]
+pub fn placement_cpus(n: usize) -> Vec<usize> {
+    cpus_for(&allowed_cpus(), n)
+}
+
+/// The first `n` of the `allowed` CPUs, or none when there are fewer: two threads bound to
+/// one CPU would be the very thing binding avoids.
+fn cpus_for(allowed: &[usize], n: usize) -> Vec<usize> {
+    if allowed.len() < n {
+        return Vec::new();
+    }
+    allowed[..n].to_vec()
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity`), empty when unknown.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, filled by the call.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `set`, owned here.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: `set` is initialised; CPU_ISSET only reads it.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Binds the calling thread to `cpu`.
+fn pin(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::other("CPU number out of range"));
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so the write stays within `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the pointer and size describe `set`.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `n` listening sockets on `addr` sharing the port (`SO_REUSEPORT`): the kernel spreads new
@@ -175,4 +237,27 @@ pub fn bind(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_thread_gets_a_cpu_of_its_own_of_those_allowed_or_none_does() {
+        assert_eq!(cpus_for(&[0, 1, 2, 3], 2), [0, 1]);
+        // A process confined to some CPUs (taskset, a cpuset) binds within them.
+        assert_eq!(cpus_for(&[2, 5, 7], 3), [2, 5, 7]);
+        assert_eq!(cpus_for(&[2, 5, 7], 1), [2]);
+        // Fewer CPUs than threads: none bound, the scheduler shares them out.
+        assert!(cpus_for(&[3], 2).is_empty());
+        assert!(cpus_for(&[], 1).is_empty());
+    }
+
+    #[test]
+    fn the_calling_threads_cpus_are_read() {
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty(), "a running thread may run somewhere");
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "in order: {allowed:?}");
+    }
 }

@@ -625,14 +625,17 @@ pub fn run(opts: Options) -> Result<Report> {
         "haproxy",
         &d.join("haproxy.log"),
     )?;
-    // lb with its access log off, as the others.
+    // lb with its access log off, as the others. `LB_BENCH_LBD_ARGS` adds flags, to compare
+    // settings (e.g. `--no-edge-affinity`).
     let reg = dir.write("services.yaml", &lb_registry(&backend));
+    let extra = std::env::var("LB_BENCH_LBD_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
     let lbd = Lbd::start_env(
         &topo.lb.ns,
         &dir,
         &reg,
         "eth0",
-        &[],
+        &extra,
         &[("RUST_LOG", "info,lb_userspace::access=off")],
     );
     let pid = |name: &str| match name {
