@@ -23,6 +23,15 @@ use lb_tests::{
 const EDGE: u16 = 8000;
 const OTHER: u16 = 9000;
 const BACKEND: u16 = 8080;
+/// One service on one backend, unchecked, behind the listener on [`EDGE`].
+const ONE_SERVICE: &str = "version: 1
+listeners:
+  - port: 8000
+http:
+  example.org:
+    backends: [{host: B0, port: 8080}]
+    health: {enabled: false}
+";
 
 struct Setup {
     topo: DsrTopology,
@@ -299,15 +308,7 @@ fn client_connections_are_spread_evenly_over_the_edge_threads() {
     if !privileged("client_connections_are_spread_evenly_over_the_edge_threads") {
         return;
     }
-    let reg = "version: 1
-listeners:
-  - port: 8000
-http:
-  example.org:
-    backends: [{host: B0, port: 8080}]
-    health: {enabled: false}
-";
-    let (s, lbd) = setup("edge-spread", 1, reg);
+    let (s, lbd) = setup("edge-spread", 1, ONE_SERVICE);
     let edge = s.lb(EDGE);
     let ns = &s.topo.lb.ns;
     let threads = lb_tests::lbd::edge_connections(ns).len();
@@ -354,15 +355,7 @@ fn edge_threads_each_have_a_cpu_of_their_own_unless_told_not_to() {
     if !privileged("edge_threads_each_have_a_cpu_of_their_own_unless_told_not_to") {
         return;
     }
-    let reg = "version: 1
-listeners:
-  - port: 8000
-http:
-  example.org:
-    backends: [{host: B0, port: 8080}]
-    health: {enabled: false}
-";
-    let (s, lbd) = setup("edge-cpus", 1, reg);
+    let (s, lbd) = setup("edge-cpus", 1, ONE_SERVICE);
     let ns = &s.topo.lb.ns;
     let threads = lb_tests::lbd::edge_connections(ns).len();
     let (edge, process) = lb_tests::lbd::thread_cpus(lbd.pid(), "lb-edge-");

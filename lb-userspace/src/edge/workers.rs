@@ -115,7 +115,7 @@ impl Workers {
                 if let Some(cpu) = cpu
                     && let Err(e) = pin(cpu)
                 {
-                    tracing::warn!(thread = i, cpu, error = %e, "edge thread not pinned to its CPU");
+                    tracing::warn!(thread = i, cpu, error = %e, "edge thread not bound to its CPU");
                 }
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
@@ -165,7 +165,7 @@ impl Drop for Workers {
 /// The CPU for each of `n` edge threads: distinct CPUs the process may run on, in order, or
 /// none when there are fewer than `n`. Two busy edge threads left to share one CPU take turns
 /// a scheduler tick at a time (4 ms at 250 Hz), and every client of the waiting one waits that
-/// long: the far tail of the latency. Pinned, each has a CPU of its own to share only with
+/// long: the far tail of the latency. Bound, each has a CPU of its own to share only with
 /// threads that sleep and wake, which the scheduler interleaves finely.
 #[must_use]
 pub fn placement_cpus(n: usize) -> Vec<usize> {
