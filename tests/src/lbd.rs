@@ -511,7 +511,11 @@ pub fn thread_cpus(pid: u32, prefix: &str) -> (Vec<(String, Vec<usize>)>, Vec<us
                 .collect()
         })
         .unwrap_or_default();
-    threads.sort();
+    // By number: `lb-edge-10` after `lb-edge-9`.
+    threads.sort_by_key(|(name, _)| {
+        let digits = name.trim_start_matches(|c: char| !c.is_ascii_digit());
+        (digits.parse::<u64>().unwrap_or(u64::MAX), name.clone())
+    });
     (threads, allowed(&fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()))
 }
 

@@ -361,7 +361,7 @@ fn edge_threads_each_have_a_cpu_of_their_own_unless_told_not_to() {
     let (edge, process) = lb_tests::lbd::thread_cpus(lbd.pid(), "lb-edge-");
     eprintln!("lbd may use CPUs {process:?}; edge threads: {edge:?}");
     assert_eq!(edge.len(), threads, "one edge thread a gauge: {edge:?}");
-    // One CPU each, the first ones lbd may use, in thread order.
+    // One CPU each, every one lbd may use, in thread order.
     let bound: Vec<Vec<usize>> = edge.iter().map(|(_, c)| c.clone()).collect();
     let expected: Vec<Vec<usize>> = process.iter().take(threads).map(|&c| vec![c]).collect();
     assert_eq!(bound, expected, "edge threads bound one to a CPU");

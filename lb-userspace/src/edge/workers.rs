@@ -104,7 +104,10 @@ impl Workers {
         let mut stops = Vec::with_capacity(n);
         let cpus = if affinity { placement_cpus(n) } else { Vec::new() };
         if affinity && cpus.is_empty() {
-            tracing::info!(threads = n, "edge threads not bound to CPUs: fewer CPUs allowed than threads");
+            tracing::info!(
+                threads = n,
+                "edge threads not bound to CPUs: not one thread for each CPU lbd may use (a CPU quota?)"
+            );
         }
         for i in 0..n {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -162,8 +165,8 @@ impl Drop for Workers {
     }
 }
 
-/// The CPU for each of `n` edge threads: distinct CPUs the process may run on, in order, or
-/// none when there are fewer than `n`. Two busy edge threads left to share one CPU take turns
+/// The CPU for each of `n` edge threads: the CPUs the process may run on, one each, when
+/// there are exactly `n` of them; else none. Two busy edge threads left to share one CPU take turns
 /// a scheduler tick at a time (4 ms at 250 Hz), and every client of the waiting one waits that
 /// long: the far tail of the latency. Bound, each has a CPU of its own to share only with
 /// threads that sleep and wake, which the scheduler interleaves finely.
@@ -172,13 +175,16 @@ pub fn placement_cpus(n: usize) -> Vec<usize> {
     cpus_for(&allowed_cpus(), n)
 }
 
-/// The first `n` of the `allowed` CPUs, or none when there are fewer: two threads bound to
-/// one CPU would be the very thing binding avoids.
+/// The `allowed` CPUs, one for each of `n` threads, when there are exactly `n`; else none.
+/// Fewer: two threads bound to one CPU would be the very thing binding avoids. More: the
+/// thread count was cut by a CPU quota (`available_parallelism` reads `cpu.max`), which
+/// limits time, not CPUs; binding to the first ones would pile every such lbd onto the same
+/// CPUs.
 fn cpus_for(allowed: &[usize], n: usize) -> Vec<usize> {
-    if allowed.len() < n {
+    if allowed.len() != n {
         return Vec::new();
     }
-    allowed[..n].to_vec()
+    allowed.to_vec()
 }
 
 /// The CPUs the calling thread may run on (`sched_getaffinity`), empty when unknown.
@@ -245,11 +251,12 @@ mod tests {
 
     #[test]
     fn each_thread_gets_a_cpu_of_its_own_of_those_allowed_or_none_does() {
-        assert_eq!(cpus_for(&[0, 1, 2, 3], 2), [0, 1]);
+        assert_eq!(cpus_for(&[0, 1], 2), [0, 1]);
         // A process confined to some CPUs (taskset, a cpuset) binds within them.
         assert_eq!(cpus_for(&[2, 5, 7], 3), [2, 5, 7]);
-        assert_eq!(cpus_for(&[2, 5, 7], 1), [2]);
-        // Fewer CPUs than threads: none bound, the scheduler shares them out.
+        // Fewer threads than CPUs (a quota): none bound, not all on the lowest CPUs.
+        assert!(cpus_for(&[0, 1, 2, 3], 2).is_empty());
+        // Fewer CPUs than threads, or none known: none bound, the scheduler shares them out.
         assert!(cpus_for(&[3], 2).is_empty());
         assert!(cpus_for(&[], 1).is_empty());
     }
