@@ -47,41 +47,51 @@ pub fn after(from: Instant, d: Duration) -> Instant {
 }
 
 /// `work`, unless `at` passes first (then `Err(Elapsed)`, at most [`TICK`] late).
-pub async fn within<F: Future>(at: Instant, work: F) -> Result<F::Output, Elapsed> {
+///
+/// A plain function returning the future, not an `async fn`: that one would hold `work`
+/// twice (as its argument and pinned) and be moved whole into the caller's state, on every
+/// attempt of every request.
+pub fn within<F: Future>(at: Instant, work: F) -> Within<F> {
     let local = Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
-    if !local {
+    if local {
+        Within::Local { work, at, key: None }
+    } else {
         // A task that may move between threads cannot hold a thread-local slot.
-        let at = tokio::time::Instant::from_std(at);
-        return tokio::time::timeout_at(at, work).await.map_err(|_| Elapsed);
+        Within::Timer(tokio::time::timeout_at(tokio::time::Instant::from_std(at), work))
     }
-    Within { work: std::pin::pin!(work), at, key: None }.await
 }
 
-struct Within<'a, F: Future> {
-    work: Pin<&'a mut F>,
-    at: Instant,
-    key: Option<usize>,
+/// The future of [`within`].
+pub enum Within<F: Future> {
+    /// On an edge thread: a slot in this thread's table, taken at the first wait.
+    Local { work: F, at: Instant, key: Option<usize> },
+    /// Elsewhere: tokio's timer.
+    Timer(tokio::time::Timeout<F>),
 }
 
-impl<F: Future> Future for Within<'_, F> {
+impl<F: Future> Future for Within<F> {
     type Output = Result<F::Output, Elapsed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        if let Poll::Ready(v) = this.work.as_mut().poll(cx) {
+        // SAFETY: the inner futures are never moved out of `self` (pinned projection, and
+        // `Drop` only reads the key).
+        let (work, at, key) = match unsafe { self.get_unchecked_mut() } {
+            Self::Local { work, at, key } => (unsafe { Pin::new_unchecked(work) }, *at, key),
+            Self::Timer(t) => return unsafe { Pin::new_unchecked(t) }.poll(cx).map_err(|_| Elapsed),
+        };
+        if let Poll::Ready(v) = work.poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let at = this.at;
         let (fired, start) = TABLE.with_borrow_mut(|t| {
             // Its own slot; a fresh one on first poll (or, should the task ever have moved
             // threads, when this table has none by that key).
-            if let Some(slot) = this.key.and_then(|k| t.slots.get_mut(k)) {
+            if let Some(slot) = key.and_then(|k| t.slots.get_mut(k)) {
                 if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     slot.waker = Some(cx.waker().clone());
                 }
                 return (slot.fired, false);
             }
-            this.key = Some(t.slots.insert(Slot { at, waker: Some(cx.waker().clone()), fired: false }));
+            *key = Some(t.slots.insert(Slot { at, waker: Some(cx.waker().clone()), fired: false }));
             (false, !std::mem::replace(&mut t.ticking, true))
         });
         if start {
@@ -93,9 +103,10 @@ impl<F: Future> Future for Within<'_, F> {
     }
 }
 
-impl<F: Future> Drop for Within<'_, F> {
+impl<F: Future> Drop for Within<F> {
     fn drop(&mut self) {
-        if let Some(key) = self.key {
+        if let Self::Local { key: Some(key), .. } = self {
+            let key = *key;
             // `try_`: the table may be gone already when the thread itself is ending.
             let _ = TABLE.try_with(|t| t.borrow_mut().slots.try_remove(key));
         }

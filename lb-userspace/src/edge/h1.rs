@@ -495,7 +495,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     let status =
         r.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("bad status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let spans = Spans::of(buf, r.headers);
+    let mut spans = Spans::new();
+    spans.fill(buf, r.headers);
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     // What this hop needs of `Connection`, `Transfer-Encoding` and `Content-Length`, noted on
@@ -531,27 +532,36 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
 }
 
 /// Where each field's name and value sit in a parsed head, so that they can share its bytes
-/// once it is split off the read buffer. On the stack: this runs per head.
+/// once it is split off the read buffer. On the stack, and left uninitialised past the
+/// fields: this runs per head, and 2 KiB of zeroes would cost more.
 pub(super) struct Spans {
     n: usize,
-    at: [(u32, u32, u32, u32); MAX_HEADERS],
+    at: [std::mem::MaybeUninit<(u32, u32, u32, u32)>; MAX_HEADERS],
 }
 
 impl Spans {
-    /// The positions of `fields` (parsed from `buf`) in `buf`.
-    pub(super) fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
+    /// No positions yet, and nothing written (a constant would be zeroed).
+    #[inline]
+    pub(super) const fn new() -> Self {
+        Self { n: 0, at: [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS] }
+    }
+
+    /// Notes the positions of `fields` (parsed from `buf`) in `buf`. Filled in place: the
+    /// array returned by value was copied (2 KiB a head).
+    pub(super) fn fill(&mut self, buf: &[u8], fields: &[httparse::Header<'_>]) {
         let base = buf.as_ptr() as usize;
-        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        for (h, span) in fields.iter().zip(at.iter_mut()) {
+        self.n = fields.len().min(MAX_HEADERS);
+        for (h, span) in fields.iter().zip(self.at.iter_mut()) {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             #[expect(clippy::cast_possible_truncation, reason = "offsets within a head held in memory")]
-            {
-                *span =
-                    (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
-            }
+            span.write((
+                name as u32,
+                (name + h.name.len()) as u32,
+                value as u32,
+                (value + h.value.len()) as u32,
+            ));
         }
-        Self { n: fields.len().min(MAX_HEADERS), at }
     }
 
     pub(super) const fn len(&self) -> usize {
@@ -564,7 +574,9 @@ impl Spans {
         &'a self,
         head: &'a Bytes,
     ) -> impl Iterator<Item = Result<(HeaderName, HeaderValue), &'static str>> + 'a {
-        self.at[..self.n].iter().map(|&(name_from, name_to, from, to)| {
+        self.at[..self.n].iter().map(|span| {
+            // SAFETY: `of` wrote the first `n` spans.
+            let (name_from, name_to, from, to) = unsafe { span.assume_init() };
             let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
                 .map_err(|_| "bad header name")?;
             let v = HeaderValue::from_maybe_shared(head.slice(from as usize..to as usize))

@@ -424,7 +424,8 @@ fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Parsed>, Refusal> {
     // Where the target and each field sit in the head, so they can share its bytes.
     let target = path.as_ptr() as usize - buf.as_ptr() as usize;
     let target = target..target + path.len();
-    let spans = h1::Spans::of(buf, r.headers);
+    let mut spans = h1::Spans::new();
+    spans.fill(buf, r.headers);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| Refusal::bad("bad request target"))?;
     let mut headers = HeaderMap::with_capacity(spans.len());
@@ -589,9 +590,10 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
             req.extensions_mut().insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
             on_upgrade = Some(tx);
         }
-        let resp = service.call(req).await;
+        pin_here!(call = service.call(req));
+        // Kept whole, its body written by reference: each move of a response is ~0.5 KB.
+        let mut resp = call.await;
         let status = resp.status();
-        let (parts, body) = resp.into_parts();
         out.clear();
         {
             // The final answer ends any `100 Continue`; one cut short is finished first.
@@ -605,21 +607,26 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
         if status.is_informational() && !switching {
             // A final answer cannot be interim, and a switch nobody asked for would turn the
             // connection into something else.
-            drop(body);
+            drop(resp);
             refusal_head(&mut out, StatusCode::BAD_GATEWAY);
             if write_all(wire, &out).await.is_ok() && flush(wire).await.is_ok() {
                 linger(wire).await;
             }
             return Err(Ended::Refused("an interim answer as the final one"));
         }
-        let length = (body.size_hint().exact(), super::proxy::content_length(&parts.headers));
+        let length = (resp.body().size_hint().exact(), super::proxy::content_length(resp.headers()));
         let framing = framing(status, switching, head_only, v10, length);
         let mut keep =
-            keep_alive && framing != Framing::Close && parts.extensions.get::<CloseAfter>().is_none();
-        encode_head(&mut out, status, &parts.headers, framing, keep, v10);
-        if !write_response(wire, &mut out, body, framing).await? {
-            keep = false;
-        }
+            keep_alive && framing != Framing::Close && resp.extensions().get::<CloseAfter>().is_none();
+        encode_head(&mut out, status, resp.headers(), framing, keep, v10);
+        let whole = {
+            pin_here!(writing = write_response(wire, &mut out, resp.body_mut(), framing));
+            writing.await?
+        };
+        keep &= whole;
+        // Dropped once all is written: the request ends there for the connection's watchdog
+        // (which must not write a 408 into an answer still going out), and is logged.
+        drop(resp);
         let waiting = {
             let mut w = lock(wire);
             let waiting = w.end_exchange();
@@ -656,20 +663,20 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
 async fn write_response<I: Io>(
     wire: &Mutex<Wire<I>>,
     out: &mut Vec<u8>,
-    mut body: RespBody,
+    body: &mut RespBody,
     framing: Framing,
 ) -> Result<bool, Ended> {
     let mut sent: u64 = 0;
     let mut whole = true;
     if !matches!(framing, Framing::None(_)) {
         loop {
-            let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
                     write_all(wire, out).await?;
                     out.clear();
                     flush(wire).await?;
-                    poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
                 }
             };
             let mut data = match frame {
@@ -723,9 +730,6 @@ async fn write_response<I: Io>(
     }
     write_all(wire, out).await?;
     flush(wire).await?;
-    // Dropped once all is written: the request ends there for the connection's watchdog
-    // (which must not write a 408 into an answer still going out), and is logged.
-    drop(body);
     Ok(whole)
 }
 

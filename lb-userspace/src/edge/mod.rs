@@ -19,6 +19,20 @@
 //! change of health or drains. Requests read one immutable [`Snapshot`]; a reload swaps it
 //! whole, so a request never sees half of one.
 
+/// `let $x = $e;` pinned where it lies, as `Pin<&mut _>`: awaiting it then moves a pointer,
+/// not the future. `.await` on a future moves it whole into the caller's state (twice, as
+/// compiled today), which for a request's future is kilobytes per request. The binding is
+/// shadowed, so the future cannot be moved afterwards (what `std::pin::pin!` would move).
+macro_rules! pin_here {
+    ($x:ident = $e:expr) => {
+        let mut $x = $e;
+        // SAFETY: the only binding of the value is shadowed here, so it is never moved
+        // again; it is dropped where it lies.
+        #[allow(unused_mut)]
+        let mut $x = unsafe { std::pin::Pin::new_unchecked(&mut $x) };
+    };
+}
+
 mod acl;
 mod balance;
 mod breaker;

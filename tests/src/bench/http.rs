@@ -484,6 +484,22 @@ pub(super) fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
+/// CPU seconds of this process's children that were waited for (the load generators, each
+/// run to its end).
+#[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name: ... cutime cstime (the 16th and 17th of the line).
+    let ticks = s.rfind(')').map_or(0, |i| {
+        let f: Vec<&str> = s[i + 2..].split(' ').collect();
+        let n = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        n(13) + n(14)
+    });
+    ticks as f64 / hz
+}
+
 /// What one load run measured.
 pub(super) struct Run {
     pub requests: f64,
@@ -609,7 +625,7 @@ pub fn run(opts: Options) -> Result<Report> {
     let backend = backend_ip(0).to_string();
     let client = &topo.client.ns;
 
-    let _backend = start_backend(&topo, &dir)?;
+    let backend_proc = start_backend(&topo, &dir)?;
     let nginx = spawn(
         topo.lb.ns.command("nginx").arg("-c").arg(dir.write("proxy.conf", &proxy_nginx(d, &lb_ip, &backend))),
         "nginx",
@@ -675,16 +691,27 @@ pub fn run(opts: Options) -> Result<Report> {
                 let (name, plain, tls) = PROXIES[(k + turn) % PROXIES.len()];
                 let port = if protocol == "http" { plain } else { tls };
                 let (cpu0, steal0, t0) = (cpu_seconds(pid(name)), steal_seconds(), Instant::now());
+                // The backend's and the load generator's CPU too: a proxy could look cheap by
+                // making them work harder (answers less bunched, more wake-ups).
+                let (backend0, client0) = (cpu_seconds(backend_proc.0.id()), children_cpu_seconds());
                 let r = load(client, d, protocol, SocketAddr::from((topo.lb.ip, port)), opts)?;
                 let cpu = cpu_seconds(pid(name)) - cpu0;
+                let per_1m = |s: f64| s / r.requests.max(1.0) * 1e6;
+                let others = (
+                    per_1m(cpu_seconds(backend_proc.0.id()) - backend0),
+                    per_1m(children_cpu_seconds() - client0),
+                );
                 let steal = (steal_seconds() - steal0) / (t0.elapsed().as_secs_f64() * cpus());
                 eprintln!(
-                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen",
+                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen; CPU s per 1M requests: proxy {:.1}, backend {:.1}, client {:.1}",
                     r.rps,
                     r.p50_ms,
                     r.p99_ms,
                     r.errors,
-                    steal * 100.0
+                    steal * 100.0,
+                    per_1m(cpu),
+                    others.0,
+                    others.1
                 );
                 legs.push(Leg { proxy: name, run: r, cpu, steal });
             }
