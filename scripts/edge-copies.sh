@@ -11,11 +11,14 @@ set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 lbd=$root/target/release/lbd
 libc=$(ldd "$lbd" | awk '/libc.so/{print $3}')
-# glibc picks its memmove by CPU at load time: all the unaligned-erms variants it has are probed.
-variants=$(perf probe -x "$libc" -F --filter='*' 2>/dev/null | grep -E '^__memmove_[a-z0-9]+_unaligned_erms$' || true)
+# glibc picks its memmove by CPU at load time: every variant it has is probed (not the
+# `_chk` ones, which jump into them and would count twice).
+variants=$(perf probe -x "$libc" -F --filter='*' 2>/dev/null | grep -E '^__memmove_[a-z0-9_]+$' | grep -v '_chk' || true)
 [ -n "$variants" ] || { echo "no memmove variants found in $libc" >&2; exit 1; }
 work=$(mktemp -d /tmp/lb-copies.XXXXXX)
+bench=
 cleanup() {
+  [ -n "$bench" ] && kill "$bench" 2>/dev/null
   perf probe -q -d 'probe_libc:*' 2>/dev/null || true
   perf probe -q -d 'probe_lbd:*' 2>/dev/null || true
   rm -rf "$work"
@@ -26,6 +29,7 @@ mkdir -p "$work"
 # One hit per request: clean_request_headers runs once for each. perf probe takes a file
 # offset for a stripped-of-debug-info binary, so the symbol's address is turned into one.
 addr=$(nm "$lbd" | awk '/clean_request_headers/{print $1}' | head -1)
+[ -n "$addr" ] || { echo "no clean_request_headers symbol in $lbd (stripped, or inlined)" >&2; exit 1; }
 off=$(readelf -lW "$lbd" | python3 -c '
 import sys
 a = int(sys.argv[1], 16)
@@ -56,6 +60,7 @@ else
   perf record -q "${events[@]}" -e "$per_request" -p "$pid" -o "$work/p.data" -- sleep 1 >/dev/null 2>&1
 fi
 wait "$bench" || true
+bench=
 perf script -i "$work/p.data" -F event,trace,ip,sym 2>/dev/null > "$work/p.txt"
 python3 - "$work/p.txt" <<'PY'
 import collections, re, sys

@@ -46,27 +46,30 @@ pub fn after(from: Instant, d: Duration) -> Instant {
     from.checked_add(d).unwrap_or_else(|| from + Duration::from_hours(100 * 365 * 24))
 }
 
-/// `work`, unless `at` passes first (then `Err(Elapsed)`, at most [`TICK`] late).
+/// `work`, unless `at` passes first (then `Err(Elapsed)`, at most [`TICK`] late). To be
+/// awaited on the thread that made it: which timer it uses is chosen here.
 ///
 /// A plain function returning the future, not an `async fn`: that one would hold `work`
 /// twice (as its argument and pinned) and be moved whole into the caller's state, on every
 /// attempt of every request.
 pub fn within<F: Future>(at: Instant, work: F) -> Within<F> {
     let local = Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread);
-    if local {
-        Within::Local { work, at, key: None }
+    Within(if local {
+        Timer::Local { work, at, key: None }
     } else {
         // A task that may move between threads cannot hold a thread-local slot.
-        Within::Timer(tokio::time::timeout_at(tokio::time::Instant::from_std(at), work))
-    }
+        Timer::Tokio(tokio::time::timeout_at(tokio::time::Instant::from_std(at), work))
+    })
 }
 
 /// The future of [`within`].
-pub enum Within<F: Future> {
+pub struct Within<F: Future>(Timer<F>);
+
+enum Timer<F: Future> {
     /// On an edge thread: a slot in this thread's table, taken at the first wait.
     Local { work: F, at: Instant, key: Option<usize> },
     /// Elsewhere: tokio's timer.
-    Timer(tokio::time::Timeout<F>),
+    Tokio(tokio::time::Timeout<F>),
 }
 
 impl<F: Future> Future for Within<F> {
@@ -75,9 +78,9 @@ impl<F: Future> Future for Within<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // SAFETY: the inner futures are never moved out of `self` (pinned projection, and
         // `Drop` only reads the key).
-        let (work, at, key) = match unsafe { self.get_unchecked_mut() } {
-            Self::Local { work, at, key } => (unsafe { Pin::new_unchecked(work) }, *at, key),
-            Self::Timer(t) => return unsafe { Pin::new_unchecked(t) }.poll(cx).map_err(|_| Elapsed),
+        let (work, at, key) = match unsafe { &mut self.get_unchecked_mut().0 } {
+            Timer::Local { work, at, key } => (unsafe { Pin::new_unchecked(work) }, *at, key),
+            Timer::Tokio(t) => return unsafe { Pin::new_unchecked(t) }.poll(cx).map_err(|_| Elapsed),
         };
         if let Poll::Ready(v) = work.poll(cx) {
             return Poll::Ready(Ok(v));
@@ -105,8 +108,7 @@ impl<F: Future> Future for Within<F> {
 
 impl<F: Future> Drop for Within<F> {
     fn drop(&mut self) {
-        if let Self::Local { key: Some(key), .. } = self {
-            let key = *key;
+        if let Timer::Local { key: Some(key), .. } = self.0 {
             // `try_`: the table may be gone already when the thread itself is ending.
             let _ = TABLE.try_with(|t| t.borrow_mut().slots.try_remove(key));
         }

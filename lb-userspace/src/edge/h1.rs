@@ -575,7 +575,7 @@ impl Spans {
         head: &'a Bytes,
     ) -> impl Iterator<Item = Result<(HeaderName, HeaderValue), &'static str>> + 'a {
         self.at[..self.n].iter().map(|span| {
-            // SAFETY: `of` wrote the first `n` spans.
+            // SAFETY: `fill` wrote the first `n` spans.
             let (name_from, name_to, from, to) = unsafe { span.assume_init() };
             let name = HeaderName::from_bytes(&head[name_from as usize..name_to as usize])
                 .map_err(|_| "bad header name")?;

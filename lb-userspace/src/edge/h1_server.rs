@@ -590,9 +590,11 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
             req.extensions_mut().insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
             on_upgrade = Some(tx);
         }
-        pin_here!(call = service.call(req));
         // Kept whole, its body written by reference: each move of a response is ~0.5 KB.
-        let mut resp = call.await;
+        let mut resp = {
+            pin_here!(call = service.call(req));
+            call.await
+        };
         let status = resp.status();
         out.clear();
         {
@@ -619,11 +621,10 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
         let mut keep =
             keep_alive && framing != Framing::Close && resp.extensions().get::<CloseAfter>().is_none();
         encode_head(&mut out, status, resp.headers(), framing, keep, v10);
-        let whole = {
+        keep &= {
             pin_here!(writing = write_response(wire, &mut out, resp.body_mut(), framing));
             writing.await?
         };
-        keep &= whole;
         // Dropped once all is written: the request ends there for the connection's watchdog
         // (which must not write a 408 into an answer still going out), and is logged.
         drop(resp);

@@ -480,9 +480,11 @@ async fn forward(
         let in_flight = InFlight::start(b);
         // Picking took next to no time: the clock is read once per attempt.
         let attempt = now;
-        pin_here!(send = member.pool.send(&out, body, &conn));
-        let result =
-            super::deadline::within(super::deadline::after(attempt, spec.timeouts.response), send).await;
+        // Dropped (a timed-out exchange's connection closed) as soon as it is over.
+        let result = {
+            pin_here!(send = member.pool.send(&out, body, &conn));
+            super::deadline::within(super::deadline::after(attempt, spec.timeouts.response), send).await
+        };
         let failed = !result.as_ref().is_ok_and(Result::is_ok);
         let timed_out = result.is_err();
         if failed && let Some(fault) = fault.as_ref().and_then(|f| f.fault(timed_out)) {
