@@ -112,6 +112,7 @@ fn bytes(w: &mut TcpStream, mib: &str) -> std::io::Result<bool> {
 }
 
 /// Answers one request as its path asks; false when the connection is to close.
+#[expect(clippy::too_many_lines, reason = "one scripted answer per path, in one place")]
 fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
     match req.path.as_str() {
         "/chunked" => {
@@ -129,6 +130,15 @@ fn answer(w: &mut TcpStream, req: &Req) -> std::io::Result<bool> {
         }
         "/te-and-cl" => {
             w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")?;
+            Ok(true)
+        }
+        "/fields" => {
+            // This hop's fields beside end-to-end ones, in any case, LF line ends in places.
+            w.write_all(
+                b"HTTP/1.1 200 OK\r\nX-Mixed-Case: A b\nconnection: Keep-Alive\r\nKEEP-ALIVE: timeout=5\r\n\
+                  Set-Cookie: a=1\r\nUpgrade: h2c\r\nTrailer: x-t\r\nProxy-Connection: keep-alive\r\n\
+                  Set-Cookie: b=2\r\nX-Empty:\r\nContent-Length: 3\r\n\r\nok\n",
+            )?;
             Ok(true)
         }
         "/until-close" => {
@@ -346,6 +356,27 @@ http:
     assert_eq!((code, body.as_slice()), (200, &b"after 1xx"[..]), "{}", log());
     let (code, body) = curl(topo, "/until-close", &[]);
     assert_eq!((code, body.as_slice()), (200, &b"read to the end"[..]), "{}", log());
+    // End-to-end fields reach the client as the backend wrote them, repeated ones each, the
+    // hop-by-hop ones not; and the edge frames the answer itself.
+    let r = topo.client.ns.run(|| {
+        let mut c = lb_tests::http::Client::connect(SocketAddr::from((topo.lb.ip, 8000))).expect("connect");
+        c.request("GET", "h1.example", "/fields", "", "").expect("answer")
+    });
+    let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        (r.status, r.body.as_str(), r.header("x-mixed-case")),
+        (200, "ok\n", Some("A b")),
+        "{names:?}"
+    );
+    let cookies: Vec<&str> =
+        r.headers.iter().filter(|(k, _)| k == "Set-Cookie").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(cookies, ["a=1", "b=2"], "{names:?}");
+    assert_eq!(r.header("x-empty"), Some(""), "{names:?}");
+    for hop in ["keep-alive", "upgrade", "trailer", "proxy-connection"] {
+        assert!(r.header(hop).is_none(), "{hop} passed on: {names:?}");
+    }
+    assert_eq!(names.iter().filter(|n| n.eq_ignore_ascii_case("content-length")).count(), 1, "{names:?}");
+    assert!(r.header("connection").is_none_or(|v| !v.eq_ignore_ascii_case("keep-alive")), "{names:?}");
     let (code, body) = curl(topo, "/big", &[]);
     assert_eq!((code, body.len()), (200, 1 << 20), "{}", log());
     assert!(body.chunks(65_536).all(|b| b[0] == b'a' && b[25] == b'z'), "the bytes arrive in order");

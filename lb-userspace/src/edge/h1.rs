@@ -138,7 +138,10 @@ pub struct Conn {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// Empty when the fields are kept raw (`raw`).
     pub headers: HeaderMap,
+    /// The fields as the backend sent them, when nothing but the client needs them.
+    pub raw: Option<RawFields>,
     framing: Framing,
     /// The connection may carry another request once the body is read.
     reusable: bool,
@@ -495,23 +498,22 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     let status =
         r.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Invalid("bad status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut spans = Spans::new();
-    spans.fill(buf, r.headers);
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
     // What this hop needs of `Connection`, `Transfer-Encoding` and `Content-Length`, noted on
-    // the way rather than looked up after.
+    // the way rather than looked up after; and which fields stay here.
     let mut seen = Seen::default();
-    for field in spans.fields(&head) {
-        let (name, v) = field.map_err(Error::Invalid)?;
-        if seen.note(&name, &v) {
-            headers.append(name, v);
+    let (mut ours, mut framing_fields, mut hop) = (0u128, 0u128, 0u128);
+    for (i, h) in r.headers.iter().enumerate() {
+        match seen.note(h.name, h.value) {
+            Field::Passed => {}
+            Field::Ours => ours |= 1 << i,
+            Field::Framing => framing_fields |= 1 << i,
+            Field::Hop => hop |= 1 << i,
         }
     }
     let framing = framing(method, status, &seen)?;
     let keeps_alive = !seen.close && (version == Version::HTTP_11 || seen.keep_alive);
     let mut reusable = framing != Framing::Close && keeps_alive;
-    if seen.transfer_coding.is_some() {
+    if seen.transfer_coding {
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
         }
@@ -519,16 +521,104 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
         // client with a body of another length; and such a message closes its connection
         // (RFC 9112 6.1, 6.3).
         if seen.lengths > 0 {
-            headers.remove(header::CONTENT_LENGTH);
             reusable = false;
         }
-    } else if let Framing::Length(n) = framing
+    }
+    // The common answer goes on with its fields as they came, never put into a map: the
+    // client's side writes its own framing, and nothing between reads them unless it asks
+    // (`RawFields::append_to`). Not when `Connection` names fields to remove, nor when the
+    // answer has no body of its own (its length is then passed on as a field).
+    let plain = !seen.names_fields
+        && *method != Method::HEAD
+        && status.as_u16() >= 200
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED;
+    if plain {
+        let head = buf.split_to(len).freeze();
+        let skip = ours | framing_fields | hop;
+        // The length as the map gives it (one plain value), for whatever asks for the map.
+        let length = match framing {
+            Framing::Length(n) if seen.lengths > 0 && !seen.transfer_coding => Some(n),
+            Framing::Empty if seen.length == Some(0) && !seen.transfer_coding => Some(0),
+            _ => None,
+        };
+        #[expect(clippy::cast_possible_truncation, reason = "the two halves of the mask")]
+        let raw = RawFields { head, skip: [skip as u64, (skip >> 64) as u64], length, dated: seen.dated };
+        return Ok(Some(Head {
+            status,
+            version,
+            headers: HeaderMap::new(),
+            raw: Some(raw),
+            framing,
+            reusable,
+        }));
+    }
+    let mut spans = Spans::new();
+    spans.fill(buf, r.headers);
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (i, field) in spans.fields(&head).enumerate() {
+        let (name, v) = field.map_err(Error::Invalid)?;
+        // Content-Length goes on unless a transfer coding frames the body.
+        if ours & (1 << i) == 0 && !(seen.transfer_coding && framing_fields & (1 << i) != 0) {
+            headers.append(name, v);
+        }
+    }
+    if let Framing::Length(n) = framing
         && !seen.plain_length
     {
         // One plain value goes on to the client, not `4, 4` or repeated fields.
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-    Ok(Some(Head { status, version, headers, framing, reusable }))
+    Ok(Some(Head { status, version, headers, raw: None, framing, reusable }))
+}
+
+/// A response head's fields as the backend sent them, less this hop's own and the framing
+/// ones (the client's side writes its own). Written to the client line for line.
+#[derive(Clone)]
+pub struct RawFields {
+    /// The whole head, status line first.
+    head: Bytes,
+    /// The fields (by position) not passed on (a mask, in halves: a `u128` would align the
+    /// whole to 16 bytes).
+    skip: [u64; 2],
+    /// The `Content-Length` a map of the fields holds.
+    length: Option<u64>,
+    /// Whether a `Date` field is passed on.
+    pub dated: bool,
+}
+
+impl RawFields {
+    /// The lines of the fields passed on, without their line ends. httparse (as configured
+    /// for responses) takes one field a line, ended by CRLF or LF, after any empty lines
+    /// before the status line.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        let mut lines = self.head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        lines.by_ref().find(|l| !l.is_empty());
+        lines
+            .take_while(|l| !l.is_empty())
+            .enumerate()
+            .filter(|&(i, _)| i >= 128 || self.skip[i / 64] & (1 << (i % 64)) == 0)
+            .map(|(_, l)| l)
+    }
+
+    /// Appends the fields passed on to `map`, for what reads or changes them.
+    pub fn append_to(&self, map: &mut HeaderMap) {
+        for line in self.lines() {
+            let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+            let value = line[colon + 1..].trim_ascii();
+            // Checked as httparse parsed them: a field that does not convert is left out.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_maybe_shared(self.head.slice_ref(value)),
+            ) {
+                map.append(name, value);
+            }
+        }
+        if let Some(n) = self.length {
+            map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
 }
 
 /// Where each field's name and value sit in a parsed head, so that they can share its bytes
@@ -588,60 +678,92 @@ impl Spans {
 
 /// The framing fields of a response head.
 #[derive(Default)]
+#[expect(clippy::struct_excessive_bools, reason = "independent facts noted in one pass")]
 struct Seen {
     close: bool,
     keep_alive: bool,
-    /// The last `Transfer-Encoding` field.
-    transfer_coding: Option<HeaderValue>,
+    /// `Connection` names fields that must not go on.
+    names_fields: bool,
+    /// A `Transfer-Encoding`, and whether the last one ends in `chunked`.
+    transfer_coding: bool,
+    chunked: bool,
     /// `Content-Length` fields, the length they agree on, or why they do not.
     lengths: usize,
     length: Option<u64>,
     bad_length: Option<&'static str>,
     /// One field with one value.
     plain_length: bool,
+    dated: bool,
+}
+
+/// What a response field is to this hop.
+enum Field {
+    /// Goes on to the client.
+    Passed,
+    /// This hop's own: the connection options (unless they name other fields, which the
+    /// proxy then removes with them), `Keep-Alive`, and the transfer coding, decoded here.
+    Ours,
+    /// `Content-Length`: the client's side frames the body itself.
+    Framing,
+    /// Another hop-by-hop field (`Upgrade`, `Trailer`, ...): not passed on either, but left
+    /// in a map for the proxy (a 101's `Upgrade` is answered by the tunnel).
+    Hop,
+}
+
+/// A value as text when it is visible ASCII (what `HeaderValue::to_str` takes).
+fn text(v: &[u8]) -> Option<&str> {
+    v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)).then(|| std::str::from_utf8(v).ok())?
 }
 
 impl Seen {
-    /// Notes a field; whether it goes on to the client. This hop's own fields do not: the
-    /// connection options (unless they name other fields, which the proxy then removes with
-    /// them), `Keep-Alive`, and the transfer coding, which this side decodes.
-    fn note(&mut self, name: &HeaderName, v: &HeaderValue) -> bool {
-        if *name == header::CONNECTION {
-            let mut names_fields = false;
-            for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
-                self.close |= t.eq_ignore_ascii_case("close");
-                self.keep_alive |= t.eq_ignore_ascii_case("keep-alive");
-                names_fields |= super::proxy::names_a_field(t);
-            }
-            return names_fields;
-        }
-        if *name == header::TRANSFER_ENCODING {
-            self.transfer_coding = Some(v.clone());
-            return false;
-        }
-        if name.as_str() == "keep-alive" {
-            return false;
-        }
-        if *name == header::CONTENT_LENGTH {
-            self.lengths += 1;
-            self.plain_length = self.lengths == 1;
-            if self.bad_length.is_some() {
-                return true;
-            }
-            let Ok(text) = v.to_str() else {
-                self.bad_length = Some("bad content-length");
-                return true;
-            };
-            for part in text.split(',') {
-                self.plain_length &= part.len() == text.len();
-                match digits(part.trim(), 10) {
-                    Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
-                    Some(_) => self.bad_length = Some("conflicting content-length"),
-                    None => self.bad_length = Some("bad content-length"),
+    fn note(&mut self, name: &str, v: &[u8]) -> Field {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            10 if is("connection") => {
+                let mut names_fields = false;
+                for t in text(v).unwrap_or("").split(',').map(str::trim) {
+                    self.close |= t.eq_ignore_ascii_case("close");
+                    self.keep_alive |= t.eq_ignore_ascii_case("keep-alive");
+                    names_fields |= super::proxy::names_a_field(t);
                 }
+                self.names_fields |= names_fields;
+                if names_fields { Field::Passed } else { Field::Ours }
             }
+            17 if is("transfer-encoding") => {
+                self.transfer_coding = true;
+                self.chunked = text(v)
+                    .and_then(|v| v.rsplit(',').next())
+                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+                Field::Ours
+            }
+            10 if is("keep-alive") => Field::Ours,
+            4 if is("date") => {
+                self.dated = true;
+                Field::Passed
+            }
+            14 if is("content-length") => {
+                self.lengths += 1;
+                self.plain_length = self.lengths == 1;
+                if self.bad_length.is_some() {
+                    return Field::Framing;
+                }
+                let Some(text) = text(v) else {
+                    self.bad_length = Some("bad content-length");
+                    return Field::Framing;
+                };
+                for part in text.split(',') {
+                    self.plain_length &= part.len() == text.len();
+                    match digits(part.trim(), 10) {
+                        Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
+                        Some(_) => self.bad_length = Some("conflicting content-length"),
+                        None => self.bad_length = Some("bad content-length"),
+                    }
+                }
+                Field::Framing
+            }
+            _ if super::proxy::is_hop_by_hop(name) => Field::Hop,
+            _ => Field::Passed,
         }
-        true
     }
 }
 
@@ -654,13 +776,8 @@ fn framing(method: &Method, status: StatusCode, seen: &Seen) -> Result<Framing, 
     {
         return Ok(Framing::Empty);
     }
-    if let Some(last) = &seen.transfer_coding {
-        let chunked = last
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked { Framing::Chunked } else { Framing::Close });
+    if seen.transfer_coding {
+        return Ok(if seen.chunked { Framing::Chunked } else { Framing::Close });
     }
     if let Some(why) = seen.bad_length {
         return Err(Error::Invalid(why));
@@ -771,10 +888,13 @@ pub struct ResponseBody<R: Return> {
     reusable: bool,
     done: bool,
     home: Option<R>,
+    /// The response's fields, kept raw for the client (`Head::raw`).
+    raw: Option<RawFields>,
 }
 
 impl<R: Return> ResponseBody<R> {
-    pub fn new(conn: Conn, head: &Head, home: R) -> Self {
+    /// The body after `head`, which gives up its raw fields to it.
+    pub fn new(conn: Conn, head: &mut Head, home: R) -> Self {
         let left = match head.framing {
             Framing::Length(n) => n,
             _ => 0,
@@ -787,6 +907,7 @@ impl<R: Return> ResponseBody<R> {
             reusable: head.reusable,
             done: false,
             home: Some(home),
+            raw: head.raw.take(),
         };
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
             // No body: the connection now carries another protocol, for `upgraded`.
@@ -795,6 +916,14 @@ impl<R: Return> ResponseBody<R> {
             b.finish();
         }
         b
+    }
+
+    pub const fn raw(&self) -> Option<&RawFields> {
+        self.raw.as_ref()
+    }
+
+    pub const fn take_raw(&mut self) -> Option<RawFields> {
+        self.raw.take()
     }
 
     /// The connection of a 101 answer and where it would have gone, for a tunnel.
@@ -911,19 +1040,28 @@ mod tests {
         parse_head(&mut BytesMut::from(text), method)
     }
 
+    /// The fields that go on to the client, raw or mapped.
+    fn fields(h: &Head) -> HeaderMap {
+        let mut map = h.headers.clone();
+        if let Some(raw) = &h.raw {
+            raw.append_to(&mut map);
+        }
+        map
+    }
+
     #[test]
     fn response_heads_are_framed_as_rfc_9112_says() {
         let get = &Method::GET;
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nok\n", get).unwrap().unwrap();
         assert_eq!((h.status, h.framing, h.reusable), (StatusCode::OK, Framing::Length(3), true));
-        assert_eq!(h.headers["x-a"], "b");
+        assert_eq!(fields(&h)["x-a"], "b");
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n", get);
         let h = h.unwrap().unwrap();
         assert_eq!(h.framing, Framing::Chunked);
-        assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "TE wins, CL dropped");
+        assert!(!fields(&h).contains_key(header::CONTENT_LENGTH), "TE wins, CL dropped");
         assert!(!h.reusable, "a message with both closes its connection");
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 9\r\n\r\n", get);
-        assert!(!h.unwrap().unwrap().headers.contains_key(header::CONTENT_LENGTH), "TE of any kind");
+        assert!(!fields(&h.unwrap().unwrap()).contains_key(header::CONTENT_LENGTH), "TE of any kind");
         assert!(head("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", get).is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", get).is_err(), "digits only");
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", get).unwrap().unwrap();
@@ -943,11 +1081,11 @@ mod tests {
         assert_eq!(h.framing, Framing::Empty, "no body after HEAD");
         let h = head("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", get).unwrap().unwrap();
         assert_eq!(h.framing, Framing::Empty);
+        // The client's side writes one plain length: not `4, 4` or repeated fields.
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\n", get).unwrap().unwrap();
-        assert_eq!(
-            (h.framing, &h.headers[header::CONTENT_LENGTH]),
-            (Framing::Length(4), &HeaderValue::from(4))
-        );
+        assert_eq!(h.framing, Framing::Length(4));
+        assert_eq!(fields(&h)[header::CONTENT_LENGTH], HeaderValue::from(4), "as a map gives it");
+        assert!(h.raw.unwrap().lines().all(|l| !l.to_ascii_lowercase().starts_with(b"content-length")));
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", get).is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", get).is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", get).unwrap().is_none(), "partial");
@@ -961,10 +1099,10 @@ mod tests {
 
     #[test]
     fn header_values_share_the_read_buffer_and_the_rest_stays() {
-        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi");
         let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
         assert_eq!(&buf[..], b"hi");
-        assert_eq!(h.headers[header::CONTENT_LENGTH], "2");
+        assert_eq!(fields(&h)["x-a"], "b");
     }
 
     #[test]
@@ -973,7 +1111,8 @@ mod tests {
                     Transfer-Encoding: chunked\r\nETag: \"a\"\r\n\r\n";
         let h = head(text, &Method::GET).unwrap().unwrap();
         assert_eq!((h.framing, h.reusable), (Framing::Chunked, true));
-        let names: Vec<_> = h.headers.keys().map(HeaderName::as_str).collect();
+        let map = fields(&h);
+        let names: Vec<_> = map.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["etag"]);
         // A Connection that names another field goes on, for the proxy to remove both.
         let h = head(
@@ -983,7 +1122,51 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(!h.reusable);
+        assert!(h.raw.is_none(), "mapped, for the proxy to remove the named fields");
         assert_eq!(h.headers[header::CONNECTION], "close, X-Hop");
+    }
+
+    #[test]
+    fn plain_answers_keep_their_fields_raw_as_they_came() {
+        // Any case, LF or CRLF line ends, an empty line before the status line (httparse
+        // takes those); this hop's fields and the framing ones stay here.
+        let text = "\r\nHTTP/1.1 200 OK\r\nServer: x\r\nconnection: keep-alive\nKeep-Alive: timeout=5\r\n\
+                    Content-Length: 2\r\nDATE: Sat, 21 Nov 2026 10:00:00 GMT\r\nX-Empty:\r\n\
+                    Set-Cookie: a=1\r\nUpgrade: h2c\r\nTrailer: x\r\nProxy-Connection: k\r\n\
+                    Set-Cookie: b=2\r\n\r\nhi";
+        let h = head(text, &Method::GET).unwrap().unwrap();
+        let raw = h.raw.as_ref().expect("kept raw");
+        assert!(h.headers.is_empty());
+        let lines: Vec<&[u8]> = raw.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                &b"Server: x"[..],
+                b"DATE: Sat, 21 Nov 2026 10:00:00 GMT",
+                b"X-Empty:",
+                b"Set-Cookie: a=1",
+                b"Set-Cookie: b=2"
+            ]
+        );
+        assert!(raw.dated);
+        let map = fields(&h);
+        assert_eq!(map.get_all(header::SET_COOKIE).iter().collect::<Vec<_>>(), ["a=1", "b=2"]);
+        assert_eq!(map[header::CONTENT_LENGTH], "2", "the map has the length, the wire its own");
+        assert!(!map.contains_key(header::CONNECTION) && !map.contains_key("keep-alive"));
+        assert_eq!(map["x-empty"], "");
+        // Chunked: the coding is decoded here, the client's side frames anew.
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n", &Method::GET);
+        let lines: Vec<Vec<u8>> = h.unwrap().unwrap().raw.unwrap().lines().map(<[u8]>::to_vec).collect();
+        assert_eq!(lines, [b"X-A: b".to_vec()]);
+        // Answers whose length goes on as a field, or that have none, are mapped.
+        for (text, method) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", &Method::HEAD),
+            ("HTTP/1.1 204 No Content\r\n\r\n", &Method::GET),
+            ("HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n", &Method::GET),
+            ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", &Method::GET),
+        ] {
+            assert!(head(text, method).unwrap().unwrap().raw.is_none(), "{text}");
+        }
     }
 
     fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, bool, BytesMut), Error> {

@@ -620,7 +620,7 @@ pub async fn serve<I: Io, S: Service>(io: I, read: &[u8], max_head: usize, servi
         let framing = framing(status, switching, head_only, v10, length);
         let mut keep =
             keep_alive && framing != Framing::Close && resp.extensions().get::<CloseAfter>().is_none();
-        encode_head(&mut out, status, resp.headers(), framing, keep, v10);
+        encode_head(&mut out, status, resp.headers(), resp.body().raw_fields(), framing, keep, v10);
         keep &= {
             pin_here!(writing = write_response(wire, &mut out, resp.body_mut(), framing));
             writing.await?
@@ -792,6 +792,7 @@ fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
+    raw: Option<&h1::RawFields>,
     framing: Framing,
     keep: bool,
     v10: bool,
@@ -806,6 +807,15 @@ fn encode_head(
     let keeps_length =
         matches!(framing, Framing::None(_)) && !status.is_informational() && status != StatusCode::NO_CONTENT;
     let mut dated = false;
+    // The backend's fields as they came (less this hop's and the framing ones), then any
+    // the edge added.
+    if let Some(raw) = raw {
+        dated = raw.dated;
+        for line in raw.lines() {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     for (name, value) in headers {
         if *name == header::TRANSFER_ENCODING || (*name == header::CONTENT_LENGTH && !keeps_length) {
             continue;
@@ -985,7 +995,7 @@ mod tests {
             h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         let mut out = Vec::new();
-        encode_head(&mut out, StatusCode::from_u16(status).unwrap(), &h, framing, keep, v10);
+        encode_head(&mut out, StatusCode::from_u16(status).unwrap(), &h, None, framing, keep, v10);
         let text = String::from_utf8(out).unwrap();
         // The date changes: checked for, then taken out.
         let start = text.find("date: ").expect("a date");
@@ -1031,7 +1041,7 @@ mod tests {
         let mut out = Vec::new();
         let mut h = HeaderMap::new();
         h.insert(header::DATE, HeaderValue::from_static("Sat, 21 Nov 2026 10:00:00 GMT"));
-        encode_head(&mut out, StatusCode::OK, &h, Framing::Length(0), true, false);
+        encode_head(&mut out, StatusCode::OK, &h, None, Framing::Length(0), true, false);
         assert_eq!(
             out, b"HTTP/1.1 200 OK\r\ndate: Sat, 21 Nov 2026 10:00:00 GMT\r\ncontent-length: 0\r\n\r\n",
             "one date"

@@ -177,12 +177,33 @@ impl h1::Return for Home {
 }
 
 /// A backend's response body.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the HTTP/1.1 body is the common one: not boxed, one allocation less"
+)]
 pub enum UpBody {
     H1(h1::ResponseBody<Home>),
     H2(Incoming),
 }
 
 impl UpBody {
+    /// The fields of an HTTP/1.1 answer, kept raw for the client.
+    pub const fn raw(&self) -> Option<&h1::RawFields> {
+        match self {
+            Self::H1(b) => b.raw(),
+            Self::H2(_) => None,
+        }
+    }
+
+    /// Moves the fields kept raw (if any) into `headers`, for what reads or changes them.
+    pub fn unraw(&mut self, headers: &mut http::HeaderMap) {
+        if let Self::H1(b) = self
+            && let Some(raw) = b.take_raw()
+        {
+            raw.append_to(headers);
+        }
+    }
+
     /// The connection of a 101 answer and its place in the pool, for a tunnel.
     pub fn upgraded(self) -> Option<(h1::Conn, Home)> {
         match self {
@@ -294,9 +315,9 @@ impl BackendPool {
             let last = max != 0 && c.meta.uses >= max;
             let Some(b) = body.take() else { unreachable!("a body for each round") };
             match c.conn.exchange(req, last, b).await {
-                Ok(head) => {
+                Ok(mut head) => {
                     let home = Home { pool: self.clone(), meta: c.meta };
-                    let body = UpBody::H1(h1::ResponseBody::new(c.conn, &head, home));
+                    let body = UpBody::H1(h1::ResponseBody::new(c.conn, &mut head, home));
                     let mut resp = Response::new(body);
                     *resp.status_mut() = head.status;
                     *resp.version_mut() = head.version;

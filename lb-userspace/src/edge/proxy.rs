@@ -66,6 +66,22 @@ fn hop_by_hop(name: &str) -> Option<usize> {
     })
 }
 
+/// Whether `name`, in any case, is a hop-by-hop field (without lowercasing it).
+pub(super) fn is_hop_by_hop(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    NAMES.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+}
+
 /// Whether a `Connection` token names a field to remove beside the hop-by-hop ones (which go
 /// anyway); `close` is an option, not a field. One rule for requests, and for responses as the
 /// HTTP/1.1 client reads them.
@@ -533,7 +549,11 @@ async fn forward(
                         continue;
                     }
                 }
-                let (mut rparts, rbody) = resp.into_parts();
+                let (mut rparts, mut rbody) = resp.into_parts();
+                if miss.is_some() {
+                    // The cache reads and stores the fields.
+                    rbody.unraw(&mut rparts.headers);
+                }
                 clean_response_headers(&mut rparts.headers);
                 let log = log(status, &b.identity, n);
                 if let Some(miss) = miss.take() {
@@ -890,6 +910,19 @@ fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Puts the fields a response kept raw into its map: for whatever reads or changes them (a
+/// listener's HSTS, an HTTP/2 client). The HTTP/1.1 path to the client needs no map.
+pub fn unraw(resp: &mut Response<RespBody>) {
+    if resp.body().raw_fields().is_none() {
+        return;
+    }
+    let mut headers = std::mem::take(resp.headers_mut());
+    if let Frames::Stream(b) = &mut resp.body_mut().inner {
+        b.unraw(&mut headers);
+    }
+    *resp.headers_mut() = headers;
+}
+
 /// A response made by the edge itself.
 fn local(status: StatusCode, text: &str, log: Option<AccessLog>) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::full(Bytes::copy_from_slice(text.as_bytes()), log));
@@ -1164,6 +1197,15 @@ impl RespBody {
         }
     }
 
+    /// The backend's fields, when kept raw (HTTP/1.1) for the client's side to write as
+    /// they came; the response's map then holds only what the edge added.
+    pub const fn raw_fields(&self) -> Option<&super::h1::RawFields> {
+        match &self.inner {
+            Frames::Stream(b) => b.raw(),
+            Frames::Full(_) => None,
+        }
+    }
+
     /// Tells `hook` once the body is done or dropped.
     pub fn on_done(&mut self, hook: Arc<dyn OnDone>) {
         if let Some(fin) = &mut self.finish {
@@ -1238,6 +1280,18 @@ impl Body for RespBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_are_known_in_any_case() {
+        for name in &HOP_BY_HOP {
+            assert!(hop_by_hop(name.as_str()).is_some());
+            assert!(is_hop_by_hop(name.as_str()), "{name}");
+            assert!(is_hop_by_hop(&name.as_str().to_ascii_uppercase()), "{name}");
+        }
+        for name in ["content-length", "date", "t", "upgrades", "x-te"] {
+            assert!(!is_hop_by_hop(name) && hop_by_hop(name).is_none(), "{name}");
+        }
+    }
 
     #[test]
     fn requests_lose_hop_by_hop_headers_and_the_clients_own_forwarding_claims() {

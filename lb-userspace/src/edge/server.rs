@@ -376,6 +376,8 @@ impl Handler {
         async move {
             let mut resp = proxy::handle(snap, conn, req).await;
             if let Some(h) = hsts {
+                // Only if the backend did not set one: its fields are read for that.
+                proxy::unraw(&mut resp);
                 resp.headers_mut().entry(http::header::STRICT_TRANSPORT_SECURITY).or_insert(h);
             }
             resp.body_mut().on_done(state);
@@ -406,7 +408,12 @@ async fn drive<I>(
             // Boxed: hyper spawns a task per HTTP/2 stream holding this future, and moving
             // the whole request's future (~10 KB) into each task cost more than an allocation.
             let resp = Box::pin(handler.answer(req.map(proxy::RequestBody::Hyper)));
-            async move { Ok::<_, std::convert::Infallible>(resp.await) }
+            async move {
+                // hyper writes HTTP/2 fields from the map.
+                let mut resp = resp.await;
+                proxy::unraw(&mut resp);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         })
     };
     // Timeouts are the watchdog's below: one timer cannot tell idle from slow.
