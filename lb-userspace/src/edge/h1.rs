@@ -28,8 +28,10 @@ use super::{
 
 /// Largest response head read (as the edge's own request header limit).
 const MAX_HEAD: usize = 64 * 1024;
-/// Most fields in a head (a request's more: 431; a response's: 502).
+/// Most fields in a head (a request's more: 431; a response's: 502). At most 128: a raw
+/// answer's fields are told apart by a 128-bit mask.
 pub(super) const MAX_HEADERS: usize = 128;
+const _: () = assert!(MAX_HEADERS <= 128);
 /// Longest chunk-size line or trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
 const READ_MIN: usize = 16 * 1024;
@@ -487,6 +489,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     // Left uninitialised: 4 KiB of empty slots per head otherwise.
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut []);
+    // The default configuration: one field a line, nothing folded, skipped or tolerated
+    // around the colon. `RawFields::lines` counts on it (field i is line i), and a test pins it.
     let len =
         match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots) {
             Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
@@ -598,7 +602,7 @@ impl RawFields {
         lines
             .take_while(|l| !l.is_empty())
             .enumerate()
-            .filter(|&(i, _)| i >= 128 || self.skip[i / 64] & (1 << (i % 64)) == 0)
+            .filter(|&(i, _)| i < MAX_HEADERS && self.skip[i / 64] & (1 << (i % 64)) == 0)
             .map(|(_, l)| l)
     }
 
@@ -607,11 +611,13 @@ impl RawFields {
         for line in self.lines() {
             let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
             let value = line[colon + 1..].trim_ascii();
-            // Checked as httparse parsed them: a field that does not convert is left out.
-            if let (Ok(name), Ok(value)) = (
+            // httparse checked names and values as `http` does: each converts.
+            let (name, value) = (
                 HeaderName::from_bytes(&line[..colon]),
                 HeaderValue::from_maybe_shared(self.head.slice_ref(value)),
-            ) {
+            );
+            debug_assert!(name.is_ok() && value.is_ok(), "{line:?}");
+            if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
             }
         }
@@ -1158,6 +1164,17 @@ mod tests {
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n", &Method::GET);
         let lines: Vec<Vec<u8>> = h.unwrap().unwrap().raw.unwrap().lines().map(<[u8]>::to_vec).collect();
         assert_eq!(lines, [b"X-A: b".to_vec()]);
+        // What `lines` counts on: a line that is not exactly one field is refused, not
+        // folded into the one before, tolerated or skipped.
+        for bad in [
+            "HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A : b\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n X-A: b\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A b\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: b\rc\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(head(bad, &Method::GET).is_err(), "{bad:?}");
+        }
         // Answers whose length goes on as a field, or that have none, are mapped.
         for (text, method) in [
             ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", &Method::HEAD),
