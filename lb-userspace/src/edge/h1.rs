@@ -213,19 +213,20 @@ impl Conn {
         }
         w.head_left = out.len();
         let mut answered = false;
-        std::future::poll_fn(|cx| self.poll_exchange(cx, &mut w, method, &mut answered)).await
+        let raw = req.raw_answer;
+        std::future::poll_fn(|cx| self.poll_exchange(cx, &mut w, (method, raw), &mut answered)).await
     }
 
     fn poll_exchange(
         &mut self,
         cx: &mut Context<'_>,
         w: &mut Writing,
-        method: &Method,
+        (method, raw): (&Method, bool),
         answered: &mut bool,
     ) -> Poll<Result<Head, Error>> {
         loop {
             while !self.buf.is_empty() {
-                let Some(mut head) = parse_head(&mut self.buf, method)? else {
+                let Some(mut head) = parse_head(&mut self.buf, method, raw)? else {
                     if self.buf.len() >= MAX_HEAD {
                         return Poll::Ready(Err(Error::Invalid("response head too large")));
                     }
@@ -485,7 +486,8 @@ pub(super) fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 }
 
 /// Parses a complete head off the front of `buf`; `None` when more bytes are needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+/// `raw`: the answer's fields may stay raw (`RawFields`) when it is an ordinary one.
+fn parse_head(buf: &mut BytesMut, method: &Method, raw: bool) -> Result<Option<Head>, Error> {
     // Left uninitialised: 4 KiB of empty slots per head otherwise.
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut []);
@@ -532,7 +534,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     // client's side writes its own framing, and nothing between reads them unless it asks
     // (`RawFields::append_to`). Not when `Connection` names fields to remove, nor when the
     // answer has no body of its own (its length is then passed on as a field).
-    let plain = !seen.names_fields
+    let plain = raw
+        && !seen.names_fields
         && *method != Method::HEAD
         && status.as_u16() >= 200
         && status != StatusCode::NO_CONTENT
@@ -1043,7 +1046,7 @@ mod tests {
     use super::*;
 
     fn head(text: &str, method: &Method) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(text), method)
+        parse_head(&mut BytesMut::from(text), method, true)
     }
 
     /// The fields that go on to the client, raw or mapped.
@@ -1106,7 +1109,7 @@ mod tests {
     #[test]
     fn header_values_share_the_read_buffer_and_the_rest_stays() {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi");
-        let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        let h = parse_head(&mut buf, &Method::GET, true).unwrap().unwrap();
         assert_eq!(&buf[..], b"hi");
         assert_eq!(fields(&h)["x-a"], "b");
     }
@@ -1155,6 +1158,13 @@ mod tests {
             ]
         );
         assert!(raw.dated);
+        // Mapped when asked (an HTTP/2 client, the cache): the same fields once the proxy
+        // has removed the hop-by-hop ones.
+        let mapped = parse_head(&mut BytesMut::from(text), &Method::GET, false).unwrap().unwrap();
+        assert!(mapped.raw.is_none());
+        let mut map = mapped.headers;
+        super::super::proxy::clean_response_headers(&mut map);
+        assert_eq!(map, fields(&h));
         let map = fields(&h);
         assert_eq!(map.get_all(header::SET_COOKIE).iter().collect::<Vec<_>>(), ["a=1", "b=2"]);
         assert_eq!(map[header::CONTENT_LENGTH], "2", "the map has the length, the wire its own");
@@ -1235,6 +1245,7 @@ mod tests {
             headers,
             forwarding: None,
             idempotent: true,
+            raw_answer: true,
         };
         let mut out = Vec::new();
         let body = super::Frames::Full(Some(Bytes::from_static(b"abc")));

@@ -253,6 +253,9 @@ pub struct Outgoing<'a> {
     /// Safe to send twice (RFC 9110 9.2.2): sent again on a fresh connection when a reused
     /// one closed without answering.
     pub idempotent: bool,
+    /// The answer's fields may stay as they came (`h1::RawFields`): they go to an HTTP/1.1
+    /// client and nothing on the way reads them.
+    pub raw_answer: bool,
 }
 
 /// Counts a request waiting at the cap until dropped.

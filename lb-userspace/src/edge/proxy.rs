@@ -462,6 +462,8 @@ async fn forward(
         headers: &parts.headers,
         forwarding: forwarding.as_ref(),
         idempotent: idempotent(&parts.method),
+        // Not for an HTTP/2 client or the cache: they read the fields from a map anyway.
+        raw_answer: parts.version != http::Version::HTTP_2 && miss.is_none(),
     };
 
     let deadline = super::deadline::after(started, spec.retry.within);
