@@ -461,43 +461,47 @@ fn cpus() -> f64 {
 /// CPU seconds used so far by `pid` and its children (nginx's workers).
 #[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
 pub(super) fn cpu_seconds(pid: u32) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let stat = |p: &str| -> Option<(u64, u32)> {
-        let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        // Fields after the command name (which may hold spaces): state ppid ... utime stime.
-        let rest = &s[s.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?, f.get(1)?.parse().ok()?))
-    };
+    // utime stime, and ppid.
+    let stat = |p: &str| stat_fields(p, [11, 12, 1]).map(|[u, s, ppid]| (u + s, ppid));
     let mut ticks = stat(&pid.to_string()).map_or(0, |(t, _)| t);
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
         if name.bytes().all(|b| b.is_ascii_digit())
             && let Some((t, ppid)) = stat(&name)
-            && ppid == pid
+            && ppid == u64::from(pid)
         {
             ticks += t;
         }
     }
-    ticks as f64 / hz
+    ticks as f64 / clock_ticks()
 }
 
 /// CPU seconds of this process's children that were waited for (the load generators, each
 /// run to its end).
 #[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
 fn children_cpu_seconds() -> f64 {
+    // cutime cstime.
+    stat_fields("self", [13, 14]).map_or(0, |[u, s]| u + s) as f64 / clock_ticks()
+}
+
+/// Numeric fields of `/proc/<who>/stat`, counted after the command name (which may hold
+/// spaces): 0 is the state, 1 the ppid, 11 and 12 utime and stime.
+fn stat_fields<const N: usize>(who: &str, fields: [usize; N]) -> Option<[u64; N]> {
+    let s = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
+    let f: Vec<&str> = s[s.rfind(')')? + 2..].split(' ').collect();
+    let mut out = [0; N];
+    for (v, k) in out.iter_mut().zip(fields) {
+        *v = f.get(k)?.parse().ok()?;
+    }
+    Some(out)
+}
+
+/// Clock ticks a second, the unit of /proc's CPU times.
+#[expect(clippy::cast_precision_loss, reason = "a small constant")]
+fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name: ... cutime cstime (the 16th and 17th of the line).
-    let ticks = s.rfind(')').map_or(0, |i| {
-        let f: Vec<&str> = s[i + 2..].split(' ').collect();
-        let n = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        n(13) + n(14)
-    });
-    ticks as f64 / hz
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// What one load run measured.
