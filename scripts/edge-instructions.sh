@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Instructions (user space) per proxied HTTP/1.1 request in lbd, counted by callgrind: a
+# Instructions (user space) per proxied request (HTTP/1.1 unless told) in lbd, counted by callgrind: a
 # figure that does not move with the shared host's load, unlike requests/s. Runs the HTTP
 # benchmark's lb leg with lbd under `valgrind --tool=callgrind`, counts only while wrk runs,
 # and divides by the requests (calls of `clean_request_headers`, once per request).
 #
 #   cargo build --release --bins && scripts/edge-instructions.sh [seconds]
 #
+# PROTOCOL=https or PROTOCOL=h2 counts that leg instead (h2load for HTTP/2); KEEP=DIR keeps
+# the callgrind profile.
+#
 # Needs valgrind (Debian package) beside what `cargo xtask bench http` installs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-5}
+protocol=${PROTOCOL:-http}
+case $protocol in
+  http) client='wrk.*http://' ;;
+  https) client='wrk.*https://' ;;
+  h2) client='h2load.*https://' ;;
+  *) echo "PROTOCOL must be http, https or h2" >&2; exit 2 ;;
+esac
 work=$(mktemp -d /tmp/lb-callgrind.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 # lb-bench runs the lbd beside it: a wrapper that runs the real one under callgrind,
@@ -21,16 +31,18 @@ exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$work/cg.
   $root/target/release/lbd "\$@" 2>>$work/valgrind.log
 WRAP
 chmod +x "$work/lbd"
-"$work/lb-bench" http --protocol http --rounds 1 --seconds "$secs" --out "$work/http.json" > "$work/bench.log" 2>&1 &
+"$work/lb-bench" http --protocol "$protocol" --rounds 1 --seconds "$secs" --out "$work/http.json" > "$work/bench.log" 2>&1 &
 bench=$!
-for _ in $(seq 600); do pgrep -f "wrk.*:8000/" >/dev/null && break; sleep 0.05; done
+for _ in $(seq 600); do pgrep -f "$client" >/dev/null && break; sleep 0.05; done
 callgrind_control -i on >/dev/null 2>&1
-while pgrep -f "wrk.*:8000/" >/dev/null; do sleep 0.05; done
+while pgrep -f "$client" >/dev/null; do sleep 0.05; done
 callgrind_control -d >/dev/null 2>&1
 callgrind_control -i off >/dev/null 2>&1
 wait "$bench" || true
 out=$(ls "$work"/cg.out.*.1 | head -1)
 callgrind_annotate --tree=caller "$out" > "$work/tree.txt"
+# KEEP=DIR keeps the profile and its annotation for reading.
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out" "$work/tree.txt" "$KEEP/"; fi
 python3 - "$work/tree.txt" <<'PY'
 import re, sys
 tree = open(sys.argv[1]).read()

@@ -146,10 +146,10 @@ pub struct BackendPool {
     idle_total: AtomicUsize,
     /// `max_connections` open connections at most (`None`: no cap).
     slots: Option<Arc<Semaphore>>,
-    /// Woken when a connection goes idle, for requests waiting at the cap.
-    returned: Notify,
-    /// Requests waiting at `max_connections` for a connection.
-    waiting: AtomicUsize,
+    /// Requests waiting at `max_connections` for a connection, a count and a wake-up per
+    /// edge thread: a connection going idle wakes a request of the thread it is registered
+    /// with first, which then uses it without waking that thread for each read and write.
+    waiters: Box<[Waiters]>,
     /// The HTTP/2 connection and the streams it carried. An async lock: concurrent first
     /// requests wait for one connection instead of opening one each.
     h2: tokio::sync::Mutex<Option<(http2::SendRequest<ReqBody>, u32)>>,
@@ -258,8 +258,31 @@ pub struct Outgoing<'a> {
     pub raw_answer: bool,
 }
 
+/// One edge thread's requests waiting at `max_connections`.
+#[derive(Default)]
+struct Waiters {
+    count: AtomicUsize,
+    returned: Notify,
+}
+
+impl Waiters {
+    fn any(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+    }
+}
+
 /// Counts a request waiting at the cap until dropped.
 struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        // Counted before the waiter looks through the idle lists, under their locks: a
+        // connection pushed to a list after that look sees the count (the lock orders them),
+        // one pushed before it is found.
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -278,8 +301,7 @@ impl BackendPool {
             idle: (0..super::workers::count()).map(|_| Mutex::new(VecDeque::new())).collect(),
             idle_total: AtomicUsize::new(0),
             slots: (cap > 0).then(|| Arc::new(Semaphore::new(cap as usize))),
-            returned: Notify::new(),
-            waiting: AtomicUsize::new(0),
+            waiters: (0..super::workers::count()).map(|_| Waiters::default()).collect(),
             h2: tokio::sync::Mutex::new(None),
         }
     }
@@ -415,18 +437,27 @@ impl BackendPool {
                     if let Ok(p) = sem.clone().try_acquire_owned() {
                         Some(p)
                     } else {
-                        // Borrowed only at the cap: its socket is registered with its own
-                        // thread's reactor, which then wakes this one across threads.
-                        for k in 1..self.idle.len() {
-                            if !fresh && let Some(c) = self.checkout((here + k) % self.idle.len(), client) {
-                                return Ok((c, true));
+                        // Queued until a connection goes idle or closes: counted first, so
+                        // that one returned while the lists are looked through wakes it.
+                        let w = &self.waiters[here];
+                        let _waiting = Waiting::new(&w.count);
+                        let returned = w.returned.notified();
+                        tokio::pin!(returned);
+                        returned.as_mut().enable();
+                        // Another thread's, only at the cap.
+                        for k in 0..self.idle.len() {
+                            let list = (here + k) % self.idle.len();
+                            if !fresh && let Some(c) = self.checkout(list, client) {
+                                if list == here {
+                                    return Ok((c, true));
+                                }
+                                if let Some(c) = Self::adopt(c, here) {
+                                    return Ok((c, true));
+                                }
                             }
                         }
-                        // Queued until a connection goes idle or closes.
-                        self.waiting.fetch_add(1, Ordering::Relaxed);
-                        let _waiting = Waiting(&self.waiting);
                         tokio::select! {
-                            () = self.returned.notified() => continue,
+                            () = returned => continue,
                             p = sem.clone().acquire_owned() => p.ok(),
                         }
                     }
@@ -435,6 +466,24 @@ impl BackendPool {
             let io = Box::pin(self.connect(conn)).await?;
             let meta = Meta { uses: 0, client, _slot: slot, home: here };
             return Ok((H1 { conn: h1::Conn::new(io), meta }, false));
+        }
+    }
+
+    /// Another thread's idle connection, moved to this thread's reactor (`here`): one used
+    /// where it is registered wakes that thread for every read and write, across threads. A
+    /// TLS one cannot move and is borrowed as it is. `None` if it closed.
+    fn adopt(mut c: H1, here: usize) -> Option<H1> {
+        match c.conn.rehome() {
+            Ok(Some(conn)) => {
+                c.conn = conn;
+                c.meta.home = here;
+                Some(c)
+            }
+            Ok(None) => None,
+            Err(conn) => {
+                c.conn = conn;
+                Some(c)
+            }
         }
     }
 
@@ -466,19 +515,21 @@ impl BackendPool {
         let mut home = c.meta.home;
         let here = super::workers::current() % self.idle.len();
         let len = |k: usize| self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).len();
-        if here != home && len(here) < len(home) {
-            // Borrowed at the cap, as this thread had none idle while its own had more (a
-            // borrowed one wakes its home thread for every request it carries). It moves to
-            // this thread, so the lists even out. A TLS one cannot move: it is closed, so this
-            // thread opens one of its own, unless requests wait at the cap (one of them takes
-            // it, rather than a new connection).
+        // Borrowed at the cap (a borrowed one wakes its home thread for every read and write
+        // of the requests it carries). It moves to this thread when requests wait here and
+        // none at home, so connections follow the demand, or when this thread had none idle
+        // while its own had more, so the lists even out.
+        if here != home && ((self.waiters[here].any() && !self.waiters[home].any()) || len(here) < len(home))
+        {
+            // A TLS one cannot move: it is closed, so this thread opens one of its own, unless
+            // requests wait at the cap (one of them takes it, rather than a new connection).
             match c.conn.rehome() {
                 Ok(Some(conn)) => {
                     c.conn = conn;
                     c.meta.home = here;
                     home = here;
                 }
-                Err(conn) if self.waiting.load(Ordering::Relaxed) > 0 => c.conn = conn,
+                Err(conn) if self.waiters.iter().any(Waiters::any) => c.conn = conn,
                 Ok(None) | Err(_) => return,
             }
         }
@@ -503,7 +554,12 @@ impl BackendPool {
         q.push_back(Idle { conn: c, since: Instant::now() });
         drop(q);
         if self.slots.is_some() {
-            self.returned.notify_one();
+            // Waiters that looked through this list before the push are counted (`Waiting::new`).
+            // A request of the connection's own thread first; else another thread's takes it.
+            let (before, after) = self.waiters.split_at(home);
+            if let Some(w) = after.iter().chain(before).find(|w| w.any()) {
+                w.returned.notify_one();
+            }
         }
     }
 
@@ -612,6 +668,99 @@ fn h2_form(mut req: Request<ReqBody>, target: &str, tls: bool, identity: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend on loopback answering each HTTP/1.1 request of a connection with `ok`; the
+    /// connections it accepted are counted.
+    fn backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().map_while(Result::ok) {
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let (mut buf, mut have) = ([0u8; 4096], 0);
+                    while let Ok(n @ 1..) = c.read(&mut buf[have..]) {
+                        have += n;
+                        while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.copy_within(end + 4..have, 0);
+                            have -= end + 4;
+                            if c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One GET through `pool`, its body read whole (the connection then goes back idle).
+    async fn get(pool: &Arc<BackendPool>) -> (u16, Bytes) {
+        use http_body_util::BodyExt as _;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, http::HeaderValue::from_static("example.org"));
+        let out = Outgoing {
+            method: &Method::GET,
+            target: "/",
+            headers: &headers,
+            forwarding: None,
+            idempotent: true,
+            raw_answer: true,
+        };
+        let any = SocketAddr::from(([127, 0, 0, 1], 1));
+        let conn =
+            Conn { client: any, local: any, port: 80, tls: false, tunnel_idle: Duration::from_secs(1) };
+        let resp = pool.send(&out, Frames::Full(None), &conn).await.map_err(|e| format!("{e:?}")).unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[test]
+    fn a_connection_taken_from_another_thread_at_the_cap_moves_to_the_taker() {
+        if crate::edge::workers::count() < 2 {
+            eprintln!("skipped: one CPU, so one edge thread and one idle list");
+            return;
+        }
+        let (addr, accepted) = backend();
+        let reg = crate::config::parse(
+            &format!(
+                "version: 1\nhttp:\n  s:\n    backends: [{{host: 127.0.0.1, port: {}}}]\n    pool: {{max_connections: 1}}\n",
+                addr.port()
+            ),
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        let settings = Arc::new(Settings::new(&reg.http["s"]).unwrap());
+        let pool = Arc::new(BackendPool::new(&addr.to_string(), settings));
+        let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        // Edge thread 0 (this one) opens the one connection allowed; idle, it stays in thread
+        // 0's list, registered with this runtime's reactor.
+        let rt0 = runtime();
+        assert_eq!(rt0.block_on(get(&pool)), (200, Bytes::from_static(b"ok")));
+        // Edge thread 1, at the cap, takes it while thread 0's reactor stands still (nothing
+        // runs `rt0` now). Borrowed as it was, its answer would wait on that reactor forever.
+        let p = pool.clone();
+        let (answer, _rt1) = std::thread::spawn(move || {
+            crate::edge::workers::set_current(1);
+            let rt1 = runtime();
+            let answer = rt1.block_on(async { tokio::time::timeout(Duration::from_secs(10), get(&p)).await });
+            // Kept, not run: the connection is now registered with its reactor.
+            (answer, rt1)
+        })
+        .join()
+        .unwrap();
+        let ok = Some((200, Bytes::from_static(b"ok")));
+        assert_eq!(answer.ok(), ok, "thread 1's request on thread 0's connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, taken by the other thread");
+        // Thread 0 takes it back the same way while thread 1's reactor stands still.
+        let back = rt0.block_on(async { tokio::time::timeout(Duration::from_secs(10), get(&pool)).await });
+        assert_eq!(back.ok(), ok, "thread 0's request on the connection thread 1 took");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn backend_names_for_tls_come_from_the_identity() {

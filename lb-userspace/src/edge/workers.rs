@@ -34,6 +34,12 @@ pub fn current() -> usize {
     INDEX.with(Cell::get)
 }
 
+/// Makes the calling thread count as edge thread `i` (tests that play two edge threads).
+#[cfg(test)]
+pub fn set_current(i: usize) {
+    INDEX.set(i);
+}
+
 /// The running threads; stopped when dropped (their tasks are dropped with their runtimes).
 pub struct Workers {
     handles: Vec<Handle>,
