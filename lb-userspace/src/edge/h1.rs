@@ -358,8 +358,9 @@ impl Conn {
 
     /// The same connection, registered with the calling thread's reactor instead of the one
     /// that opened it; `Err` (unchanged) for TLS, whose stream cannot be taken apart. `None`
-    /// when the socket could not be moved (it is then closed).
-    pub fn rehome(self) -> Result<Option<Self>, Self> {
+    /// when the socket could not be moved (it is then closed), or (`check`) the backend
+    /// closed it. Unchecked, it is as open as `is_open` on its old reactor said.
+    pub fn rehome(self, check: bool) -> Result<Option<Self>, Self> {
         let Self { io, buf, read_size, out } = self;
         let tcp = match io {
             Stream::Plain(tcp) => tcp,
@@ -367,8 +368,8 @@ impl Conn {
         };
         // The new registration knows nothing yet of a close the old reactor saw: asked
         // directly, once.
-        let moved =
-            tcp.into_std().and_then(TcpStream::from_std).ok().filter(|tcp| quiet(peek(tcp.as_raw_fd())));
+        let moved = (tcp.into_std().and_then(TcpStream::from_std).ok())
+            .filter(|tcp| !check || quiet(peek(tcp.as_raw_fd())));
         Ok(moved.map(|tcp| Self { io: Stream::Plain(tcp), buf, read_size, out }))
     }
 

@@ -9,10 +9,12 @@
 use std::{
     collections::VecDeque,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Waker},
     time::{Duration, Instant},
 };
 
@@ -27,7 +29,7 @@ use rustls::pki_types::ServerName;
 use tokio::{
     io::AsyncWriteExt as _,
     net::TcpStream,
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, futures::Notified},
 };
 use tracing::debug;
 
@@ -262,6 +264,13 @@ pub struct Outgoing<'a> {
 #[derive(Default)]
 struct Waiters {
     count: AtomicUsize,
+    /// Wake-ups sent to them and not yet taken: a thread is woken only while more of its
+    /// requests wait than that (two connections returned before its one waiter ran would
+    /// otherwise wake it twice, and another thread's waiter not at all).
+    pending: AtomicUsize,
+    /// When one of them last got a connection, or the first began to wait (`upstream::clock`):
+    /// the thread whose requests went unserved longest goes first, so none starves.
+    served: AtomicU64,
     returned: Notify,
 }
 
@@ -269,39 +278,105 @@ impl Waiters {
     fn any(&self) -> bool {
         self.count.load(Ordering::Relaxed) > 0
     }
+
+    fn wants(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > self.pending.load(Ordering::Relaxed)
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    fn mark_served(&self) {
+        self.served.store(super::upstream::clock(Instant::now()), Ordering::Relaxed);
+    }
+
+    fn took(&self) {
+        let _ = self.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| p.checked_sub(1));
+    }
 }
 
-/// Counts a request waiting at the cap until dropped.
-struct Waiting<'a>(&'a AtomicUsize);
+/// How much longer another thread's waiting requests must have gone unserved than those of a
+/// returned connection's own thread to be woken first (and move it to their thread).
+const UNSERVED_SLACK_NS: u64 = 1_000_000;
+
+/// A request waiting at the cap: counted with its thread's until dropped, and its wake-up.
+struct Waiting<'a> {
+    pool: &'a BackendPool,
+    thread: usize,
+    /// Boxed to be re-armed in place; only requests at the cap pay for it.
+    returned: Pin<Box<Notified<'a>>>,
+    /// The wake-up `returned` waits for was taken.
+    taken: bool,
+}
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        // Counted before the waiter looks through the idle lists, under their locks: a
+    fn new(pool: &'a BackendPool, thread: usize) -> Self {
+        let w = &pool.waiters[thread];
+        // Counted before the waiter first looks through the idle lists, under their locks: a
         // connection pushed to a list after that look sees the count (the lock orders them),
         // one pushed before it is found.
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
+        if w.count.fetch_add(1, Ordering::Relaxed) == 0 {
+            w.mark_served();
+        }
+        Self { pool, thread, returned: Box::pin(w.returned.notified()), taken: false }
+    }
+
+    fn waiters(&self) -> &'a Waiters {
+        &self.pool.waiters[self.thread]
+    }
+
+    /// Armed for the next wake-up, before a look through the idle lists. True when one was
+    /// already stored for this thread (and is now taken).
+    fn arm(&mut self) -> bool {
+        self.returned.set(self.waiters().returned.notified());
+        self.taken = self.returned.as_mut().enable();
+        if self.taken {
+            self.waiters().took();
+        }
+        self.taken
+    }
+
+    async fn woken(&mut self) {
+        self.returned.as_mut().await;
+        self.taken = true;
+        self.waiters().took();
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        // A wake-up sent to this request and not taken (it found a connection or a place
+        // first, or it was dropped) goes to another waiter, on any thread.
+        let unused =
+            !self.taken && self.returned.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_ready();
+        if unused {
+            self.waiters().took();
+        }
+        self.waiters().count.fetch_sub(1, Ordering::Relaxed);
+        if unused {
+            self.pool.wake_one(self.thread);
+        }
     }
 }
 
 impl BackendPool {
     #[must_use]
     pub fn new(identity: &str, settings: Arc<Settings>) -> Self {
+        Self::for_threads(identity, settings, super::workers::count())
+    }
+
+    /// A pool for `threads` edge threads (tests play two on any machine).
+    fn for_threads(identity: &str, settings: Arc<Settings>, threads: usize) -> Self {
         let cap = settings.pool.max_connections;
         Self {
             identity: identity.to_owned(),
             addr: identity.parse().ok(),
             settings,
-            idle: (0..super::workers::count()).map(|_| Mutex::new(VecDeque::new())).collect(),
+            idle: (0..threads).map(|_| Mutex::new(VecDeque::new())).collect(),
             idle_total: AtomicUsize::new(0),
             slots: (cap > 0).then(|| Arc::new(Semaphore::new(cap as usize))),
-            waiters: (0..super::workers::count()).map(|_| Waiters::default()).collect(),
+            waiters: (0..threads).map(|_| Waiters::default()).collect(),
             h2: tokio::sync::Mutex::new(None),
         }
     }
@@ -427,53 +502,115 @@ impl BackendPool {
         fresh: bool,
     ) -> Result<(H1, bool), SendError> {
         let here = super::workers::current() % self.idle.len();
-        loop {
-            if !fresh && let Some(c) = self.checkout(here, client) {
-                return Ok((c, true));
-            }
-            let slot = match &self.slots {
-                None => None,
-                Some(sem) => {
-                    if let Ok(p) = sem.clone().try_acquire_owned() {
-                        Some(p)
-                    } else {
-                        // Queued until a connection goes idle or closes: counted first, so
-                        // that one returned while the lists are looked through wakes it.
-                        let w = &self.waiters[here];
-                        let _waiting = Waiting::new(&w.count);
-                        let returned = w.returned.notified();
-                        tokio::pin!(returned);
-                        returned.as_mut().enable();
-                        // Another thread's, only at the cap.
-                        for k in 0..self.idle.len() {
-                            let list = (here + k) % self.idle.len();
-                            if !fresh && let Some(c) = self.checkout(list, client) {
-                                if list == here {
-                                    return Ok((c, true));
-                                }
-                                if let Some(c) = Self::adopt(c, here) {
-                                    return Ok((c, true));
-                                }
-                            }
-                        }
-                        tokio::select! {
-                            () = returned => continue,
-                            p = sem.clone().acquire_owned() => p.ok(),
-                        }
-                    }
-                }
-            };
-            let io = Box::pin(self.connect(conn)).await?;
-            let meta = Meta { uses: 0, client, _slot: slot, home: here };
-            return Ok((H1 { conn: h1::Conn::new(io), meta }, false));
+        if !fresh && let Some(c) = self.checkout(here, client) {
+            return Ok((c, true));
         }
+        let slot = match &self.slots {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                // Sent again on a new connection: an idle one makes room, else one closing.
+                Err(_) if fresh => {
+                    self.close_one_idle();
+                    sem.clone().acquire_owned().await.ok()
+                }
+                Err(_) => match self.wait(here, client, sem).await {
+                    Ok(c) => return Ok((c, true)),
+                    Err(p) => p,
+                },
+            },
+        };
+        let io = Box::pin(self.connect(conn)).await?;
+        let meta = Meta { uses: 0, client, _slot: slot, home: here };
+        Ok((H1 { conn: h1::Conn::new(io), meta }, false))
+    }
+
+    /// At `max_connections`: an idle connection as soon as one is returned (this thread's
+    /// first, else another's, moved here), or (`Err`) a place when one closes.
+    async fn wait(
+        &self,
+        here: usize,
+        client: Option<SocketAddr>,
+        sem: &Arc<Semaphore>,
+    ) -> Result<H1, Option<OwnedSemaphorePermit>> {
+        let mut waiting = Waiting::new(self, here);
+        let w = &self.waiters[here];
+        loop {
+            let stored = waiting.arm();
+            if let Some(c) = self.take_idle(here, client) {
+                w.mark_served();
+                return Ok(c);
+            }
+            if let Ok(p) = sem.clone().try_acquire_owned() {
+                w.mark_served();
+                return Err(Some(p));
+            }
+            if stored {
+                // Taken by the look above, or meant for a request gone: wait for the next.
+                continue;
+            }
+            tokio::select! {
+                () = waiting.woken() => {}
+                p = sem.clone().acquire_owned() => {
+                    w.mark_served();
+                    return Err(p.ok());
+                }
+            }
+        }
+    }
+
+    /// An idle connection for `client` from any thread's list, this thread's first.
+    fn take_idle(&self, here: usize, client: Option<SocketAddr>) -> Option<H1> {
+        let n = self.idle.len();
+        for list in (0..n).map(|k| (here + k) % n) {
+            while let Some(c) = self.checkout(list, client) {
+                if list == here {
+                    return Some(c);
+                }
+                // Closed as it moved: the list's next.
+                if let Some(c) = Self::adopt(c, here) {
+                    return Some(c);
+                }
+            }
+        }
+        None
+    }
+
+    /// Closes the oldest idle connection of any thread, freeing its place under the cap.
+    fn close_one_idle(&self) {
+        for list in &self.idle {
+            let oldest = list.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+            if oldest.is_some() {
+                self.idle_total.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// Wakes a request waiting at the cap for a connection that went idle on thread `home`:
+    /// one of that thread's (the connection is registered there), unless another thread's
+    /// requests went unserved longer by `UNSERVED_SLACK_NS`, or only another's wait.
+    fn wake_one(&self, home: usize) {
+        let own = &self.waiters[home];
+        let other = (self.waiters.iter().enumerate())
+            .filter(|&(k, w)| k != home && w.wants())
+            .map(|(_, w)| w)
+            .min_by_key(|w| w.served());
+        let chosen = match other {
+            Some(o) if !own.wants() || o.served().saturating_add(UNSERVED_SLACK_NS) < own.served() => o,
+            _ if own.wants() => own,
+            _ => return,
+        };
+        chosen.pending.fetch_add(1, Ordering::Relaxed);
+        chosen.returned.notify_one();
     }
 
     /// Another thread's idle connection, moved to this thread's reactor (`here`): one used
     /// where it is registered wakes that thread for every read and write, across threads. A
-    /// TLS one cannot move and is borrowed as it is. `None` if it closed.
+    /// TLS one cannot move and is borrowed as it is. `None` if it closed. Not asked again
+    /// whether the backend closed it: `checkout` just did.
     fn adopt(mut c: H1, here: usize) -> Option<H1> {
-        match c.conn.rehome() {
+        match c.conn.rehome(false) {
             Ok(Some(conn)) => {
                 c.conn = conn;
                 c.meta.home = here;
@@ -519,11 +656,12 @@ impl BackendPool {
         // of the requests it carries). It moves to this thread when requests wait here and
         // none at home, so connections follow the demand, or when this thread had none idle
         // while its own had more, so the lists even out.
-        if here != home && ((self.waiters[here].any() && !self.waiters[home].any()) || len(here) < len(home))
+        if here != home
+            && ((self.waiters[here].wants() && !self.waiters[home].wants()) || len(here) < len(home))
         {
             // A TLS one cannot move: it is closed, so this thread opens one of its own, unless
             // requests wait at the cap (one of them takes it, rather than a new connection).
-            match c.conn.rehome() {
+            match c.conn.rehome(true) {
                 Ok(Some(conn)) => {
                     c.conn = conn;
                     c.meta.home = here;
@@ -555,11 +693,7 @@ impl BackendPool {
         drop(q);
         if self.slots.is_some() {
             // Waiters that looked through this list before the push are counted (`Waiting::new`).
-            // A request of the connection's own thread first; else another thread's takes it.
-            let (before, after) = self.waiters.split_at(home);
-            if let Some(w) = after.iter().chain(before).find(|w| w.any()) {
-                w.returned.notify_one();
-            }
+            self.wake_one(home);
         }
     }
 
@@ -719,23 +853,66 @@ mod tests {
         (status, resp.into_body().collect().await.unwrap().to_bytes())
     }
 
-    #[test]
-    fn a_connection_taken_from_another_thread_at_the_cap_moves_to_the_taker() {
-        if crate::edge::workers::count() < 2 {
-            eprintln!("skipped: one CPU, so one edge thread and one idle list");
-            return;
-        }
-        let (addr, accepted) = backend();
+    /// A pool for the backend at `addr`, `max_connections` at most, for two edge threads.
+    fn capped(addr: SocketAddr, max: u32) -> Arc<BackendPool> {
         let reg = crate::config::parse(
             &format!(
-                "version: 1\nhttp:\n  s:\n    backends: [{{host: 127.0.0.1, port: {}}}]\n    pool: {{max_connections: 1}}\n",
+                "version: 1\nhttp:\n  s:\n    backends: [{{host: {}, port: {}}}]\n    pool: {{max_connections: {max}}}\n",
+                addr.ip(),
                 addr.port()
             ),
             std::path::Path::new("t.yaml"),
         )
         .unwrap();
         let settings = Arc::new(Settings::new(&reg.http["s"]).unwrap());
-        let pool = Arc::new(BackendPool::new(&addr.to_string(), settings));
+        // Two edge threads, whatever this machine's CPUs.
+        Arc::new(BackendPool::for_threads(&addr.to_string(), settings, 2))
+    }
+
+    #[test]
+    fn a_returned_connection_wakes_a_waiter_of_its_thread_unless_another_threads_starve() {
+        let pool = capped(SocketAddr::from(([127, 0, 0, 1], 9)), 2);
+        let (a, b) = (&pool.waiters[0], &pool.waiters[1]);
+        // Whether a wake-up was sent to the thread (stored, as no request awaits it here).
+        let woken = |w: &Waiters| std::pin::pin!(w.returned.notified()).enable();
+        pool.wake_one(0);
+        assert!(!woken(a) && !woken(b), "nobody waits: nobody is woken");
+        for w in [a, b] {
+            w.count.store(1, Ordering::Relaxed);
+            w.mark_served();
+        }
+        pool.wake_one(0);
+        assert!(woken(a) && !woken(b), "both wait, both just served: the connection's own thread");
+        pool.wake_one(0);
+        assert!(woken(b) && !woken(a), "its one waiter has a wake-up already: the other thread's");
+        a.pending.store(0, Ordering::Relaxed);
+        b.pending.store(0, Ordering::Relaxed);
+        a.served.store(b.served() + 2 * UNSERVED_SLACK_NS, Ordering::Relaxed);
+        pool.wake_one(0);
+        assert!(woken(b) && !woken(a), "the other thread's requests went unserved longer: theirs");
+        b.pending.store(0, Ordering::Relaxed);
+        b.count.store(0, Ordering::Relaxed);
+        pool.wake_one(1);
+        assert!(woken(a) && !woken(b), "only thread 0's wait: thread 1's connection goes to them");
+        // A request of thread 0 woken but leaving without the wake-up (it found a connection or
+        // a place first, or its deadline passed): the wake-up goes on to thread 1's waiter.
+        a.count.store(0, Ordering::Relaxed);
+        a.pending.store(0, Ordering::Relaxed);
+        b.count.store(1, Ordering::Relaxed);
+        b.mark_served();
+        let mut w = Waiting::new(&pool, 0);
+        assert!(!w.arm());
+        pool.wake_one(0);
+        assert_eq!(a.pending.load(Ordering::Relaxed), 1, "sent to thread 0's own waiter");
+        drop(w);
+        assert_eq!(a.pending.load(Ordering::Relaxed), 0);
+        assert!(woken(b) && !woken(a), "passed on to thread 1's");
+    }
+
+    #[test]
+    fn a_connection_taken_from_another_thread_at_the_cap_moves_to_the_taker() {
+        let (addr, accepted) = backend();
+        let pool = capped(addr, 1);
         let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         // Edge thread 0 (this one) opens the one connection allowed; idle, it stays in thread
         // 0's list, registered with this runtime's reactor.

@@ -63,7 +63,8 @@ pub(super) const BACKEND_PORT: u16 = 8080;
 const PROXIES: [(&str, u16, u16); 3] = [("lb", 8000, 8443), ("haproxy", 8100, 8543), ("nginx", 8200, 8643)];
 const PROTOCOLS: [&str; 3] = ["http", "https", "h2"];
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// A round with at most this much steal (a share of all CPUs' time) ran on a quiet host.
+/// A round with at most this much steal (a share of all CPUs' time), and as much used by the
+/// proxies not under load, ran on a quiet host.
 const QUIET_STEAL: f64 = 0.03;
 
 /// One proxy measured once.
@@ -74,6 +75,9 @@ struct Leg {
     cpu: f64,
     /// Share of the machine's CPU time stolen meanwhile.
     steal: f64,
+    /// Share of the machine's CPU time the other proxies used meanwhile, idle as they should
+    /// be (nginx's HTTP/2 was seen spinning a CPU after its own leg, slowing the next).
+    bystanders: f64,
 }
 
 /// The three proxies measured back to back.
@@ -82,9 +86,9 @@ struct Round {
 }
 
 impl Round {
-    /// The most any of its legs lost to steal.
-    fn steal(&self) -> f64 {
-        self.legs.iter().map(|l| l.steal).fold(0.0, f64::max)
+    /// The most any of its legs lost to steal or to the proxies not under load.
+    fn noise(&self) -> f64 {
+        self.legs.iter().map(|l| l.steal.max(l.bystanders)).fold(0.0, f64::max)
     }
 }
 
@@ -685,16 +689,19 @@ pub fn run(opts: Options) -> Result<Report> {
         // count. On a shared VM the hypervisor takes whole seconds of CPU away (steal), and a
         // proxy measured then loses for no fault of its own.
         let mut done: Vec<Round> = Vec::new();
-        while !enough(&done.iter().map(Round::steal).collect::<Vec<_>>(), opts) {
+        while !enough(&done.iter().map(Round::noise).collect::<Vec<_>>(), opts) {
             eprintln!("http bench: {protocol} round {}", done.len() + 1);
             let mut legs = Vec::new();
             // Each round starts with another proxy: none always follows the same one. Turned
             // by the quiet rounds so far, so the ones counted start with different proxies.
-            let turn = done.iter().filter(|r| r.steal() <= QUIET_STEAL).count();
+            let turn = done.iter().filter(|r| r.noise() <= QUIET_STEAL).count();
             for k in 0..PROXIES.len() {
                 let (name, plain, tls) = PROXIES[(k + turn) % PROXIES.len()];
                 let port = if protocol == "http" { plain } else { tls };
-                let (cpu0, steal0, t0) = (cpu_seconds(pid(name)), steal_seconds(), Instant::now());
+                let bystanders =
+                    || PROXIES.iter().filter(|p| p.0 != name).map(|p| cpu_seconds(pid(p.0))).sum::<f64>();
+                let (cpu0, steal0, idle0, t0) =
+                    (cpu_seconds(pid(name)), steal_seconds(), bystanders(), Instant::now());
                 // The backend's and the load generator's CPU too: a proxy could look cheap by
                 // making them work harder (answers less bunched, more wake-ups).
                 let (backend0, client0) = (cpu_seconds(backend_proc.0.id()), children_cpu_seconds());
@@ -705,28 +712,31 @@ pub fn run(opts: Options) -> Result<Report> {
                     per_1m(cpu_seconds(backend_proc.0.id()) - backend0),
                     per_1m(children_cpu_seconds() - client0),
                 );
-                let steal = (steal_seconds() - steal0) / (t0.elapsed().as_secs_f64() * cpus());
+                let machine = t0.elapsed().as_secs_f64() * cpus();
+                let steal = (steal_seconds() - steal0) / machine;
+                let idle_use = (bystanders() - idle0) / machine;
                 eprintln!(
-                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen; CPU s per 1M requests: proxy {:.1}, backend {:.1}, client {:.1}",
+                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen, {:.0} % used by the other proxies; CPU s per 1M requests: proxy {:.1}, backend {:.1}, client {:.1}",
                     r.rps,
                     r.p50_ms,
                     r.p99_ms,
                     r.errors,
                     steal * 100.0,
+                    idle_use * 100.0,
                     per_1m(cpu),
                     others.0,
                     others.1
                 );
-                legs.push(Leg { proxy: name, run: r, cpu, steal });
+                legs.push(Leg { proxy: name, run: r, cpu, steal, bystanders: idle_use });
             }
             done.push(Round { legs });
         }
-        let order = quietest(&done.iter().map(Round::steal).collect::<Vec<_>>(), opts.rounds);
+        let order = quietest(&done.iter().map(Round::noise).collect::<Vec<_>>(), opts.rounds);
         eprintln!(
-            "http bench: {protocol}: rounds {} of {} counted (steal at most {:.0} %)",
+            "http bench: {protocol}: rounds {} of {} counted (steal, or CPU used by the proxies not under load, at most {:.0} %)",
             order.iter().map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(", "),
             done.len(),
-            order.iter().map(|&i| done[i].steal()).fold(0.0, f64::max) * 100.0
+            order.iter().map(|&i| done[i].noise()).fold(0.0, f64::max) * 100.0
         );
         // Failed requests of every round, counted or not.
         for leg in done.iter().flat_map(|r| &r.legs) {
