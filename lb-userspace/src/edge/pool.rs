@@ -122,8 +122,9 @@ struct Meta {
     uses: u32,
     /// With the PROXY protocol, the client it speaks for.
     client: Option<SocketAddr>,
-    /// Its place under `max_connections`, freed when it closes.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// Its place under `max_connections`, freed when it closes (or handed to the connection
+    /// that replaces it).
+    slot: Option<OwnedSemaphorePermit>,
     /// The edge thread that opened it: it goes back to that thread's idle list, so that a
     /// connection lent to another thread once stays with its own thread's requests after.
     home: usize,
@@ -294,6 +295,16 @@ impl Waiters {
     fn took(&self) {
         let _ = self.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| p.checked_sub(1));
     }
+
+    /// Counts a wake-up for them if one still wants it (in one step: two threads returning
+    /// connections at once cannot both count on the same waiter).
+    fn claim(&self) -> bool {
+        (self.pending)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                (self.count.load(Ordering::Relaxed) > p).then_some(p + 1)
+            })
+            .is_ok()
+    }
 }
 
 /// How much longer another thread's waiting requests must have gone unserved than those of a
@@ -346,15 +357,24 @@ impl<'a> Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        // A wake-up sent to this request and not taken (it found a connection or a place
-        // first, or it was dropped) goes to another waiter, on any thread.
+        let w = self.waiters();
+        // Counted out before looking for a wake-up it did not take (SeqCst, with the load in
+        // `put_back`): a thread that picked this request and notifies it as it leaves either
+        // sees it gone and wakes another, or its wake-up is seen here.
+        let last = w.count.fetch_sub(1, Ordering::SeqCst) == 1;
         let unused =
             !self.taken && self.returned.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_ready();
         if unused {
-            self.waiters().took();
+            w.took();
         }
-        self.waiters().count.fetch_sub(1, Ordering::Relaxed);
-        if unused {
+        if last {
+            // None left: no wake-up can be owed to them (`Notify` keeps one permit for two
+            // wake-ups sent while no waiter was registered, which would leave one counted).
+            w.pending.store(0, Ordering::Relaxed);
+        }
+        // Passed on while a connection it could have been for is idle; one it took itself
+        // leaves none.
+        if unused && self.pool.idle_total.load(Ordering::Relaxed) > 0 {
             self.pool.wake_one(self.thread);
         }
     }
@@ -407,8 +427,9 @@ impl BackendPool {
         };
         let mut body = Some(body);
         let mut fresh = false;
+        let mut reserved = None;
         loop {
-            let (mut c, pooled) = self.obtain(conn, client, fresh).await?;
+            let (mut c, pooled) = self.obtain(conn, client, fresh, reserved.take()).await?;
             c.meta.uses += 1;
             let max = self.settings.pool.max_requests;
             // The last request it carries: the backend closes it cleanly after answering.
@@ -436,6 +457,8 @@ impl BackendPool {
                     debug!(backend = %self.identity, "pooled connection was closed; a new one");
                     body = replay.clone().map(Frames::Full);
                     fresh = true;
+                    // Its place under the cap goes to the new one, without queueing again.
+                    reserved = c.meta.slot.take();
                 }
                 Err(e @ h1::Error::Unsent) => return Err(SendError::NotSent(e.to_string())),
                 Err(e) => return Err(SendError::Failed(e.to_string())),
@@ -494,54 +517,56 @@ impl BackendPool {
 
     /// A connection for the next request: an idle one of this thread, else a new one; at
     /// `max_connections`, another thread's idle one, else the first to go idle or close. True
-    /// when it was idle.
+    /// when it was idle. `fresh`: a new one, in the place `reserved` (the closed one's).
     async fn obtain(
         &self,
         conn: &Conn,
         client: Option<SocketAddr>,
         fresh: bool,
+        reserved: Option<OwnedSemaphorePermit>,
     ) -> Result<(H1, bool), SendError> {
         let here = super::workers::current() % self.idle.len();
-        if !fresh && let Some(c) = self.checkout(here, client) {
+        if !fresh && let Some(c) = self.take_from(here, here, client) {
             return Ok((c, true));
         }
-        let slot = match &self.slots {
-            None => None,
-            Some(sem) => match sem.clone().try_acquire_owned() {
+        let slot = match (&self.slots, reserved) {
+            (_, Some(p)) => Some(p),
+            (None, None) => None,
+            (Some(sem), None) => match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
-                // Sent again on a new connection: an idle one makes room, else one closing.
-                Err(_) if fresh => {
-                    self.close_one_idle();
-                    sem.clone().acquire_owned().await.ok()
-                }
-                Err(_) => match self.wait(here, client, sem).await {
+                Err(_) => match self.wait(here, client, fresh, sem).await {
                     Ok(c) => return Ok((c, true)),
                     Err(p) => p,
                 },
             },
         };
         let io = Box::pin(self.connect(conn)).await?;
-        let meta = Meta { uses: 0, client, _slot: slot, home: here };
+        let meta = Meta { uses: 0, client, slot, home: here };
         Ok((H1 { conn: h1::Conn::new(io), meta }, false))
     }
 
     /// At `max_connections`: an idle connection as soon as one is returned (this thread's
-    /// first, else another's, moved here), or (`Err`) a place when one closes.
+    /// first, else another's, moved here), or (`Err`) a place: one freed, or that of an idle
+    /// connection this request cannot use (`fresh`, or another client's with the PROXY
+    /// protocol), closed for it.
     async fn wait(
         &self,
         here: usize,
         client: Option<SocketAddr>,
+        fresh: bool,
         sem: &Arc<Semaphore>,
     ) -> Result<H1, Option<OwnedSemaphorePermit>> {
         let mut waiting = Waiting::new(self, here);
         let w = &self.waiters[here];
         loop {
             let stored = waiting.arm();
-            if let Some(c) = self.take_idle(here, client) {
+            if !fresh && let Some(c) = self.take_idle(here, client) {
                 w.mark_served();
                 return Ok(c);
             }
-            if let Ok(p) = sem.clone().try_acquire_owned() {
+            // One that went idle since the look above is not closed: the next lap takes it.
+            let unusable = |c: &H1| fresh || c.meta.client != client;
+            if let Some(p) = sem.clone().try_acquire_owned().ok().or_else(|| self.reclaim_idle(unusable)) {
                 w.mark_served();
                 return Err(Some(p));
             }
@@ -559,56 +584,67 @@ impl BackendPool {
         }
     }
 
-    /// An idle connection for `client` from any thread's list, this thread's first.
-    fn take_idle(&self, here: usize, client: Option<SocketAddr>) -> Option<H1> {
-        let n = self.idle.len();
-        for list in (0..n).map(|k| (here + k) % n) {
-            while let Some(c) = self.checkout(list, client) {
-                if list == here {
-                    return Some(c);
-                }
-                // Closed as it moved: the list's next.
-                if let Some(c) = Self::adopt(c, here) {
-                    return Some(c);
-                }
+    /// An idle connection for `client` from idle list `list`, registered with thread `here`'s
+    /// reactor (moved there if it was another's).
+    fn take_from(&self, list: usize, here: usize, client: Option<SocketAddr>) -> Option<H1> {
+        while let Some(c) = self.checkout(list, client) {
+            if c.meta.home == here {
+                return Some(c);
+            }
+            // Closed as it moved: the list's next.
+            if let Some(c) = Self::adopt(c, here) {
+                return Some(c);
             }
         }
         None
     }
 
-    /// Closes the oldest idle connection of any thread, freeing its place under the cap.
-    fn close_one_idle(&self) {
-        for list in &self.idle {
-            let oldest = list.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-            if oldest.is_some() {
-                self.idle_total.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-        }
+    /// An idle connection for `client` from any thread's list, this thread's first.
+    fn take_idle(&self, here: usize, client: Option<SocketAddr>) -> Option<H1> {
+        let n = self.idle.len();
+        (0..n).find_map(|k| self.take_from((here + k) % n, here, client))
     }
 
-    /// Wakes a request waiting at the cap for a connection that went idle on thread `home`:
-    /// one of that thread's (the connection is registered there), unless another thread's
-    /// requests went unserved longer by `UNSERVED_SLACK_NS`, or only another's wait.
-    fn wake_one(&self, home: usize) {
+    /// Closes the oldest idle connection of any thread that `unusable` picks; its place under
+    /// the cap.
+    fn reclaim_idle(&self, unusable: impl Fn(&H1) -> bool) -> Option<OwnedSemaphorePermit> {
+        self.idle.iter().find_map(|list| {
+            let mut q = list.lock().unwrap_or_else(PoisonError::into_inner);
+            let oldest = q.iter().position(|i| unusable(&i.conn)).and_then(|at| q.remove(at))?;
+            drop(q);
+            self.idle_total.fetch_sub(1, Ordering::Relaxed);
+            let mut c = oldest.conn;
+            c.meta.slot.take()
+        })
+    }
+
+    /// The thread whose waiter a connection going idle on thread `home` wakes, its wake-up
+    /// counted: one of `home`'s own (the connection is registered there), unless another
+    /// thread's requests went unserved `UNSERVED_SLACK_NS` longer; else any thread's that
+    /// still wants one.
+    fn claim_waiter(&self, home: usize) -> Option<usize> {
         let own = &self.waiters[home];
-        let other = (self.waiters.iter().enumerate())
-            .filter(|&(k, w)| k != home && w.wants())
-            .map(|(_, w)| w)
-            .min_by_key(|w| w.served());
-        let chosen = match other {
-            Some(o) if !own.wants() || o.served().saturating_add(UNSERVED_SLACK_NS) < own.served() => o,
-            _ if own.wants() => own,
-            _ => return,
-        };
-        chosen.pending.fetch_add(1, Ordering::Relaxed);
-        chosen.returned.notify_one();
+        let others = || (0..self.waiters.len()).filter(move |&k| k != home);
+        let starving = others()
+            .filter(|&k| self.waiters[k].wants())
+            .min_by_key(|&k| self.waiters[k].served())
+            .filter(|&k| self.waiters[k].served().saturating_add(UNSERVED_SLACK_NS) < own.served());
+        starving.into_iter().chain([home]).chain(others()).find(|&k| self.waiters[k].claim())
+    }
+
+    /// Wakes the waiter `claim_waiter` picks.
+    fn wake_one(&self, home: usize) {
+        if let Some(k) = self.claim_waiter(home) {
+            self.waiters[k].returned.notify_one();
+        }
     }
 
     /// Another thread's idle connection, moved to this thread's reactor (`here`): one used
     /// where it is registered wakes that thread for every read and write, across threads. A
     /// TLS one cannot move and is borrowed as it is. `None` if it closed. Not asked again
-    /// whether the backend closed it: `checkout` just did.
+    /// whether the backend closed it: `checkout` just asked as for a connection of this
+    /// thread (what the old reactor saw); a close neither saw yet is met as on any pooled
+    /// connection, the request then sent again on a new one (`send`).
     fn adopt(mut c: H1, here: usize) -> Option<H1> {
         match c.conn.rehome(false) {
             Ok(Some(conn)) => {
@@ -671,29 +707,46 @@ impl BackendPool {
                 Ok(None) | Err(_) => return,
             }
         }
-        let mut q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);
+        // At the cap, it goes to the list of the thread whose waiter it wakes: not to be taken
+        // by a request arriving on its own thread meanwhile.
+        let target = if self.slots.is_some() { self.claim_waiter(home) } else { None };
+        let list = target.unwrap_or(home);
+        let mut q = self.idle[list].lock().unwrap_or_else(PoisonError::into_inner);
         if self.idle_total.load(Ordering::Relaxed) >= p.max_idle {
             if q.pop_front().is_none() {
                 // The idle ones are other threads': their oldest makes room, so a quiet
                 // thread keeps connections of its own while a busy one holds the quota.
                 drop(q);
-                let others = (1..self.idle.len()).map(|k| (home + k) % self.idle.len());
+                let others = (1..self.idle.len()).map(|k| (list + k) % self.idle.len());
                 let evicted = others.into_iter().any(|k| {
                     self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).pop_front().is_some()
                 });
                 if !evicted {
+                    // Closed: the waiter woken finds none and waits again.
+                    if let Some(k) = target {
+                        self.waiters[k].returned.notify_one();
+                    }
                     return;
                 }
-                q = self.idle[home].lock().unwrap_or_else(PoisonError::into_inner);
+                q = self.idle[list].lock().unwrap_or_else(PoisonError::into_inner);
             }
         } else {
             self.idle_total.fetch_add(1, Ordering::Relaxed);
         }
         q.push_back(Idle { conn: c, since: Instant::now() });
         drop(q);
-        if self.slots.is_some() {
-            // Waiters that looked through this list before the push are counted (`Waiting::new`).
-            self.wake_one(home);
+        match target {
+            Some(k) => {
+                self.waiters[k].returned.notify_one();
+                // The request picked may have left meanwhile without it (`Waiting::drop`).
+                if self.waiters[k].count.load(Ordering::SeqCst) == 0 {
+                    self.wake_one(list);
+                }
+            }
+            // Waiters that looked through this list before the push are counted by now
+            // (`Waiting::new`).
+            None if self.slots.is_some() => self.wake_one(list),
+            None => {}
         }
     }
 
@@ -877,17 +930,20 @@ mod tests {
         let woken = |w: &Waiters| std::pin::pin!(w.returned.notified()).enable();
         pool.wake_one(0);
         assert!(!woken(a) && !woken(b), "nobody waits: nobody is woken");
-        for w in [a, b] {
+        // Served times set by hand (ns): thread 1's waiters went unserved longer, but by less
+        // than the slack.
+        let t = 10 * UNSERVED_SLACK_NS;
+        for (w, served) in [(a, t), (b, t - UNSERVED_SLACK_NS / 2)] {
             w.count.store(1, Ordering::Relaxed);
-            w.mark_served();
+            w.served.store(served, Ordering::Relaxed);
         }
         pool.wake_one(0);
-        assert!(woken(a) && !woken(b), "both wait, both just served: the connection's own thread");
+        assert!(woken(a) && !woken(b), "both wait, thread 1's not starving: the connection's own thread");
         pool.wake_one(0);
         assert!(woken(b) && !woken(a), "its one waiter has a wake-up already: the other thread's");
         a.pending.store(0, Ordering::Relaxed);
         b.pending.store(0, Ordering::Relaxed);
-        a.served.store(b.served() + 2 * UNSERVED_SLACK_NS, Ordering::Relaxed);
+        b.served.store(t - 2 * UNSERVED_SLACK_NS, Ordering::Relaxed);
         pool.wake_one(0);
         assert!(woken(b) && !woken(a), "the other thread's requests went unserved longer: theirs");
         b.pending.store(0, Ordering::Relaxed);
@@ -899,14 +955,40 @@ mod tests {
         a.count.store(0, Ordering::Relaxed);
         a.pending.store(0, Ordering::Relaxed);
         b.count.store(1, Ordering::Relaxed);
-        b.mark_served();
         let mut w = Waiting::new(&pool, 0);
+        for (w, served) in [(a, t), (b, t)] {
+            w.served.store(served, Ordering::Relaxed);
+        }
         assert!(!w.arm());
         pool.wake_one(0);
         assert_eq!(a.pending.load(Ordering::Relaxed), 1, "sent to thread 0's own waiter");
+        // Passed on only while a connection is idle for it.
+        pool.idle_total.store(1, Ordering::Relaxed);
         drop(w);
         assert_eq!(a.pending.load(Ordering::Relaxed), 0);
         assert!(woken(b) && !woken(a), "passed on to thread 1's");
+    }
+
+    #[test]
+    fn a_request_wanting_a_new_connection_at_the_cap_closes_an_idle_one_for_its_place() {
+        let (addr, _) = backend();
+        let pool = capped(addr, 1);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert_eq!(rt.block_on(get(&pool)), (200, Bytes::from_static(b"ok")));
+        assert_eq!(pool.idle_total.load(Ordering::Relaxed), 1, "the one connection allowed, idle");
+        // A request sent again on a new connection (its pooled one found closed, its place
+        // not kept) may not use the idle one: waiting for a place would wait for ever.
+        let any = SocketAddr::from(([127, 0, 0, 1], 1));
+        let conn =
+            Conn { client: any, local: any, port: 80, tls: false, tunnel_idle: Duration::from_secs(1) };
+        let got = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), pool.obtain(&conn, None, true, None)).await
+        });
+        let (c, pooled) =
+            got.expect("a new connection without waiting").map_err(|e| format!("{e:?}")).unwrap();
+        assert!(!pooled, "a new connection");
+        assert!(c.meta.slot.is_some(), "in the closed one's place");
+        assert_eq!(pool.idle_total.load(Ordering::Relaxed), 0);
     }
 
     #[test]
