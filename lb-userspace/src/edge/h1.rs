@@ -358,18 +358,15 @@ impl Conn {
 
     /// The same connection, registered with the calling thread's reactor instead of the one
     /// that opened it; `Err` (unchanged) for TLS, whose stream cannot be taken apart. `None`
-    /// when the socket could not be moved (it is then closed), or (`check`) the backend
-    /// closed it. Unchecked, it is as open as `is_open` on its old reactor said.
-    pub fn rehome(self, check: bool) -> Result<Option<Self>, Self> {
+    /// when the socket could not be moved (it is then closed). Not asked whether the backend
+    /// closed it: as open as `is_open` on its old reactor said.
+    pub fn rehome(self) -> Result<Option<Self>, Self> {
         let Self { io, buf, read_size, out } = self;
         let tcp = match io {
             Stream::Plain(tcp) => tcp,
             io @ Stream::Tls(_) => return Err(Self { io, buf, read_size, out }),
         };
-        // The new registration knows nothing yet of a close the old reactor saw: asked
-        // directly, once.
-        let moved = (tcp.into_std().and_then(TcpStream::from_std).ok())
-            .filter(|tcp| !check || quiet(peek(tcp.as_raw_fd())));
+        let moved = tcp.into_std().and_then(TcpStream::from_std).ok();
         Ok(moved.map(|tcp| Self { io: Stream::Plain(tcp), buf, read_size, out }))
     }
 

@@ -646,7 +646,7 @@ impl BackendPool {
     /// thread (what the old reactor saw); a close neither saw yet is met as on any pooled
     /// connection, the request then sent again on a new one (`send`).
     fn adopt(mut c: H1, here: usize) -> Option<H1> {
-        match c.conn.rehome(false) {
+        match c.conn.rehome() {
             Ok(Some(conn)) => {
                 c.conn = conn;
                 c.meta.home = here;
@@ -679,33 +679,21 @@ impl BackendPool {
         }
     }
 
-    fn put_back(&self, mut c: H1) {
+    fn put_back(&self, c: H1) {
         let p = &self.settings.pool;
         // Dropping a connection closes it (and frees its slot).
         if p.max_idle == 0 || (p.max_requests != 0 && c.meta.uses >= p.max_requests) {
             return;
         }
-        let mut home = c.meta.home;
+        let home = c.meta.home;
         let here = super::workers::current() % self.idle.len();
         let len = |k: usize| self.idle[k].lock().unwrap_or_else(PoisonError::into_inner).len();
-        // Borrowed at the cap (a borrowed one wakes its home thread for every read and write
-        // of the requests it carries). It moves to this thread when requests wait here and
-        // none at home, so connections follow the demand, or when this thread had none idle
-        // while its own had more, so the lists even out.
-        if here != home
-            && ((self.waiters[here].wants() && !self.waiters[home].wants()) || len(here) < len(home))
-        {
-            // A TLS one cannot move: it is closed, so this thread opens one of its own, unless
-            // requests wait at the cap (one of them takes it, rather than a new connection).
-            match c.conn.rehome(true) {
-                Ok(Some(conn)) => {
-                    c.conn = conn;
-                    c.meta.home = here;
-                    home = here;
-                }
-                Err(conn) if self.waiters.iter().any(Waiters::any) => c.conn = conn,
-                Ok(None) | Err(_) => return,
-            }
+        // Registered with another thread's reactor: a TLS one borrowed at the cap (plain ones
+        // move as they are taken, `adopt`). When this thread had none idle while its own had
+        // more, it is closed, so this thread opens one of its own, unless requests wait at the
+        // cap (one of them takes it, rather than a new connection).
+        if here != home && len(here) < len(home) && !self.waiters.iter().any(Waiters::any) {
+            return;
         }
         // At the cap, it goes to the list of the thread whose waiter it wakes: not to be taken
         // by a request arriving on its own thread meanwhile.
