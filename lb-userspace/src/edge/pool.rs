@@ -125,8 +125,9 @@ struct Meta {
     /// Its place under `max_connections`, freed when it closes (or handed to the connection
     /// that replaces it).
     slot: Option<OwnedSemaphorePermit>,
-    /// The edge thread that opened it: it goes back to that thread's idle list, so that a
-    /// connection lent to another thread once stays with its own thread's requests after.
+    /// The edge thread whose reactor it is registered with: the one that opened it, or took
+    /// it from another's list (`adopt`). It goes back to that thread's idle list, unless a
+    /// waiter of another thread is woken for it (`put_back`).
     home: usize,
 }
 
@@ -142,8 +143,8 @@ pub struct BackendPool {
     /// Its address, when `identity` is one (else it is resolved at each connect).
     addr: Option<SocketAddr>,
     settings: Arc<Settings>,
-    /// Idle connections, a list per edge thread: a connection's task runs on the thread that
-    /// opened it, and requests there reuse it without waking another thread.
+    /// Idle connections, a list per edge thread: a connection is registered with its thread's
+    /// reactor, and requests there reuse it without waking another thread.
     idle: Box<[Mutex<VecDeque<Idle>>]>,
     /// Idle connections in all lists, against `max_idle`.
     idle_total: AtomicUsize,
