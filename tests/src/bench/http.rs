@@ -71,8 +71,12 @@ const QUIET_STEAL: f64 = 0.03;
 struct Leg {
     proxy: &'static str,
     run: Run,
-    /// CPU seconds the proxy used.
+    /// CPU seconds the proxy used, and those in user space.
     cpu: f64,
+    user: f64,
+    /// CPU seconds the backend and the load generator used.
+    backend: f64,
+    client: f64,
     /// Share of the machine's CPU time stolen meanwhile.
     steal: f64,
     /// Share of the machine's CPU time the other proxies used meanwhile, idle as they should
@@ -208,6 +212,13 @@ pub struct Figure {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub cpu_s_per_1m_req: f64,
+    /// Of that, in user space: the rest is the kernel's, mostly the system calls every proxy
+    /// makes alike (`scripts/edge-syscalls.sh`).
+    pub cpu_user_s_per_1m_req: f64,
+    /// The backend's and the load generator's CPU in the same legs: a proxy could look cheap by
+    /// making them work harder, and on a host they share, it costs requests/s all the same.
+    pub backend_cpu_s_per_1m_req: f64,
+    pub client_cpu_s_per_1m_req: f64,
     /// Failed requests (errors, non-2xx) over all rounds run, counted or not.
     pub errors: u64,
     pub rps_samples: Vec<f64>,
@@ -222,6 +233,12 @@ pub struct Figure {
     p99: Vec<f64>,
     #[serde(skip)]
     cpu: Vec<f64>,
+    #[serde(skip)]
+    user: Vec<f64>,
+    #[serde(skip)]
+    backend: Vec<f64>,
+    #[serde(skip)]
+    client: Vec<f64>,
 }
 
 /// One proxy's leg of the wire round (HTTP/1.1, captured on the proxies' interface).
@@ -250,6 +267,12 @@ pub struct Ratios {
     pub rps_vs_nginx: f64,
     pub p99_vs_haproxy: f64,
     pub cpu_vs_haproxy: f64,
+    /// lb's requests/s over nginx's as they would be if lb spent no CPU at all in user space,
+    /// all else as measured: nginx's CPU a request (its own, the backend's and the load
+    /// generator's) over lb's without its user-space part. The host's two CPUs run all three,
+    /// busy throughout, so requests/s go as the inverse of that sum. A ceiling for any proxy
+    /// making the same system calls as lb (and nginx) on this host.
+    pub rps_vs_nginx_without_user_cpu: f64,
     /// The p99 at the proxy (the wire round), lb's over HAProxy's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_at_proxy_vs_haproxy: Option<f64>,
@@ -463,22 +486,28 @@ fn cpus() -> f64 {
 }
 
 /// CPU seconds used so far by `pid` and its children (nginx's workers).
-#[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
 pub(super) fn cpu_seconds(pid: u32) -> f64 {
+    cpu_split(pid).0
+}
+
+/// CPU seconds used so far by `pid` and its children, and of those, the ones in user space.
+#[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
+fn cpu_split(pid: u32) -> (f64, f64) {
     // utime stime, and ppid.
-    let stat = |p: &str| stat_fields(p, [11, 12, 1]).map(|[u, s, ppid]| (u + s, ppid));
-    let mut ticks = stat(&pid.to_string()).map_or(0, |(t, _)| t);
+    let stat = |p: &str| stat_fields(p, [11, 12, 1]);
+    let [mut user, mut sys, _] = stat(&pid.to_string()).unwrap_or_default();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
         if name.bytes().all(|b| b.is_ascii_digit())
-            && let Some((t, ppid)) = stat(&name)
+            && let Some([u, s, ppid]) = stat(&name)
             && ppid == u64::from(pid)
         {
-            ticks += t;
+            user += u;
+            sys += s;
         }
     }
-    ticks as f64 / clock_ticks()
+    ((user + sys) as f64 / clock_ticks(), user as f64 / clock_ticks())
 }
 
 /// CPU seconds of this process's children that were waited for (the load generators, each
@@ -700,23 +729,22 @@ pub fn run(opts: Options) -> Result<Report> {
                 let port = if protocol == "http" { plain } else { tls };
                 let bystanders =
                     || PROXIES.iter().filter(|p| p.0 != name).map(|p| cpu_seconds(pid(p.0))).sum::<f64>();
-                let (cpu0, steal0, idle0, t0) =
-                    (cpu_seconds(pid(name)), steal_seconds(), bystanders(), Instant::now());
+                let ((cpu0, user0), steal0, idle0, t0) =
+                    (cpu_split(pid(name)), steal_seconds(), bystanders(), Instant::now());
                 // The backend's and the load generator's CPU too: a proxy could look cheap by
                 // making them work harder (answers less bunched, more wake-ups).
                 let (backend0, client0) = (cpu_seconds(backend_proc.0.id()), children_cpu_seconds());
                 let r = load(client, d, protocol, SocketAddr::from((topo.lb.ip, port)), opts)?;
-                let cpu = cpu_seconds(pid(name)) - cpu0;
+                let (cpu, user) = cpu_split(pid(name));
+                let (cpu, user) = (cpu - cpu0, user - user0);
                 let per_1m = |s: f64| s / r.requests.max(1.0) * 1e6;
-                let others = (
-                    per_1m(cpu_seconds(backend_proc.0.id()) - backend0),
-                    per_1m(children_cpu_seconds() - client0),
-                );
+                let (backend, client) =
+                    (cpu_seconds(backend_proc.0.id()) - backend0, children_cpu_seconds() - client0);
                 let machine = t0.elapsed().as_secs_f64() * cpus();
                 let steal = (steal_seconds() - steal0) / machine;
                 let idle_use = (bystanders() - idle0) / machine;
                 eprintln!(
-                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen, {:.0} % used by the other proxies; CPU s per 1M requests: proxy {:.1}, backend {:.1}, client {:.1}",
+                    "http bench: {name} {protocol}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {:.0} % of the CPUs stolen, {:.0} % used by the other proxies; CPU s per 1M requests: proxy {:.1} (user {:.1}), backend {:.1}, client {:.1}",
                     r.rps,
                     r.p50_ms,
                     r.p99_ms,
@@ -724,10 +752,20 @@ pub fn run(opts: Options) -> Result<Report> {
                     steal * 100.0,
                     idle_use * 100.0,
                     per_1m(cpu),
-                    others.0,
-                    others.1
+                    per_1m(user),
+                    per_1m(backend),
+                    per_1m(client)
                 );
-                legs.push(Leg { proxy: name, run: r, cpu, steal, bystanders: idle_use });
+                legs.push(Leg {
+                    proxy: name,
+                    run: r,
+                    cpu,
+                    user,
+                    backend,
+                    client,
+                    steal,
+                    bystanders: idle_use,
+                });
             }
             done.push(Round { legs });
         }
@@ -750,7 +788,11 @@ pub fn run(opts: Options) -> Result<Report> {
                 f.rps_samples.push(round(leg.run.rps, 0));
                 f.p50.push(leg.run.p50_ms);
                 f.p99.push(leg.run.p99_ms);
-                f.cpu.push(leg.cpu / leg.run.requests.max(1.0) * 1e6);
+                let per_1m = |s: f64| s / leg.run.requests.max(1.0) * 1e6;
+                f.cpu.push(per_1m(leg.cpu));
+                f.user.push(per_1m(leg.user));
+                f.backend.push(per_1m(leg.backend));
+                f.client.push(per_1m(leg.client));
                 f.steal_samples.push(round(leg.steal, 3));
             }
         }
@@ -768,6 +810,9 @@ pub fn run(opts: Options) -> Result<Report> {
         f.p50_ms = round(median(&mut f.p50.clone()), 3);
         f.p99_ms = round(median(&mut f.p99.clone()), 3);
         f.cpu_s_per_1m_req = round(median(&mut f.cpu.clone()), 2);
+        f.cpu_user_s_per_1m_req = round(median(&mut f.user.clone()), 2);
+        f.backend_cpu_s_per_1m_req = round(median(&mut f.backend.clone()), 2);
+        f.client_cpu_s_per_1m_req = round(median(&mut f.client.clone()), 2);
     }
     let mut lb_ratios = BTreeMap::new();
     let mut rows = Vec::new();
@@ -779,6 +824,23 @@ pub fn run(opts: Options) -> Result<Report> {
             rps_vs_nginx: round(paired(&lb.rps_samples, &ng.rps_samples), 2),
             p99_vs_haproxy: round(paired(&lb.p99, &ha.p99), 2),
             cpu_vs_haproxy: round(paired(&lb.cpu, &ha.cpu), 2),
+            rps_vs_nginx_without_user_cpu: round(
+                paired(
+                    &ng.cpu
+                        .iter()
+                        .zip(&ng.backend)
+                        .zip(&ng.client)
+                        .map(|((p, b), c)| p + b + c)
+                        .collect::<Vec<_>>(),
+                    &lb.cpu
+                        .iter()
+                        .zip(&lb.user)
+                        .zip(lb.backend.iter().zip(&lb.client))
+                        .map(|((p, u), (b, c))| p - u + b + c)
+                        .collect::<Vec<_>>(),
+                ),
+                2,
+            ),
             p99_at_proxy_vs_haproxy: lb
                 .wire
                 .as_ref()
@@ -793,6 +855,8 @@ pub fn run(opts: Options) -> Result<Report> {
                 format!("{:.2}", f.p50_ms),
                 format!("{:.2}", f.p99_ms),
                 format!("{:.1}", f.cpu_s_per_1m_req),
+                format!("{:.1}", f.cpu_user_s_per_1m_req),
+                format!("{:.1}", f.backend_cpu_s_per_1m_req + f.client_cpu_s_per_1m_req),
                 f.errors.to_string(),
             ]);
         }
@@ -800,7 +864,20 @@ pub fn run(opts: Options) -> Result<Report> {
     }
     println!(
         "{}",
-        table(&["protocol", "proxy", "req/s", "p50 ms", "p99 ms", "cpu s/1M req", "errors"], &rows)
+        table(
+            &[
+                "protocol",
+                "proxy",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "cpu s/1M req",
+                "of it user",
+                "backend+client",
+                "errors"
+            ],
+            &rows
+        )
     );
     let mut ratio_rows = Vec::new();
     for (p, r) in &lb_ratios {
@@ -810,12 +887,20 @@ pub fn run(opts: Options) -> Result<Report> {
             format!("{:.2}", r.rps_vs_nginx),
             format!("{:.2}", r.p99_vs_haproxy),
             format!("{:.2}", r.cpu_vs_haproxy),
+            format!("{:.2}", r.rps_vs_nginx_without_user_cpu),
         ]);
     }
     println!(
         "{}",
         table(
-            &["lb, protocol", "rps vs HAProxy", "rps vs nginx", "p99 vs HAProxy", "cpu vs HAProxy"],
+            &[
+                "lb, protocol",
+                "rps vs HAProxy",
+                "rps vs nginx",
+                "p99 vs HAProxy",
+                "cpu vs HAProxy",
+                "vs nginx, lb at 0 user cpu"
+            ],
             &ratio_rows
         )
     );
