@@ -196,6 +196,20 @@ fn paired(a: &[f64], b: &[f64]) -> f64 {
     median(&mut a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
 }
 
+/// `lb`'s requests/s over `other`'s if `lb` spent nothing in user space, round by round as
+/// `paired`: on a host whose CPUs the proxy, backend and client keep busy, requests/s go as
+/// the inverse of their CPU a request, so the ratio is `other`'s sum over `lb`'s without its
+/// user-space part.
+fn without_user_cpu(lb: &Figure, other: &Figure) -> f64 {
+    let all = |f: &Figure, with_user: bool| -> Vec<f64> {
+        (0..f.cpu.len())
+            .map(|i| f.cpu[i] - if with_user { 0.0 } else { f.user[i] } + f.backend[i] + f.client[i])
+            .collect()
+    };
+    // CPU a request is the inverse of requests/s: `paired` divides other's by lb's.
+    paired(&all(other, true), &all(lb, false))
+}
+
 /// Which rounds of a protocol counted.
 #[derive(Serialize, Debug)]
 pub struct Selection {
@@ -824,23 +838,7 @@ pub fn run(opts: Options) -> Result<Report> {
             rps_vs_nginx: round(paired(&lb.rps_samples, &ng.rps_samples), 2),
             p99_vs_haproxy: round(paired(&lb.p99, &ha.p99), 2),
             cpu_vs_haproxy: round(paired(&lb.cpu, &ha.cpu), 2),
-            rps_vs_nginx_without_user_cpu: round(
-                paired(
-                    &ng.cpu
-                        .iter()
-                        .zip(&ng.backend)
-                        .zip(&ng.client)
-                        .map(|((p, b), c)| p + b + c)
-                        .collect::<Vec<_>>(),
-                    &lb.cpu
-                        .iter()
-                        .zip(&lb.user)
-                        .zip(lb.backend.iter().zip(&lb.client))
-                        .map(|((p, u), (b, c))| p - u + b + c)
-                        .collect::<Vec<_>>(),
-                ),
-                2,
-            ),
+            rps_vs_nginx_without_user_cpu: round(without_user_cpu(&lb, &ng), 2),
             p99_at_proxy_vs_haproxy: lb
                 .wire
                 .as_ref()
@@ -966,6 +964,22 @@ mod tests {
         // twice in the third: paired 0.5, where the ratio of the medians would say 0.8.
         let (lb, other) = ([10.0, 20.0, 50.0], [20.0, 40.0, 25.0]);
         assert!((paired(&lb, &other) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_ceiling_without_user_space_takes_out_lbs_user_time_only() {
+        // Per 1M requests, one round: lb 22 (7 user) + backend 10 + client 11 = 43, nginx 20
+        // (5 user) + 9 + 11 = 40. Without its user time lb costs 36: 40 / 36 of nginx's
+        // requests/s.
+        let fig = |cpu: f64, user: f64, backend: f64, client: f64| Figure {
+            cpu: vec![cpu],
+            user: vec![user],
+            backend: vec![backend],
+            client: vec![client],
+            ..Figure::default()
+        };
+        let r = without_user_cpu(&fig(22.0, 7.0, 10.0, 11.0), &fig(20.0, 5.0, 9.0, 11.0));
+        assert!((r - 40.0 / 36.0).abs() < 1e-12, "{r}");
     }
 
     #[test]
