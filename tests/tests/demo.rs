@@ -55,6 +55,41 @@ impl Drop for Interrupt {
     }
 }
 
+/// The first round the demo ran itself, before its commands: every step answered, each spread
+/// over the backends of its set.
+fn check_first_round(banner: &[String]) {
+    let round: Vec<&str> = banner
+        .iter()
+        .skip_while(|l| !l.starts_with("A first round"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(String::as_str)
+        .collect();
+    let shown = banner.join("\n");
+    assert_eq!(round.len(), 7, "seven steps:\n{shown}");
+    let got = |i: usize| round[i].split_once(" -> ").map_or("", |(_, g)| g);
+    // The 12 connections or requests of a step spread over two or more of its backends.
+    let spread = |i: usize, set: &str| {
+        let parts: Vec<(&str, usize)> = got(i)
+            .split(", ")
+            .filter_map(|p| p.split_once(' ').and_then(|(who, n)| Some((who, n.parse().ok()?))))
+            .collect();
+        assert!(
+            parts.len() >= 2
+                && parts.iter().all(|(who, _)| who.starts_with(set))
+                && parts.iter().map(|(_, n)| n).sum::<usize>() == 12,
+            "step {i} must spread 12 over {set}*:\n{shown}"
+        );
+    };
+    spread(0, "l");
+    spread(1, "r");
+    spread(2, "r");
+    assert_eq!(got(3), "'hello-tcp' and 'hello-udp' came back", "{shown}");
+    spread(4, "r");
+    assert!(got(5).starts_with('r') && got(5).ends_with("over HTTP/2"), "{shown}");
+    assert_eq!(got(6), "301 to http://app.example/docs", "{shown}");
+}
+
 #[test]
 fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
     if !privileged("the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c") {
@@ -120,8 +155,8 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
     }
     assert_eq!(paste(&command("echo hello-tcp")).trim(), "hello-tcp");
     assert_eq!(paste(&command("echo hello-udp")).trim(), "hello-udp");
-    let own = banner.iter().map(|l| l.trim()).find(|l| l.starts_with("ip netns exec") && l.ends_with('/'));
-    assert!(paste(own.expect("the lb node's own server command")).starts_with("the lb node itself"));
+    let own = banner.iter().skip_while(|l| !l.contains("# the lb node's own address")).nth(1);
+    assert!(paste(own.expect("the lb node's own server command").trim()).starts_with("the lb node itself"));
     // The HTTP edge: six answers from the routed backends, and the www. redirect.
     let answers = paste(&containing("Host: app.example"));
     let backends: BTreeSet<&str> = answers.lines().filter(|l| l.starts_with("backend r")).collect();
@@ -130,6 +165,11 @@ fn the_demo_balances_with_its_printed_commands_and_cleans_up_after_ctrl_c() {
     let redirect = paste(&containing("Host: www.app.example"));
     assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
     assert!(redirect.to_ascii_lowercase().contains("location: http://app.example/docs"), "{redirect}");
+    // Over TLS, lb's certificate checked against the demo's CA, HTTP/2 by ALPN.
+    let https = paste(&containing("--http2 --cacert"));
+    assert!(https.starts_with("backend r"), "{https}");
+
+    check_first_round(&banner);
 
     interrupt.0 = None;
     // SAFETY: kill(2) on our own child, not yet reaped.

@@ -1,14 +1,26 @@
 //! The demo behind `cargo xtask run`: a client behind a router, an lb node, three backends on
 //! the lb's segment and three more one router hop away, all in network namespaces; lbd balancing
-//! an embedded registry in every forwarding mode over IPv4 and IPv6; commands to paste. Ctrl-C
-//! stops lbd and removes every namespace, process and file it made.
+//! an embedded registry in every forwarding mode over IPv4 and IPv6, and its HTTP edge over
+//! HTTP/1.1 and HTTPS; a first round of traffic through each, and commands to paste for more.
+//! Ctrl-C stops lbd and removes every namespace, process and file it made.
 
-use std::{fmt::Write as _, process::ExitCode};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Result, bail};
 use clap::Parser;
 use lb_tests::{
+    http::{Client, get},
     lbd::{Decap, Lbd, TempDir, sibling_binary},
+    netns::NetNs,
+    pki::Pki,
     routed::{Node, RoutedTopology, VIP4, VIP6},
     servers::{Ports, Servers},
 };
@@ -16,8 +28,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 const BACKENDS: usize = 3;
 const ECHO: u16 = 7;
-/// The HTTP edge's listener on the lb node.
+/// The HTTP edge's listeners on the lb node.
 const EDGE: u16 = 8000;
+const EDGE_TLS: u16 = 8443;
+/// Connections (or requests) a service gets in the first round.
+const ROUND: usize = 12;
+/// A step of the first round that gets no answer in this long failed.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 /// The line that ends the banner; tests wait for it.
 const BANNER_END: &str = "Ctrl-C stops lbd and removes the namespaces.";
@@ -35,9 +52,12 @@ fn registry(topo: &RoutedTopology) -> String {
         "\
 # The lb demo: one VIP in three forwarding modes, an IPv6 VIP, and the HTTP edge.
 version: 1
-listeners: [{{port: {EDGE}}}]
+listeners:
+  - port: {EDGE}
+  - port: {EDGE_TLS}  # TLS terminated here, HTTP/2 or HTTP/1.1 by ALPN
+    tls: {{certificates: [{{cert: app.pem, key: app.key}}]}}
 http:
-  app.example:        # served by lbd's HTTP edge on :{EDGE}, proxied to r1-r3
+  app.example:        # served by lbd's HTTP edge on :{EDGE} and :{EDGE_TLS}, proxied to r1-r3
     balance: least-conn
     backends:
 {edge}  www.app.example:
@@ -71,6 +91,120 @@ tcp:
         ipip6 = list(&topo.routed_backends, true, 80),
         edge = list(&topo.routed_backends, false, 80),
     )
+}
+
+/// The first round of traffic: each step's description, and what came back or why it failed.
+fn first_round(topo: &RoutedTopology, ca: &Path) -> Vec<(String, Result<String, String>)> {
+    let client = &topo.client.ns;
+    let edge = SocketAddr::from((topo.lb.v4, EDGE));
+    let mut steps = Vec::new();
+    for (name, addr) in [
+        ("web", SocketAddr::from((VIP4, 80))),
+        ("web-nat", SocketAddr::from((VIP4, 8080))),
+        ("web6", SocketAddr::from((VIP6, 80))),
+    ] {
+        let what = format!("{name:<8} {ROUND} connections to {addr}");
+        steps.push((what, client.run(|| spread((0..ROUND).map(|_| get(addr, &addr.to_string(), "/"))))));
+    }
+    steps.push((format!("echo     TCP and UDP to {VIP4}:{ECHO}"), client.run(echo)));
+    steps.push((
+        format!("edge     {ROUND} requests on one connection to :{EDGE}"),
+        client.run(|| {
+            let mut c = Client::connect(edge).map_err(|e| e.to_string())?;
+            spread((0..ROUND).map(|_| c.request("GET", "app.example", "/", "", "")))
+        }),
+    ));
+    steps.push((format!("         https://app.example:{EDGE_TLS}/ (TLS at lb)"), https(client, topo, ca)));
+    steps.push((
+        format!("         http://www.app.example:{EDGE}/docs"),
+        client.run(|| {
+            let r = get(edge, "www.app.example", "/docs").map_err(|e| e.to_string())?;
+            Ok(format!("{} to {}", r.status, r.header("location").unwrap_or("nowhere")))
+        }),
+    ));
+    steps
+}
+
+/// Prints each step of the first round and what came back, failures loudly.
+fn print_first_round(steps: &[(String, Result<String, String>)], log: &Path) {
+    for (what, result) in steps {
+        match result {
+            Ok(got) => println!("  {what:<50} -> {got}"),
+            Err(why) => println!("  {what:<50} -> FAILED: {why}"),
+        }
+    }
+    let failed = steps.iter().filter(|(_, r)| r.is_err()).count();
+    if failed > 0 {
+        println!("{failed} of {} steps FAILED: lbd's log is {}", steps.len(), log.display());
+    }
+}
+
+/// Which backends answered a run of requests: `l1 4, l2 5, l3 3`.
+fn spread(replies: impl Iterator<Item = std::io::Result<lb_tests::http::Reply>>) -> Result<String, String> {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for r in replies {
+        let r = r.map_err(|e| e.to_string())?;
+        if r.status != 200 {
+            return Err(format!("status {}", r.status));
+        }
+        // "backend l1 (10.20.0.21)"
+        let who = r.body.split_whitespace().nth(1).unwrap_or("?").to_owned();
+        *by.entry(who).or_default() += 1;
+    }
+    Ok(by.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "))
+}
+
+/// A line each way over TCP and UDP through the IPIP tunnels.
+fn echo() -> Result<String, String> {
+    let vip = SocketAddr::from((VIP4, ECHO));
+    let tcp = (|| -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&vip, STEP_TIMEOUT)?;
+        s.set_read_timeout(Some(STEP_TIMEOUT))?;
+        s.write_all(b"hello-tcp")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })()
+    .map_err(|e| format!("TCP: {e}"))?;
+    if tcp != b"hello-tcp" {
+        return Err(format!("TCP: {:?} came back", String::from_utf8_lossy(&tcp)));
+    }
+    let udp = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    udp.set_read_timeout(Some(Duration::from_secs(1))).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    // A datagram has no retransmission: a few tries.
+    for _ in 0..3 {
+        udp.send_to(b"hello-udp", vip).map_err(|e| format!("UDP: {e}"))?;
+        if let Ok((n, _)) = udp.recv_from(&mut buf) {
+            return if &buf[..n] == b"hello-udp" {
+                Ok("'hello-tcp' and 'hello-udp' came back".to_owned())
+            } else {
+                Err(format!("UDP: {:?} came back", String::from_utf8_lossy(&buf[..n])))
+            };
+        }
+    }
+    Err("UDP: no answer".to_owned())
+}
+
+/// A request over TLS to the edge with curl, checking lb's certificate against the demo's CA.
+fn https(client: &NetNs, topo: &RoutedTopology, ca: &Path) -> Result<String, String> {
+    let out = client
+        .command("curl")
+        .args(["-sS", "--http2", "-m", "5", "-w", "\n%{http_version}", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("app.example:{EDGE_TLS}:{}", topo.lb.v4))
+        .arg(format!("https://app.example:{EDGE_TLS}/"))
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("curl: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let who = text.split_whitespace().nth(1).unwrap_or("?");
+    let version = text.lines().last().unwrap_or("?");
+    Ok(format!("{who}, over HTTP/{version}"))
 }
 
 #[derive(Parser)]
@@ -122,6 +256,9 @@ fn run(args: &Args) -> Result<()> {
     );
     let dir = TempDir::new(&format!("demo-{prefix}"));
     let decaps: Vec<Decap> = topo.routed_backends.iter().map(|n| Decap::start(&n.ns, &dir, "eth0")).collect();
+    // The edge's certificate for app.example, from a CA of the demo's own.
+    let pki = Pki::new(dir.path());
+    let _ = pki.server("app", &["app.example", "www.app.example"], 30);
     let reg = dir.write("services.yaml", &registry(&topo));
     let status = std::process::Command::new(&lb_ctl).args(["config", "validate"]).arg(&reg).status()?;
     if !status.success() {
@@ -139,8 +276,17 @@ lb is balancing {VIP4} and {VIP6} in XDP on {lb} (client -> router -> lb -> back
   web-nat  {VIP4}:8080      nat       -> r1-r3:80, a router away, answering through lb
   echo     {VIP4}:{ECHO} tcp+udp dsr-ipip  -> r1-r3, through IPIP tunnels they unwrap with lb-decap
   web6     [{VIP6}]:80      dsr-ipip  -> r1-r3, through IP6IP6 tunnels
-and serves app.example on its HTTP edge at {lb_ip}:{EDGE} (proxied to r1-r3, least connections).
-Paste these in another terminal (as root):
+and serves app.example on its HTTP edge at {lb_ip}:{EDGE} and, over TLS, :{EDGE_TLS} (proxied to
+r1-r3, least connections).
+
+A first round from the client, just now:",
+        lb_ip = topo.lb.v4,
+    );
+    let ca = pki.ca();
+    print_first_round(&first_round(&topo, &ca), &dir.path().join("lbd.log"));
+    println!(
+        "
+Paste these in another terminal (as root) for more:
 
   # each new connection is hashed to a backend (weighted Maglev) and tracked
   for i in $(seq 12); do ip netns exec {client} curl -s http://{VIP4}/; done
@@ -154,6 +300,7 @@ Paste these in another terminal (as root):
   # the HTTP edge: Host routing, keep-alive pools, retries; www. redirected to the bare name
   for i in $(seq 6); do ip netns exec {client} curl -s -H 'Host: app.example' http://{lb_ip}:{EDGE}/; done
   ip netns exec {client} curl -sI -H 'Host: www.app.example' http://{lb_ip}:{EDGE}/docs
+  ip netns exec {client} curl -s --http2 --cacert {ca} --resolve app.example:{EDGE_TLS}:{lb_ip} https://app.example:{EDGE_TLS}/
 
   # the lb node's own address is not balanced: its own server answers
   ip netns exec {client} curl -s http://{lb_ip}/
@@ -171,6 +318,7 @@ Paste these in another terminal (as root):
         lb_ctl = lb_ctl.display(),
         reg = reg.display(),
         pid = lbd.pid(),
+        ca = ca.display(),
     );
 
     rt.block_on(async {
