@@ -14,12 +14,13 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 /// Debian packages the demo uses: `ip` for namespaces, `ethtool` to turn checksum offload off
-/// on veth senders, `nc` and `curl` for the commands it prints.
-const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl"];
+/// on veth senders, `nc` and `curl` for the commands it prints (curl also for its HTTPS
+/// request), `openssl` for its edge's certificate.
+const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl", "openssl"];
 /// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
 /// validate the Vagrantfile; Debian's Python with `jsonschema` and `yaml`, to check
-/// `lb-ctl schema` against registries the way an editor does; `openssl` to make test
-/// certificates and as a TLS client and server; `wrk` to load the edge while certificates change;
+/// `lb-ctl schema` against registries the way an editor does (`openssl`, from the demo's, makes
+/// test certificates and is a TLS client and server); `wrk` to load the edge while certificates change;
 /// `nginx` as a backend that checks the edge's client certificate, speaks HTTP/2 and reads the
 /// PROXY protocol; `prometheus` for `promtool`, which checks and unit-tests the alert rules;
 /// `chromium`, headless, to render the status page; `redis-server`, a primary and a replica
@@ -28,7 +29,6 @@ const TEST_ONLY_PACKAGES: &[&str] = &[
     "vagrant",
     "python3-jsonschema",
     "python3-yaml",
-    "openssl",
     "wrk",
     "nginx",
     "prometheus",
@@ -38,8 +38,9 @@ const TEST_ONLY_PACKAGES: &[&str] = &[
 /// The L4 benchmark's baselines: an nftables DNAT balancer and HAProxy in TCP mode.
 const BENCH_L4_PACKAGES: &[&str] = &["nftables", "haproxy"];
 /// The HTTP benchmark's baselines (HAProxy, nginx, with nginx as the backend too), its
-/// clients (wrk, h2load) and openssl for the certificate.
-const BENCH_HTTP_PACKAGES: &[&str] = &["haproxy", "nginx", "wrk", "nghttp2-client", "openssl", "tcpdump"];
+/// clients (wrk, h2load) and tcpdump for its wire round (its certificate comes from the demo's
+/// `openssl`).
+const BENCH_HTTP_PACKAGES: &[&str] = &["haproxy", "nginx", "wrk", "nghttp2-client", "tcpdump"];
 
 /// bpf-linker release known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
