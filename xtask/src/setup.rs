@@ -19,12 +19,12 @@ use crate::cmd;
 const DEMO_PACKAGES: &[&str] = &["iproute2", "ethtool", "netcat-openbsd", "curl", "openssl"];
 /// What the tests need beyond the demo's packages (they run the demo too): `vagrant`, to
 /// validate the Vagrantfile; Debian's Python with `jsonschema` and `yaml`, to check
-/// `lb-ctl schema` against registries the way an editor does (`openssl`, from the demo's, makes
-/// test certificates and is a TLS client and server); `wrk` to load the edge while certificates change;
-/// `nginx` as a backend that checks the edge's client certificate, speaks HTTP/2 and reads the
-/// PROXY protocol; `prometheus` for `promtool`, which checks and unit-tests the alert rules;
-/// `chromium`, headless, to render the status page; `redis-server`, a primary and a replica
-/// the L4 proxy follows through failover.
+/// `lb-ctl schema` against registries the way an editor does; `wrk` to load the edge while
+/// certificates change; `nginx` as a backend that checks the edge's client certificate,
+/// speaks HTTP/2 and reads the PROXY protocol; `prometheus` for `promtool`, which checks and
+/// unit-tests the alert rules; `chromium`, headless, to render the status page;
+/// `redis-server`, a primary and a replica the L4 proxy follows through failover. The demo's
+/// `openssl` also makes the tests' certificates and is their TLS client and server.
 const TEST_ONLY_PACKAGES: &[&str] = &[
     "vagrant",
     "python3-jsonschema",

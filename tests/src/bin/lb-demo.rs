@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Result, bail};
 use clap::Parser;
 use lb_tests::{
-    http::{Client, get},
+    http::{Client, Reply},
     lbd::{Decap, Lbd, TempDir, sibling_binary},
     netns::NetNs,
     pki::Pki,
@@ -33,7 +33,8 @@ const EDGE: u16 = 8000;
 const EDGE_TLS: u16 = 8443;
 /// Connections (or requests) a service gets in the first round.
 const ROUND: usize = 12;
-/// A step of the first round that gets no answer in this long failed.
+/// A step of the first round that gets no answer in this long failed (each step stops at its
+/// first failure, so the round lasts at most seven of these).
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 /// The line that ends the banner; tests wait for it.
@@ -104,13 +105,17 @@ fn first_round(topo: &RoutedTopology, ca: &Path) -> Vec<(String, Result<String, 
         ("web6", SocketAddr::from((VIP6, 80))),
     ] {
         let what = format!("{name:<8} {ROUND} connections to {addr}");
-        steps.push((what, client.run(|| spread((0..ROUND).map(|_| get(addr, &addr.to_string(), "/"))))));
+        let host = addr.to_string();
+        steps.push((
+            what,
+            client.run(|| spread((0..ROUND).map(|_| connect(addr)?.request("GET", &host, "/", "", "")))),
+        ));
     }
     steps.push((format!("echo     TCP and UDP to {VIP4}:{ECHO}"), client.run(echo)));
     steps.push((
         format!("edge     {ROUND} requests on one connection to :{EDGE}"),
         client.run(|| {
-            let mut c = Client::connect(edge).map_err(|e| e.to_string())?;
+            let mut c = connect(edge).map_err(|e| e.to_string())?;
             spread((0..ROUND).map(|_| c.request("GET", "app.example", "/", "", "")))
         }),
     ));
@@ -118,8 +123,13 @@ fn first_round(topo: &RoutedTopology, ca: &Path) -> Vec<(String, Result<String, 
     steps.push((
         format!("         http://www.app.example:{EDGE}/docs"),
         client.run(|| {
-            let r = get(edge, "www.app.example", "/docs").map_err(|e| e.to_string())?;
-            Ok(format!("{} to {}", r.status, r.header("location").unwrap_or("nowhere")))
+            let r = connect(edge)
+                .and_then(|mut c| c.request("GET", "www.app.example", "/docs", "", ""))
+                .map_err(|e| e.to_string())?;
+            match r.header("location") {
+                Some(to) if r.status == 301 => Ok(format!("301 to {to}")),
+                _ => Err(format!("status {}, location {:?}", r.status, r.header("location"))),
+            }
         }),
     ));
     steps
@@ -139,8 +149,15 @@ fn print_first_round(steps: &[(String, Result<String, String>)], log: &Path) {
     }
 }
 
+/// A connection to `addr` whose answers must come within `STEP_TIMEOUT`.
+fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+    let mut c = Client::connect(addr)?;
+    c.reader_mut().get_ref().set_read_timeout(Some(STEP_TIMEOUT))?;
+    Ok(c)
+}
+
 /// Which backends answered a run of requests: `l1 4, l2 5, l3 3`.
-fn spread(replies: impl Iterator<Item = std::io::Result<lb_tests::http::Reply>>) -> Result<String, String> {
+fn spread(replies: impl Iterator<Item = std::io::Result<Reply>>) -> Result<String, String> {
     let mut by: BTreeMap<String, usize> = BTreeMap::new();
     for r in replies {
         let r = r.map_err(|e| e.to_string())?;
@@ -191,20 +208,26 @@ fn echo() -> Result<String, String> {
 fn https(client: &NetNs, topo: &RoutedTopology, ca: &Path) -> Result<String, String> {
     let out = client
         .command("curl")
-        .args(["-sS", "--http2", "-m", "5", "-w", "\n%{http_version}", "--cacert"])
+        .args(["-sS", "--http2", "-w", "\n%{http_code} %{http_version}", "--cacert"])
         .arg(ca)
         .arg("--resolve")
         .arg(format!("app.example:{EDGE_TLS}:{}", topo.lb.v4))
         .arg(format!("https://app.example:{EDGE_TLS}/"))
+        .arg("-m")
+        .arg(STEP_TIMEOUT.as_secs().to_string())
         .output()
         .map_err(|e| format!("curl: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!("curl: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
-    let who = text.split_whitespace().nth(1).unwrap_or("?");
-    let version = text.lines().last().unwrap_or("?");
-    Ok(format!("{who}, over HTTP/{version}"))
+    // "backend r1 (10.21.0.11)\n200 2"
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let (code, version) = status.split_once(' ').unwrap_or((status, "?"));
+    match body.strip_prefix("backend ").and_then(|b| b.split_whitespace().next()) {
+        Some(who) if code == "200" => Ok(format!("{who}, over HTTP/{version}")),
+        _ => Err(format!("status {code}: {}", body.trim())),
+    }
 }
 
 #[derive(Parser)]
@@ -256,7 +279,8 @@ fn run(args: &Args) -> Result<()> {
     );
     let dir = TempDir::new(&format!("demo-{prefix}"));
     let decaps: Vec<Decap> = topo.routed_backends.iter().map(|n| Decap::start(&n.ns, &dir, "eth0")).collect();
-    // The edge's certificate for app.example, from a CA of the demo's own.
+    // The edge's certificate for app.example, from a CA of the demo's own: `app.pem` and
+    // `app.key`, which the registry names.
     let pki = Pki::new(dir.path());
     let _ = pki.server("app", &["app.example", "www.app.example"], 30);
     let reg = dir.write("services.yaml", &registry(&topo));
