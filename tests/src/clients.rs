@@ -23,16 +23,27 @@ pub fn payload(tag: &str, i: usize, len: usize) -> Vec<u8> {
 /// When connecting, sending or reading fails or times out.
 #[must_use]
 pub fn tcp_exchange(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.write_all(data).unwrap_or_else(|e| panic!("send to {addr}: {e}"));
+    try_tcp_exchange(addr, data, half_close).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`tcp_exchange`], failing with an error that names the step and `addr` rather than panicking
+/// (for the demo, which reports and goes on).
+///
+/// # Errors
+/// When connecting, sending or reading fails or times out.
+pub fn try_tcp_exchange(addr: SocketAddr, data: &[u8], half_close: bool) -> std::io::Result<Vec<u8>> {
+    let step = |what: &'static str| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what} {addr}: {e}"))
+    };
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(step("connect"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(data).map_err(step("send to"))?;
     if half_close {
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        s.shutdown(std::net::Shutdown::Write)?;
     }
     let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap_or_else(|e| panic!("read from {addr}: {e}"));
-    back
+    s.read_to_end(&mut back).map_err(step("read from"))?;
+    Ok(back)
 }
 
 /// Sends `data` from a fresh socket (a new source port, so a new flow) and returns the answer,
@@ -42,15 +53,30 @@ pub fn tcp_exchange(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> 
 /// When no answer comes within [`IO_TIMEOUT`] or it comes from another address.
 #[must_use]
 pub fn udp_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    try_udp_exchange(addr, data).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`udp_exchange`], failing with an error rather than panicking (for the demo).
+///
+/// # Errors
+/// When no answer comes within [`IO_TIMEOUT`] or it comes from another address.
+pub fn try_udp_exchange(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let any: IpAddr =
         if addr.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
-    let s = UdpSocket::bind((any, 0)).expect("bind");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.send_to(data, addr).unwrap_or_else(|e| panic!("send to {addr}: {e}"));
+    let s = UdpSocket::bind((any, 0))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.send_to(data, addr).map_err(|e| std::io::Error::new(e.kind(), format!("send to {addr}: {e}")))?;
     let mut buf = vec![0u8; 65536];
-    let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP echo from {addr}: {e}"));
-    assert_eq!(from, addr, "the reply must come from the address the client talked to");
-    buf[..n].to_vec()
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("UDP echo from {addr}: {e}")))?;
+    if from != addr {
+        return Err(std::io::Error::other(format!(
+            "the reply must come from the address the client talked to ({addr}), not {from}"
+        )));
+    }
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// The body of `GET /` at `addr`.

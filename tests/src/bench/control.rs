@@ -13,7 +13,7 @@ use std::{fmt::Write as _, time::Duration};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use super::{median, round, table};
+use super::{http::cpu_split, median, round, table};
 use crate::{
     lbd::{Lbd, TempDir, all_checked, wait_status},
     netns::NetNs,
@@ -84,18 +84,6 @@ fn registry(o: &Options, checks: bool, bump: Option<(usize, u32)>) -> String {
     s
 }
 
-/// CPU seconds of process `pid` so far: (user, user + system).
-fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(") ").context("stat format")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let (user, system): (f64, f64) = (f[11].parse()?, f[12].parse()?);
-    // SAFETY: sysconf has no preconditions.
-    let hz = f64::from(i32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
-    Ok((user / hz, (user + system) / hz))
-}
-
 fn rss_mb(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
@@ -107,13 +95,13 @@ fn rss_mb(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-fn idle_cpu_pct(pid: u32, seconds: f64) -> Result<f64> {
-    let (user_before, before) = cpu_seconds(pid)?;
+fn idle_cpu_pct(pid: u32, seconds: f64) -> f64 {
+    let (before, user_before) = cpu_split(pid);
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    let (user_after, after) = cpu_seconds(pid)?;
+    let (after, user_after) = cpu_split(pid);
     let (user, all) = ((user_after - user_before) / seconds * 100.0, (after - before) / seconds * 100.0);
     eprintln!("lbd cpu: {all:.2}% ({user:.2}% user)");
-    Ok(all)
+    all
 }
 
 /// Writes `text` next to `path` and renames it into place, as an editor or a deploy tool would.
@@ -151,7 +139,7 @@ pub fn run(o: &Options) -> Result<Report> {
     let lbd = Lbd::start(&lb, &dir, &reg, "eth0", &extra);
     wait_status(&lb, "every backend checked", all_checked);
     let rss = rss_mb(lbd.pid())?;
-    let on = idle_cpu_pct(lbd.pid(), o.cpu_seconds)?;
+    let on = idle_cpu_pct(lbd.pid(), o.cpu_seconds);
 
     let mut reloads = Vec::with_capacity(o.reload_rounds);
     for round_no in 0..o.reload_rounds {
@@ -173,7 +161,7 @@ pub fn run(o: &Options) -> Result<Report> {
 
     std::fs::write(&reg, registry(o, false, None))?;
     let lbd = Lbd::start(&lb, &dir, &reg, "eth0", &extra);
-    let off = idle_cpu_pct(lbd.pid(), o.cpu_seconds)?;
+    let off = idle_cpu_pct(lbd.pid(), o.cpu_seconds);
     let stopped = lbd.stop(libc::SIGTERM);
     anyhow::ensure!(stopped.status.success(), "lbd: {}", stopped.log);
 

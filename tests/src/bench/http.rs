@@ -506,7 +506,7 @@ pub(super) fn cpu_seconds(pid: u32) -> f64 {
 
 /// CPU seconds used so far by `pid` and its children, and of those, the ones in user space.
 #[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
-fn cpu_split(pid: u32) -> (f64, f64) {
+pub(super) fn cpu_split(pid: u32) -> (f64, f64) {
     // utime stime, and ppid.
     let stat = |p: &str| stat_fields(p, [11, 12, 1]);
     let [mut user, mut sys, _] = stat(&pid.to_string()).unwrap_or_default();

@@ -5,18 +5,13 @@
 //! Ctrl-C stops lbd and removes every namespace, process and file it made.
 
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    path::Path,
-    process::ExitCode,
-    time::Duration,
+    collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path, process::ExitCode, time::Duration,
 };
 
 use anyhow::{Result, bail};
 use clap::Parser;
 use lb_tests::{
+    clients::{IO_TIMEOUT, try_tcp_exchange, try_udp_exchange},
     http::{Client, Reply},
     lbd::{Decap, Lbd, TempDir, sibling_binary},
     netns::NetNs,
@@ -34,8 +29,8 @@ const EDGE_TLS: u16 = 8443;
 /// Connections (or requests) a service gets in the first round.
 const ROUND: usize = 12;
 /// A step of the first round that gets no answer in this long failed (each step stops at its
-/// first failure, so the round lasts at most seven of these).
-const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// first failure): the test clients' bound.
+const STEP_TIMEOUT: Duration = IO_TIMEOUT;
 const PORTS: Ports = Ports { http: 80, echo: &[ECHO] };
 /// The line that ends the banner; tests wait for it.
 const BANNER_END: &str = "Ctrl-C stops lbd and removes the namespaces.";
@@ -174,34 +169,15 @@ fn spread(replies: impl Iterator<Item = std::io::Result<Reply>>) -> Result<Strin
 /// A line each way over TCP and UDP through the IPIP tunnels.
 fn echo() -> Result<String, String> {
     let vip = SocketAddr::from((VIP4, ECHO));
-    let tcp = (|| -> std::io::Result<Vec<u8>> {
-        let mut s = TcpStream::connect_timeout(&vip, STEP_TIMEOUT)?;
-        s.set_read_timeout(Some(STEP_TIMEOUT))?;
-        s.write_all(b"hello-tcp")?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut back = Vec::new();
-        s.read_to_end(&mut back)?;
-        Ok(back)
-    })()
-    .map_err(|e| format!("TCP: {e}"))?;
+    let tcp = try_tcp_exchange(vip, b"hello-tcp", true).map_err(|e| format!("TCP: {e}"))?;
     if tcp != b"hello-tcp" {
         return Err(format!("TCP: {:?} came back", String::from_utf8_lossy(&tcp)));
     }
-    let udp = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-    udp.set_read_timeout(Some(Duration::from_secs(1))).map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 64];
-    // A datagram has no retransmission: a few tries.
-    for _ in 0..3 {
-        udp.send_to(b"hello-udp", vip).map_err(|e| format!("UDP: {e}"))?;
-        if let Ok((n, _)) = udp.recv_from(&mut buf) {
-            return if &buf[..n] == b"hello-udp" {
-                Ok("'hello-tcp' and 'hello-udp' came back".to_owned())
-            } else {
-                Err(format!("UDP: {:?} came back", String::from_utf8_lossy(&buf[..n])))
-            };
-        }
+    let udp = try_udp_exchange(vip, b"hello-udp").map_err(|e| format!("UDP: {e}"))?;
+    if udp != b"hello-udp" {
+        return Err(format!("UDP: {:?} came back", String::from_utf8_lossy(&udp)));
     }
-    Err("UDP: no answer".to_owned())
+    Ok("'hello-tcp' and 'hello-udp' came back".to_owned())
 }
 
 /// A request over TLS to the edge with curl, checking lb's certificate against the demo's CA.
